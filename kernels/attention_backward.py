@@ -1,0 +1,190 @@
+"""Triton backward kernels for attention over a long key axis, and their launcher.
+
+The key axis is the long one, so the work is split over key blocks: each program
+owns a block of keys (and one chunk of the head dimensions), loops over every
+query that can see it, keeps its dk/dv rows in registers and writes them once,
+and adds its share of dq into an fp32 buffer with atomics.
+
+Probabilities are recomputed from q, k and the forward's lse; `_row_dot_kernel`
+first computes delta = rowsum(dO * O), the softmax-gradient correction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tiles
+from .attention_forward import LOG2E, cast, dot, dot_options
+
+
+@triton.jit
+def _row_dot_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N, DV,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_n < N
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_n[:, None].to(tl.int64) * stride_on
+    do_base = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+               + offs_n[:, None].to(tl.int64) * stride_don)
+    delta = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, DV, BLOCK_DV):
+        offs_d = d0 + tl.arange(0, BLOCK_DV)
+        tile_in = row_in[:, None] & (offs_d[None, :] < DV)
+        o = tl.load(o_base + offs_d[None, :] * stride_od, mask=tile_in, other=0.0).to(tl.float32)
+        do = tl.load(do_base + offs_d[None, :] * stride_dod, mask=tile_in, other=0.0).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    tl.store(Delta + tl.program_id(1).to(tl.int64) * N + offs_n, delta, mask=row_in)
+
+
+@triton.jit
+def _attention_backward_kernel(
+    Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_maskb, stride_maskm,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvm, stride_dvd,
+    H, N, M, DQK, DV,
+    scale, qk_scale_log2,
+    num_d_blocks,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+):
+    # Program (key block, d_block) writes dk[:, d_block chunk] and dv[:, d_block chunk];
+    # for head dims of one chunk (<= 64) there is a single d_block and no recomputation.
+    m_block = tl.program_id(0) // num_d_blocks
+    d_block = tl.program_id(0) % num_d_blocks
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    key_in = offs_m < M
+    arange_n = tl.arange(0, BLOCK_N)
+    arange_dqk = tl.arange(0, BLOCK_DQK)
+    arange_dv = tl.arange(0, BLOCK_DV)
+    own_dqk = d_block * BLOCK_DQK + arange_dqk
+    own_dv = d_block * BLOCK_DV + arange_dv
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    k_rows = k_base + offs_m[:, None].to(tl.int64) * stride_km
+    v_rows = v_base + offs_m[:, None].to(tl.int64) * stride_vm
+
+    key_allowed = key_in
+    if HAS_KEY_MASK:
+        keep = tl.load(KeyMask + b.to(tl.int64) * stride_maskb + offs_m.to(tl.int64) * stride_maskm,
+                       mask=key_in, other=0)
+        key_allowed = key_allowed & (keep != 0)
+
+    k_own = tl.load(k_rows + own_dqk[None, :] * stride_kd,
+                    mask=key_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
+    dk = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    n_start = 0
+    if CAUSAL:
+        # Query i sees key j iff j <= i + M - N: earlier query blocks see none of these keys.
+        n_start = (tl.maximum(m_block * BLOCK_M - (M - N), 0) // BLOCK_N) * BLOCK_N
+    for n0 in range(n_start, N, BLOCK_N):
+        offs_n = n0 + arange_n
+        row_in = offs_n < N
+        q_rows = q_base + offs_n[:, None].to(tl.int64) * stride_qn
+        do_rows = do_base + offs_n[:, None].to(tl.int64) * stride_don
+
+        # Scores transposed (keys x queries), so dk/dv rows stay in this program's layout.
+        scores_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, DQK, BLOCK_DQK):
+            offs_d = d0 + arange_dqk
+            k = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                        mask=key_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
+            qt = tl.load(q_base + offs_n[None, :].to(tl.int64) * stride_qn + offs_d[:, None] * stride_qd,
+                         mask=row_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
+            scores_t += dot(k, qt, INPUT_PRECISION, INTERPRETED_BF16)
+
+        lse = tl.load(Lse + bh.to(tl.int64) * N + offs_n, mask=row_in, other=float("inf"))
+        # Queries with no key have lse = -inf; +inf makes their probabilities exp2(-inf) = 0.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        allowed = key_allowed[:, None] & row_in[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[:, None] <= offs_n[None, :] + (M - N))
+        p_t = tl.where(allowed, tl.exp2(scores_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
+
+        # dP^T = V dO^T over every chunk of the value head dimension.
+        dp_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, DV, BLOCK_DV):
+            offs_d = d0 + arange_dv
+            vv = tl.load(v_rows + offs_d[None, :] * stride_vd,
+                         mask=key_in[:, None] & (offs_d[None, :] < DV), other=0.0)
+            do_t = tl.load(do_base + offs_n[None, :].to(tl.int64) * stride_don + offs_d[:, None] * stride_dod,
+                           mask=row_in[None, :] & (offs_d[:, None] < DV), other=0.0)
+            dp_t += dot(vv, do_t, INPUT_PRECISION, INTERPRETED_BF16)
+
+        do_own = tl.load(do_rows + own_dv[None, :] * stride_dod,
+                         mask=row_in[:, None] & (own_dv[None, :] < DV), other=0.0)
+        dv += dot(cast(p_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
+
+        delta = tl.load(Delta + bh.to(tl.int64) * N + offs_n, mask=row_in, other=0.0)
+        ds_t = cast(p_t * (dp_t - delta[None, :]), k_own.dtype, INTERPRETED_BF16)
+        q_own = tl.load(q_rows + own_dqk[None, :] * stride_qd,
+                        mask=row_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
+        dk += dot(ds_t, q_own, INPUT_PRECISION, INTERPRETED_BF16)
+        dq_part = dot(tl.trans(ds_t), k_own, INPUT_PRECISION, INTERPRETED_BF16) * scale
+        tl.atomic_add(dq_base + offs_n[:, None].to(tl.int64) * stride_dqn + own_dqk[None, :] * stride_dqd,
+                      dq_part, mask=row_in[:, None] & (own_dqk[None, :] < DQK), sem="relaxed")
+
+    dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+               + offs_m[:, None].to(tl.int64) * stride_dkm + own_dqk[None, :] * stride_dkd)
+    tl.store(dk_ptrs, cast(dk * scale, DK.dtype.element_ty, INTERPRETED_BF16), mask=key_in[:, None] & (own_dqk[None, :] < DQK))
+    dv_ptrs = (DV_ + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+               + offs_m[:, None].to(tl.int64) * stride_dvm + own_dv[None, :] * stride_dvd)
+    tl.store(dv_ptrs, cast(dv, DV_.dtype.element_ty, INTERPRETED_BF16), mask=key_in[:, None] & (own_dv[None, :] < DV))
+
+
+def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str):
+    """Returns dq, dk, dv in the dtypes of q, k, v."""
+    B, H, N, DQK = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    cfg = tiles.backward_config(kind, DQK, DV, fp32=q.dtype == torch.float32)
+
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    row_block = tiles.merge_block_n()
+    _row_dot_kernel[(triton.cdiv(N, row_block), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, N, DV,
+        BLOCK_N=row_block, BLOCK_DV=cfg.block_dv, num_warps=4,
+    )
+
+    dq = torch.zeros((B, H, N, DQK), device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    num_d_blocks = max(triton.cdiv(DQK, cfg.block_dqk), triton.cdiv(DV, cfg.block_dv))
+    mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
+    mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    grid = (triton.cdiv(M, cfg.block_m) * num_d_blocks, B * H)
+    _attention_backward_kernel[grid](
+        q, k, v, mask_arg, dout, lse, delta, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
+        H, N, M, DQK, DV,
+        scale, scale * LOG2E, num_d_blocks,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
+        HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq.to(q.dtype), dk, dv

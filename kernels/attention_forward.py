@@ -1,0 +1,258 @@
+"""Triton forward kernels for attention over a long key axis, and their launcher.
+
+`_attention_forward_kernel` runs an online softmax over a range of keys for one
+block of queries and one chunk of the value head dimension. With split-M, several
+programs share one query block, each over its own key range, writing a partial
+(out, lse) in fp32 that `_merge_splits_kernel` combines.
+
+Layout is SDPA's: q (B, H, N, Dqk), k (B, H, M, Dqk), v (B, H, M, Dv).
+Query i may attend key j when key_mask[b, j] and, if causal, j <= i + M - N.
+A query with no key to attend gets output 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tiles
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dot(a, b, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """tl.dot with fp32 accumulation.
+
+    The Triton interpreter multiplies bfloat16 operands wrongly, so there they are
+    widened to fp32 first: bf16 x bf16 products are exact in fp32, as on the GPU.
+    """
+    if INTERPRETED_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """x.to(dtype) rounding to nearest even, as the GPU does.
+
+    The interpreter truncates fp32 to bfloat16; there the value is rounded first, after
+    which truncation is exact.
+    """
+    if INTERPRETED_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, KeyMask, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_maskb, stride_maskm,
+    stride_os, stride_ob, stride_oh, stride_on, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_ln,
+    H, N, M, DQK, DV,
+    qk_scale_log2,  # softmax scale times log2(e): the kernel works with exp2
+    keys_per_split,
+    num_dv_blocks,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+):
+    n_block = tl.program_id(0) // num_dv_blocks
+    dv_block = tl.program_id(0) % num_dv_blocks
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    split = tl.program_id(2)
+
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    arange_m = tl.arange(0, BLOCK_M)
+    arange_d = tl.arange(0, BLOCK_DQK)
+    row_in = offs_n < N
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    mask_base = KeyMask + b.to(tl.int64) * stride_maskb
+
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, M)
+    if CAUSAL:
+        # Key tiles past the last key the block's last query may see are skipped.
+        hi = tl.minimum(hi, (n_block + 1) * BLOCK_N + M - N)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + arange_m
+        key_in = offs_m < M
+        scores = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for d0 in range(0, DQK, BLOCK_DQK):
+            offs_d = d0 + arange_d
+            q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=row_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
+            kt = tl.load(k_base + offs_m[None, :].to(tl.int64) * stride_km + offs_d[:, None] * stride_kd,
+                         mask=key_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
+            scores += dot(q, kt, INPUT_PRECISION, INTERPRETED_BF16)
+        scores = scores * qk_scale_log2
+
+        allowed = key_in[None, :]
+        if HAS_KEY_MASK:
+            keep = tl.load(mask_base + offs_m.to(tl.int64) * stride_maskm, mask=key_in, other=0)
+            allowed = allowed & (keep != 0)[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[None, :] <= offs_n[:, None] + (M - N))
+        scores = tl.where(allowed, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(scores - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vm + offs_dv[None, :] * stride_vd,
+                    mask=key_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERPRETED_BF16), v, INPUT_PRECISION, INTERPRETED_BF16)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out_ptrs = (Out + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
+    tl.store(out_ptrs, cast(out, Out.dtype.element_ty, INTERPRETED_BF16), mask=row_in[:, None] & (offs_dv[None, :] < DV))
+    if dv_block == 0:
+        # m_i and l_i live in base 2; ln(2) brings the lse back to natural log.
+        lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        lse_ptrs = (Lse + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+                    + offs_n * stride_ln)
+        tl.store(lse_ptrs, lse, mask=row_in)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PartOut, PartLse, Out, Lse,
+    stride_ps, stride_pb, stride_ph, stride_pn, stride_pd,
+    stride_pls, stride_plb, stride_plh,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh,
+    H, N, DV, num_splits, num_dv_blocks,
+    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+):
+    """out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse); splits with no key have lse -inf."""
+    n_block = tl.program_id(0) // num_dv_blocks
+    dv_block = tl.program_id(0) % num_dv_blocks
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    row_in = offs_n < N
+    tile_in = row_in[:, None] & (offs_dv[None, :] < DV)
+
+    lse_base = PartLse + b.to(tl.int64) * stride_plb + h.to(tl.int64) * stride_plh + offs_n
+    part_base = (PartOut + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+                 + offs_n[:, None].to(tl.int64) * stride_pn + offs_dv[None, :] * stride_pd)
+
+    lse_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(lse_base + s * stride_pls, mask=row_in, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse_s)
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    weight_sum = tl.zeros([BLOCK_N], tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(lse_base + s * stride_pls, mask=row_in, other=float("-inf"))
+        w = tl.exp(lse_s - shift)
+        acc += w[:, None] * tl.load(part_base, mask=tile_in, other=0.0)
+        weight_sum += w
+        part_base += stride_ps  # advancing the pointer keeps 64-bit offsets for large workspaces
+
+    has_keys = weight_sum > 0.0
+    w_safe = tl.where(has_keys, weight_sum, 1.0)
+    out = acc / w_safe[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+             + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od,
+             cast(out, Out.dtype.element_ty, INTERPRETED_BF16), mask=tile_in)
+    if dv_block == 0:
+        lse = tl.where(has_keys, shift + tl.log(w_safe), float("-inf"))
+        tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_n, lse, mask=row_in)
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """Constexprs of `dot` for inputs of `dtype`."""
+    # fp32 inputs must stay within 1e-4 of float64: no TF32 rounding of the operands.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return {"INPUT_PRECISION": precision, "INTERPRETED_BF16": interpreted_bf16}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one at a time
+
+
+def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, num_splits: int | None = None):
+    """Runs the forward kernels. Returns out (B, H, N, Dv) in q's dtype and lse (B, H, N) float32.
+
+    `num_splits=None` lets `tiles.choose_num_splits` decide; an int forces that many
+    key-axis splits (clamped to the number of key tiles), for tests and tuning.
+    """
+    B, H, N, DQK = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    cfg = tiles.forward_config(kind, DQK, DV, fp32=q.dtype == torch.float32)
+    num_dv_blocks = triton.cdiv(DV, cfg.block_dv)
+    programs = triton.cdiv(N, cfg.block_n) * num_dv_blocks * B * H
+    key_tiles = triton.cdiv(M, cfg.block_m)
+    if num_splits is None:
+        num_splits = tiles.choose_num_splits(programs, M, cfg.block_m, num_sms(q.device))
+    keys_per_split = triton.cdiv(key_tiles, max(1, min(num_splits, key_tiles))) * cfg.block_m
+    num_splits = triton.cdiv(M, keys_per_split)
+
+    out = torch.empty((B, H, N, DV), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if num_splits == 1:
+        part_out, part_lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        part_out = torch.empty((num_splits, B, H, N, DV), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((num_splits, B, H, N), device=q.device, dtype=torch.float32)
+
+    mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
+    mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    grid = (triton.cdiv(N, cfg.block_n) * num_dv_blocks, B * H, num_splits)
+    _attention_forward_kernel[grid](
+        q, k, v, mask_arg, part_out, part_lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        *part_out.stride(), *part_lse.stride(),
+        H, N, M, DQK, DV,
+        scale * LOG2E, keys_per_split, num_dv_blocks,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
+        HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        block_n = tiles.merge_block_n()
+        merge_grid = (triton.cdiv(N, block_n) * num_dv_blocks, B * H)
+        _merge_splits_kernel[merge_grid](
+            part_out, part_lse, out, lse,
+            *part_out.stride(), *part_lse.stride()[:3],
+            *out.stride(), *lse.stride()[:2],
+            H, N, DV, num_splits, num_dv_blocks,
+            BLOCK_N=block_n, BLOCK_DV=cfg.block_dv,
+            INTERPRETED_BF16=dot_options(q.dtype)["INTERPRETED_BF16"], num_warps=4,
+        )
+    return out, lse

@@ -1,0 +1,36 @@
+"""The public attention functions (contract: DESIGN.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import select_backend
+from .validation import check_flag, validate
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                    causal: bool = False, scale: float | None = None, return_lse: bool = False,
+                    backend: str | None = None):
+    """Attention of N queries over M keys, fused (no N x M matrix) on the fast backends.
+
+    q (B, H, N, Dqk), k (B, H, M, Dqk), v (B, H, M, Dv) -> out (B, H, N, Dv) in q's dtype.
+    key_mask: optional bool (B, M), True = key may be attended. causal: bottom-right
+    aligned, query i sees key j iff j <= i + M - N. A query with no key gets output 0
+    and lse -inf. scale defaults to 1/sqrt(Dqk). return_lse=True returns (out, lse) with
+    lse (B, H, N) float32 (not differentiable). backend: None/"auto", "triton" or "reference".
+    """
+    return_lse = check_flag("return_lse", return_lse)
+    problem = validate(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross")
+    out, lse = select_backend(problem, backend).run(problem)
+    return (out, lse) if return_lse else out
+
+
+def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Self-attention over the latent array (N == M), with tile choices for small square problems.
+
+    Same layout, causal rule, scale and backends as `cross_attention`.
+    """
+    problem = validate(q, k, v, causal=causal, scale=scale, kind="latent")
+    out, _ = select_backend(problem, backend).run(problem)
+    return out

@@ -1,0 +1,1 @@
+"""torch.autograd.Functions over the fused kernels, one module per kernel family."""

@@ -1,0 +1,53 @@
+"""Plain PyTorch attention: the obviously-right definition every backend is tested against.
+
+It materialises the full (B, H, N, M) score matrix; use it for checking, not for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def allowed_keys(batch: int, queries: int, keys: int, key_mask: torch.Tensor | None, causal: bool,
+                 device: torch.device) -> torch.Tensor | None:
+    """Bool (B, 1, N, M) or (1, 1, N, M): True where query i may attend key j; None if all may.
+
+    Causal is bottom-right aligned: query i sees key j iff j <= i + M - N.
+    """
+    allowed = None
+    if causal:
+        i = torch.arange(queries, device=device)[:, None]
+        j = torch.arange(keys, device=device)[None, :]
+        allowed = (j <= i + (keys - queries))[None, None]
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+        allowed = mask if allowed is None else allowed & mask
+    return allowed
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                        causal: bool = False, scale: float | None = None,
+                        compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse): out (B, H, N, Dv) in q's dtype, lse (B, H, N) float32.
+
+    Computes in `compute_dtype` (default: q's dtype). Rows with no key to attend give
+    out 0 and lse -inf. Differentiable in q, k, v; lse is returned detached.
+    """
+    dtype = compute_dtype or q.dtype
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    allowed = allowed_keys(q.shape[0], q.shape[2], k.shape[2], key_mask, causal, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # Softmax is shift-invariant, so the detached row max carries no gradient; a row with
+    # no key has max -inf, and shifting it by 0 keeps every term exp(-inf) = 0, never NaN.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total == 0, torch.ones_like(total), total)
+    out = torch.matmul(probs, vc)
+    lse = (row_max + torch.log(total.detach())).squeeze(-1)
+    return out.to(q.dtype), lse.float()

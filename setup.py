@@ -1,0 +1,52 @@
+"""Build of perceiver-fast.
+
+`kernels/` installs as `perceiver_fast.kernels` (package_dir below), never as a top-level
+`kernels` module. C++ sources under csrc/ build into `perceiver_fast._C` with torch's
+BuildExtension (ninja); CUDA sources only where torch has CUDA. Build with
+`pip install --no-build-isolation .` so the extension is compiled against the torch you
+installed (an isolated build would download an unpinned torch).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def extension_modules():
+    cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    if not cpp_sources:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    extra = {"cxx": ["-O3", "-fopenmp"]}
+    if torch.version.cuda and cuda_sources:
+        ext = cpp_extension.CUDAExtension("perceiver_fast._C", cpp_sources + cuda_sources,
+                                          extra_compile_args={**extra, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension("perceiver_fast._C", cpp_sources, extra_compile_args=extra,
+                                         extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="perceiver-fast",
+    version="0.1.0",
+    description="Fused long-input cross-attention and latent self-attention kernels for Perceiver models",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["perceiver_fast", "perceiver_fast.backends", "perceiver_fast.autograd", "perceiver_fast.kernels"],
+    package_dir={"perceiver_fast.kernels": "kernels"},
+    package_data={"perceiver_fast": ["shapes.json"]},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "ninja"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["perceiver-fast=perceiver_fast.cli:main"]},
+)

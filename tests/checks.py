@@ -1,0 +1,69 @@
+"""Comparison helpers: every backend is judged against the float64 reference (DESIGN.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from perceiver_fast import attention_reference
+
+FP32_RTOL = 1e-4
+
+
+def random_inputs(B, H, N, M, dqk, dv, dtype=torch.float32, device="cpu", requires_grad=True):
+    q = torch.randn(B, H, N, dqk, dtype=dtype, device=device)
+    k = torch.randn(B, H, M, dqk, dtype=dtype, device=device)
+    v = torch.randn(B, H, M, dv, dtype=dtype, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def random_key_mask(B, M, device="cpu", empty_batch=True):
+    """Random keep-mask; with empty_batch the first batch entry has no key at all (when B > 1)."""
+    mask = torch.rand(B, M, device=device) > 0.3
+    if empty_batch and B > 1:
+        mask[0] = False
+    return mask
+
+
+def reference_with_grads(q, k, v, dout, *, key_mask=None, causal=False, scale=None, compute_dtype=None):
+    """(out, lse, (dq, dk, dv)) of the reference, computed in compute_dtype (float64 when None)."""
+    dtype = compute_dtype or torch.float64
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, key_mask=key_mask, causal=causal, scale=scale)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    return out, lse, grads
+
+
+def rel_error(actual, expected) -> float:
+    expected = expected.detach().double()
+    diff = (actual.detach().double() - expected).norm()
+    norm = expected.norm()
+    return (diff / norm).item() if norm > 0 else diff.item()
+
+
+def assert_matches(name, actual, expected64, same_dtype_ref=None):
+    """float32/64: relative Frobenius error <= 1e-4 of float64. Half: see below."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if actual.dtype in (torch.float32, torch.float64):
+        err = rel_error(actual, expected64)
+        assert err <= FP32_RTOL, f"{name}: relative error {err:.3g} > {FP32_RTOL}"
+        return
+    # FlashAttention's rule: twice the same-dtype reference's error, plus twice the error of
+    # merely rounding the exact result to this dtype (a floor no kernel can beat).
+    expected64 = expected64.double()
+    err = (actual.double() - expected64).abs().max().item()
+    ref_err = (same_dtype_ref.double() - expected64).abs().max().item()
+    rounding = (expected64.to(actual.dtype).double() - expected64).abs().max().item()
+    bound = 2 * ref_err + 2 * rounding
+    assert err <= bound, (f"{name}: max error {err:.3g} > 2 x same-dtype reference's {ref_err:.3g} "
+                          f"+ 2 x rounding {rounding:.3g}")
+
+
+def assert_lse_matches(lse, lse64):
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    empty = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly for rows with no key"
+    assert not torch.isnan(lse).any()
+    if (~empty).any():
+        err = (lse[~empty].double() - lse64[~empty].double()).abs().max().item()
+        assert err <= 1e-4 * max(1.0, lse64[~empty].abs().max().item()), f"lse error {err:.3g}"

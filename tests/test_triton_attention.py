@@ -1,0 +1,156 @@
+"""Triton backend against the float64 reference: forward, lse and gradients.
+
+On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+`make test`), with small shapes; the `gpu` tests run the compiled kernels on CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+from checks import (assert_lse_matches, assert_matches, random_inputs, random_key_mask,
+                    reference_with_grads)
+
+import perceiver_fast as pf
+from perceiver_fast.autograd.triton_attention import triton_attention
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+
+# name: (B, H, N, M, Dqk, Dv); odd sizes on purpose.
+CROSS_SHAPES = {
+    "small": (2, 2, 17, 100, 32, 32),
+    "one-query": (2, 1, 1, 100, 16, 16),
+    "one-key": (2, 2, 33, 1, 16, 24),
+    "m1000": (1, 1, 20, 1000, 32, 32),
+    "n257": (1, 1, 257, 80, 16, 16),
+    "d261": (1, 1, 40, 150, 261, 261),
+    "qk32-v160": (2, 2, 24, 90, 32, 160),
+    "d1024": (1, 1, 16, 70, 1024, 1024),
+    "tiny-heads": (2, 3, 9, 50, 3, 5),
+}
+# (key_mask, causal); causal with N > M (rows with no key) and N < M are both in CROSS_SHAPES.
+MASKINGS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def check_attention(run, shape, dtype, key_mask, causal, device="cpu"):
+    B, H, N, M, dqk, dv = shape
+    q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
+    mask = random_key_mask(B, M, device=device) if key_mask else None
+    out, lse = run(q, k, v, key_mask=mask, causal=causal)
+    assert out.dtype == dtype and out.shape == (B, H, N, dv)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    out64, lse64, grads64 = reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal)
+    same = (reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal, compute_dtype=dtype)
+            if dtype in (torch.float16, torch.bfloat16) else (None, None, (None, None, None)))
+    assert_matches("out", out, out64, same[0])
+    assert_lse_matches(lse, lse64)
+    empty_rows = torch.isneginf(lse64)
+    assert (out[empty_rows] == 0).all(), "a query with no key must give output 0"
+    for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, grads64, same[2]):
+        assert g.dtype == dtype
+        assert_matches(name, g, g64, g_same)
+
+
+def cross(num_splits=None):
+    def run(q, k, v, key_mask, causal):
+        return triton_attention(q, k, v, key_mask=key_mask, causal=causal, kind="cross", num_splits=num_splits)
+    return run
+
+
+@interpreted
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", CROSS_SHAPES.values(), ids=CROSS_SHAPES.keys())
+def test_cross_attention_float32(shape, key_mask, causal):
+    check_attention(cross(num_splits=1), shape, torch.float32, key_mask, causal)
+
+
+@interpreted
+@pytest.mark.parametrize("num_splits", [2, 3, 64])
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", ["small", "m1000", "d261", "qk32-v160"])
+def test_cross_attention_split_keys(shape, key_mask, causal, num_splits):
+    # 64 splits is more than there are key tiles: the launcher clamps it.
+    check_attention(cross(num_splits=num_splits), CROSS_SHAPES[shape], torch.float32, key_mask, causal)
+
+
+@interpreted
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "n257"])
+def test_cross_attention_half(shape, dtype, num_splits):
+    check_attention(cross(num_splits=num_splits), CROSS_SHAPES[shape], dtype, key_mask=True, causal=True)
+
+
+LATENT_SHAPES = {"n64-d32": (2, 2, 64, 64, 32, 32), "n100-qk32-v160": (1, 2, 100, 100, 32, 160),
+                 "n48-d128": (1, 1, 48, 48, 128, 128), "n1": (2, 1, 1, 1, 8, 8)}
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", LATENT_SHAPES.values(), ids=LATENT_SHAPES.keys())
+def test_latent_attention(shape, causal, dtype):
+    def run(q, k, v, key_mask, causal):
+        return triton_attention(q, k, v, causal=causal, kind="latent")
+    check_attention(run, shape, dtype, key_mask=False, causal=causal)
+
+
+@interpreted
+def test_public_functions_dispatch_to_triton():
+    q, k, v = random_inputs(2, 2, 10, 40, 16, 24)
+    mask = random_key_mask(2, 40)
+    out, lse = pf.cross_attention(q, k, v, key_mask=mask, causal=True, scale=0.3, return_lse=True,
+                                  backend="triton")
+    ref, ref_lse = pf.attention_reference(q.double(), k.double(), v.double(), key_mask=mask, causal=True, scale=0.3)
+    assert_matches("out", out, ref)
+    assert_lse_matches(lse, ref_lse)
+    ql, kl, vl = random_inputs(2, 2, 30, 30, 16, 16)
+    out = pf.latent_attention(ql, kl, vl, causal=True, backend="triton")
+    ref, _ = pf.attention_reference(ql.double(), kl.double(), vl.double(), causal=True)
+    assert_matches("latent out", out, ref)
+
+
+@interpreted
+def test_non_contiguous_inputs():
+    # HF and lucidrains hold heads as (B, N, H, D): the kernels read any strides.
+    B, H, N, M, D = 2, 3, 12, 70, 16
+    q = torch.randn(B, N, H, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, M, H, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, M, H, 2 * D)[..., ::2].transpose(1, 2).requires_grad_()
+    check = cross(num_splits=2)
+    out, lse = check(q, k, v, key_mask=None, causal=False)
+    dout = torch.randn(B, N, H, D).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out64, lse64, grads64 = reference_with_grads(q, k, v, dout)
+    assert_matches("out", out, out64)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_matches(name, g, g64)
+
+
+GPU_CASES = {
+    "hf-vision-fourier-like": (2, 1, 512, 4096, 261, 261),
+    "hf-language-cross": (2, 8, 256, 2048, 32, 160),
+    "perceiver-ar-like": (1, 4, 256, 2048, 64, 64),
+    "d1024": (1, 1, 64, 1000, 1024, 1024),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_cross_attention_gpu(shape, key_mask, causal, dtype):
+    check_attention(cross(), shape, dtype, key_mask, causal, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 8, 512, 512, 128, 128), (2, 16, 2048, 2048, 32, 32),
+                                   (2, 8, 256, 256, 32, 160)])
+def test_latent_attention_gpu(shape, dtype):
+    def run(q, k, v, key_mask, causal):
+        return triton_attention(q, k, v, causal=causal, kind="latent")
+    check_attention(run, shape, dtype, key_mask=False, causal=False)
