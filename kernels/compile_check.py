@@ -181,7 +181,7 @@ def run_check(arch: int = 90, workers: int | None = None) -> int:
             print(f"{status} {r['kernel']:28s} {r['label']}  warps={r['warps']} stages={r['stages']} "
                   f"regs={r.get('regs', '?')} shared={r['shared']} spill_bytes={r.get('spill_bytes', '?')}"
                   f"{'  <- ' + ', '.join(problems) if problems else ''}", flush=True)
-    print(f"{len(jobs) - failures} of {len(jobs)} configurations compiled within limits; {failures} failed")
+    print(f"compile check: {len(jobs) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import select_backend
+from .backends import refusals_by_backend, select_backend
 from .validation import check_flag, validate
 
 
@@ -34,3 +34,14 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     problem = validate(q, k, v, causal=causal, scale=scale, kind="latent")
     out, _ = select_backend(problem, backend).run(problem)
     return out
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+            causal: bool = False, kind: str = "cross") -> dict[str, list[str]]:
+    """For each backend in auto-dispatch priority order, why it would refuse these inputs (empty list: it accepts).
+
+    kind is "cross" (cross_attention) or "latent" (latent_attention).
+    """
+    if kind not in ("cross", "latent"):
+        raise ValueError(f"kind must be 'cross' or 'latent', got {kind!r}")
+    return refusals_by_backend(validate(q, k, v, key_mask=key_mask, causal=causal, kind=kind))

@@ -46,10 +46,10 @@ def select_backend(problem: Problem, requested: str | None) -> Backend:
     raise BackendUnsupportedError(f"no backend can run {problem.describe()}:\n  " + "\n  ".join(refused))
 
 
-def explain(problem: Problem) -> dict[str, list[str]]:
+def refusals_by_backend(problem: Problem) -> dict[str, list[str]]:
     """For each backend, the reasons it would refuse `problem` under auto dispatch (empty: it accepts)."""
     return {backend.name: backend.refusals(problem, explicit=False) for backend in BACKENDS}
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "Backend", "BackendUnsupportedError", "Capabilities",
-           "explain", "get_backend", "select_backend"]
+           "get_backend", "refusals_by_backend", "select_backend"]
