@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .attention_forward import LOG2E, cast, dot, dot_options
+from .attention_forward import LOG2E, cast, device_guard, dot, dot_options
 
 
 @triton.jit
@@ -27,9 +27,10 @@ def _row_dot_kernel(
     H, N, DV,
     BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    b = bh // H
+    h = bh % H
+    offs_n = (tl.program_id(0) % tl.cdiv(N, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = offs_n < N
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_n[:, None].to(tl.int64) * stride_on
     do_base = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
@@ -41,7 +42,7 @@ def _row_dot_kernel(
         o = tl.load(o_base + offs_d[None, :] * stride_od, mask=tile_in, other=0.0).to(tl.float32)
         do = tl.load(do_base + offs_d[None, :] * stride_dod, mask=tile_in, other=0.0).to(tl.float32)
         delta += tl.sum(o * do, 1)
-    tl.store(Delta + tl.program_id(1).to(tl.int64) * N + offs_n, delta, mask=row_in)
+    tl.store(Delta + bh.to(tl.int64) * N + offs_n, delta, mask=row_in)
 
 
 @triton.jit
@@ -65,9 +66,11 @@ def _attention_backward_kernel(
 ):
     # Program (key block, d_block) writes dk[:, d_block chunk] and dv[:, d_block chunk];
     # for head dims of one chunk (<= 64) there is a single d_block and no recomputation.
-    m_block = tl.program_id(0) // num_d_blocks
+    # Axis 0 holds (batch x head, key block, head-dim chunk): CUDA caps the other axes at 65535.
+    blocks_per_head = tl.cdiv(M, BLOCK_M) * num_d_blocks
+    bh = tl.program_id(0) // blocks_per_head
+    m_block = (tl.program_id(0) % blocks_per_head) // num_d_blocks
     d_block = tl.program_id(0) % num_d_blocks
-    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
 
@@ -164,27 +167,26 @@ def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: f
     cfg = tiles.backward_config(kind, DQK, DV, fp32=q.dtype == torch.float32)
 
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    row_block = tiles.merge_block_n()
-    _row_dot_kernel[(triton.cdiv(N, row_block), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, N, DV,
-        BLOCK_N=row_block, BLOCK_DV=cfg.block_dv, num_warps=4,
-    )
-
     dq = torch.zeros((B, H, N, DQK), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     num_d_blocks = max(triton.cdiv(DQK, cfg.block_dqk), triton.cdiv(DV, cfg.block_dv))
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    grid = (triton.cdiv(M, cfg.block_m) * num_d_blocks, B * H)
-    _attention_backward_kernel[grid](
-        q, k, v, mask_arg, dout, lse, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        H, N, M, DQK, DV,
-        scale, scale * LOG2E, num_d_blocks,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-        HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    row_block = tiles.merge_block_n()
+    with device_guard(q):
+        _row_dot_kernel[(triton.cdiv(N, row_block) * B * H,)](
+            out, dout, delta, *out.stride(), *dout.stride(), H, N, DV,
+            BLOCK_N=row_block, BLOCK_DV=cfg.block_dv, num_warps=4,
+        )
+        _attention_backward_kernel[(triton.cdiv(M, cfg.block_m) * num_d_blocks * B * H,)](
+            q, k, v, mask_arg, dout, lse, delta, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            H, N, M, DQK, DV,
+            scale, scale * LOG2E, num_d_blocks,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return dq.to(q.dtype), dk, dv

@@ -12,6 +12,7 @@ A query with no key to attend gets output 0 and lse -inf.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -68,11 +69,14 @@ def _attention_forward_kernel(
     HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
-    n_block = tl.program_id(0) // num_dv_blocks
+    # Axis 0 holds (batch x head, query block, value chunk): CUDA caps the other axes at 65535.
+    blocks_per_head = tl.cdiv(N, BLOCK_N) * num_dv_blocks
+    bh = tl.program_id(0) // blocks_per_head
+    n_block = (tl.program_id(0) % blocks_per_head) // num_dv_blocks
     dv_block = tl.program_id(0) % num_dv_blocks
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    split = tl.program_id(1)
 
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -153,10 +157,12 @@ def _merge_splits_kernel(
     BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     """out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse); splits with no key have lse -inf."""
-    n_block = tl.program_id(0) // num_dv_blocks
+    blocks_per_head = tl.cdiv(N, BLOCK_N) * num_dv_blocks
+    bh = tl.program_id(0) // blocks_per_head
+    n_block = (tl.program_id(0) % blocks_per_head) // num_dv_blocks
     dv_block = tl.program_id(0) % num_dv_blocks
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    b = bh // H
+    h = bh % H
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
     row_in = offs_n < N
@@ -166,20 +172,22 @@ def _merge_splits_kernel(
     part_base = (PartOut + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
                  + offs_n[:, None].to(tl.int64) * stride_pn + offs_dv[None, :] * stride_pd)
 
+    # Pointers advance split by split, which keeps 64-bit offsets into large workspaces.
     lse_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
-        lse_s = tl.load(lse_base + s * stride_pls, mask=row_in, other=float("-inf"))
-        lse_max = tl.maximum(lse_max, lse_s)
+    lse_ptrs = lse_base
+    for _ in range(0, num_splits):
+        lse_max = tl.maximum(lse_max, tl.load(lse_ptrs, mask=row_in, other=float("-inf")))
+        lse_ptrs += stride_pls
     shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
 
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     weight_sum = tl.zeros([BLOCK_N], tl.float32)
-    for s in range(0, num_splits):
-        lse_s = tl.load(lse_base + s * stride_pls, mask=row_in, other=float("-inf"))
-        w = tl.exp(lse_s - shift)
+    for _ in range(0, num_splits):
+        w = tl.exp(tl.load(lse_base, mask=row_in, other=float("-inf")) - shift)
         acc += w[:, None] * tl.load(part_base, mask=tile_in, other=0.0)
         weight_sum += w
-        part_base += stride_ps  # advancing the pointer keeps 64-bit offsets for large workspaces
+        lse_base += stride_pls
+        part_base += stride_ps
 
     has_keys = weight_sum > 0.0
     w_safe = tl.where(has_keys, weight_sum, 1.0)
@@ -198,6 +206,11 @@ def dot_options(dtype: torch.dtype) -> dict:
     precision = "ieee" if dtype == torch.float32 else "tf32"
     interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
     return {"INPUT_PRECISION": precision, "INTERPRETED_BF16": interpreted_bf16}
+
+
+def device_guard(t: torch.Tensor):
+    """Launches go to the tensor's GPU, not whichever is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def num_sms(device: torch.device) -> int:
@@ -220,7 +233,8 @@ def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, 
     key_tiles = triton.cdiv(M, cfg.block_m)
     if num_splits is None:
         num_splits = tiles.choose_num_splits(programs, M, cfg.block_m, num_sms(q.device))
-    keys_per_split = triton.cdiv(key_tiles, max(1, min(num_splits, key_tiles))) * cfg.block_m
+    # Splits live on grid axis 1, which CUDA caps at 65535.
+    keys_per_split = triton.cdiv(key_tiles, max(1, min(num_splits, key_tiles, 65535))) * cfg.block_m
     num_splits = triton.cdiv(M, keys_per_split)
 
     out = torch.empty((B, H, N, DV), device=q.device, dtype=q.dtype)
@@ -233,26 +247,25 @@ def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, 
 
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    grid = (triton.cdiv(N, cfg.block_n) * num_dv_blocks, B * H, num_splits)
-    _attention_forward_kernel[grid](
-        q, k, v, mask_arg, part_out, part_lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        *part_out.stride(), *part_lse.stride(),
-        H, N, M, DQK, DV,
-        scale * LOG2E, keys_per_split, num_dv_blocks,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-        HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if num_splits > 1:
-        block_n = tiles.merge_block_n()
-        merge_grid = (triton.cdiv(N, block_n) * num_dv_blocks, B * H)
-        _merge_splits_kernel[merge_grid](
-            part_out, part_lse, out, lse,
-            *part_out.stride(), *part_lse.stride()[:3],
-            *out.stride(), *lse.stride()[:2],
-            H, N, DV, num_splits, num_dv_blocks,
-            BLOCK_N=block_n, BLOCK_DV=cfg.block_dv,
-            INTERPRETED_BF16=dot_options(q.dtype)["INTERPRETED_BF16"], num_warps=4,
+    options = dot_options(q.dtype)
+    with device_guard(q):
+        _attention_forward_kernel[(triton.cdiv(N, cfg.block_n) * num_dv_blocks * B * H, num_splits)](
+            q, k, v, mask_arg, part_out, part_lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            *part_out.stride(), *part_lse.stride(),
+            H, N, M, DQK, DV,
+            scale * LOG2E, keys_per_split, num_dv_blocks,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **options,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if num_splits > 1:
+            block_n = tiles.merge_block_n()
+            _merge_splits_kernel[(triton.cdiv(N, block_n) * num_dv_blocks * B * H,)](
+                part_out, part_lse, out, lse,
+                *part_out.stride(), *part_lse.stride()[:3],
+                *out.stride(), *lse.stride()[:2],
+                H, N, DV, num_splits, num_dv_blocks,
+                BLOCK_N=block_n, BLOCK_DV=cfg.block_dv, INTERPRETED_BF16=options["INTERPRETED_BF16"], num_warps=4,
+            )
     return out, lse

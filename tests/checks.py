@@ -49,12 +49,13 @@ def assert_matches(name, actual, expected64, same_dtype_ref=None):
         assert err <= FP32_RTOL, f"{name}: relative error {err:.3g} > {FP32_RTOL}"
         return
     # FlashAttention's rule: twice the same-dtype reference's error, plus twice the error of
-    # merely rounding the exact result to this dtype (a floor no kernel can beat).
+    # merely rounding the exact result to this dtype (a floor no kernel can beat), plus fp32
+    # accumulation noise for results that are exactly 0 (one key: dq = 0).
     expected64 = expected64.double()
     err = (actual.double() - expected64).abs().max().item()
     ref_err = (same_dtype_ref.double() - expected64).abs().max().item()
     rounding = (expected64.to(actual.dtype).double() - expected64).abs().max().item()
-    bound = 2 * ref_err + 2 * rounding
+    bound = 2 * ref_err + 2 * rounding + 1e-5
     assert err <= bound, (f"{name}: max error {err:.3g} > 2 x same-dtype reference's {ref_err:.3g} "
                           f"+ 2 x rounding {rounding:.3g}")
 
