@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .attention_forward import LOG2E, cast, device_guard, dot, dot_options
+from .attention_forward import LOG2E, cast, decode_program_id, device_guard, dot, dot_options
 
 
 @triton.jit
@@ -27,10 +27,10 @@ def _row_dot_kernel(
     H, N, DV,
     BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    bh, n_block, _ = decode_program_id(tl.cdiv(N, BLOCK_N), 1)
     b = bh // H
     h = bh % H
-    offs_n = (tl.program_id(0) % tl.cdiv(N, BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = offs_n < N
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_n[:, None].to(tl.int64) * stride_on
     do_base = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
@@ -66,11 +66,7 @@ def _attention_backward_kernel(
 ):
     # Program (key block, d_block) writes dk[:, d_block chunk] and dv[:, d_block chunk];
     # for head dims of one chunk (<= 64) there is a single d_block and no recomputation.
-    # Axis 0 holds (batch x head, key block, head-dim chunk): CUDA caps the other axes at 65535.
-    blocks_per_head = tl.cdiv(M, BLOCK_M) * num_d_blocks
-    bh = tl.program_id(0) // blocks_per_head
-    m_block = (tl.program_id(0) % blocks_per_head) // num_d_blocks
-    d_block = tl.program_id(0) % num_d_blocks
+    bh, m_block, d_block = decode_program_id(tl.cdiv(M, BLOCK_M), num_d_blocks)
     b = bh // H
     h = bh % H
 

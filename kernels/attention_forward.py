@@ -37,6 +37,18 @@ def dot(a, b, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
 
 
 @triton.jit
+def decode_program_id(blocks, chunks):
+    """Grid axis 0 enumerates (batch x head, block, head-dim chunk), chunk fastest.
+
+    Everything sits on axis 0 because CUDA caps axes 1 and 2 at 65535 programs.
+    Returns (batch x head index, block, chunk).
+    """
+    pid = tl.program_id(0)
+    per_head = blocks * chunks
+    return pid // per_head, (pid % per_head) // chunks, pid % chunks
+
+
+@triton.jit
 def cast(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     """x.to(dtype) rounding to nearest even, as the GPU does.
 
@@ -69,11 +81,7 @@ def _attention_forward_kernel(
     HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
-    # Axis 0 holds (batch x head, query block, value chunk): CUDA caps the other axes at 65535.
-    blocks_per_head = tl.cdiv(N, BLOCK_N) * num_dv_blocks
-    bh = tl.program_id(0) // blocks_per_head
-    n_block = (tl.program_id(0) % blocks_per_head) // num_dv_blocks
-    dv_block = tl.program_id(0) % num_dv_blocks
+    bh, n_block, dv_block = decode_program_id(tl.cdiv(N, BLOCK_N), num_dv_blocks)
     b = bh // H
     h = bh % H
     split = tl.program_id(1)
@@ -157,10 +165,7 @@ def _merge_splits_kernel(
     BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     """out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse); splits with no key have lse -inf."""
-    blocks_per_head = tl.cdiv(N, BLOCK_N) * num_dv_blocks
-    bh = tl.program_id(0) // blocks_per_head
-    n_block = (tl.program_id(0) % blocks_per_head) // num_dv_blocks
-    dv_block = tl.program_id(0) % num_dv_blocks
+    bh, n_block, dv_block = decode_program_id(tl.cdiv(N, BLOCK_N), num_dv_blocks)
     b = bh // H
     h = bh % H
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)

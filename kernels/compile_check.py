@@ -44,56 +44,54 @@ def _unit(names):
     return [(n, 1) for n, t in names if t == "constexpr"]
 
 
-def forward_jobs():
-    from . import tiles
+def _attention_jobs(kernel, configs, pointers, strides, scalars, variants):
+    """Jobs for one attention kernel: each config, each of its dtypes, each (flags, out dtype) variant.
 
-    fwd, _ = tiles.all_configs()
+    `pointers(dtype, out_dtype)` lists the pointer arguments; `variants(dtype)` yields
+    ((HAS_KEY_MASK, CAUSAL), out_dtype) pairs.
+    """
+    stride_sig = sum((_strides(prefix, dims, True) for prefix, dims in strides), [])
     jobs = []
-    for kind, fp32, cfg in fwd:
+    for kind, fp32, cfg in configs:
         for dtype in (("fp32",) if fp32 else HALF_DTYPES):
-            for flags, out_dtype in (((True, True), dtype), ((False, False), "fp32")):
-                strides = (_strides("q", "bhnd", True) + _strides("k", "bhmd", True) + _strides("v", "bhmd", True)
-                           + _strides("mask", "bm", True) + _strides("o", "sbhnd", True) + _strides("l", "sbhn", True))
-                sig = ([("Q", f"*{dtype}"), ("K", f"*{dtype}"), ("V", f"*{dtype}"), ("KeyMask", "*i1"),
-                        ("Out", f"*{out_dtype}"), ("Lse", "*fp32")] + strides
-                       + [(n, "i32") for n in ("H", "N", "M", "DQK", "DV")]
-                       + [("qk_scale_log2", "fp32"), ("keys_per_split", "i32"), ("num_dv_blocks", "i32")])
+            for flags, out_dtype in variants(dtype):
                 const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk,
                              BLOCK_DV=cfg.block_dv, HAS_KEY_MASK=flags[0], CAUSAL=flags[1],
                              INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=False)
-                sig += [(k, "constexpr") for k in const]
+                sig = (pointers(dtype, out_dtype) + stride_sig + [(n, "i32") for n in ("H", "N", "M", "DQK", "DV")]
+                       + scalars + [(k, "constexpr") for k in const])
                 label = (f"{kind:6s} {dtype:4s} mask={int(flags[0])} causal={int(flags[1])} out={out_dtype:4s} "
                          f"N{cfg.block_n} M{cfg.block_m} Dqk{cfg.block_dqk} Dv{cfg.block_dv}")
-                jobs.append(Job("_attention_forward_kernel", label, tuple(sig),
-                                tuple(_unit(strides)) + tuple(const.items()), cfg.num_warps, cfg.num_stages))
+                jobs.append(Job(kernel, label, tuple(sig), tuple(_unit(stride_sig)) + tuple(const.items()),
+                                cfg.num_warps, cfg.num_stages))
     return jobs
+
+
+def forward_jobs():
+    from . import tiles
+
+    return _attention_jobs(
+        "_attention_forward_kernel", tiles.all_configs()[0],
+        lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"),
+                         ("Out", f"*{out}"), ("Lse", "*fp32")],
+        [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("o", "sbhnd"), ("l", "sbhn")],
+        [("qk_scale_log2", "fp32"), ("keys_per_split", "i32"), ("num_dv_blocks", "i32")],
+        # Without splits the kernel writes the output dtype, with splits fp32 partials.
+        lambda dt: [((True, True), dt), ((False, False), "fp32")])
 
 
 def backward_jobs():
     from . import tiles
 
-    _, bwd = tiles.all_configs()
-    jobs = []
-    for kind, fp32, cfg in bwd:
-        for dtype in (("fp32",) if fp32 else HALF_DTYPES):
-            for flags in ((True, True), (False, False)):
-                strides = sum((_strides(p, dims, True) for p, dims in
-                               (("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("do", "bhnd"),
-                                ("dq", "bhnd"), ("dk", "bhmd"), ("dv", "bhmd"))), [])
-                sig = ([(n, f"*{dtype}") for n in ("Q", "K", "V")] + [("KeyMask", "*i1"), ("DOut", f"*{dtype}"),
-                       ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", "*fp32"), ("DK", f"*{dtype}"),
-                       ("DV_", f"*{dtype}")] + strides
-                       + [(n, "i32") for n in ("H", "N", "M", "DQK", "DV")]
-                       + [("scale", "fp32"), ("qk_scale_log2", "fp32"), ("num_d_blocks", "i32")])
-                const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk,
-                             BLOCK_DV=cfg.block_dv, HAS_KEY_MASK=flags[0], CAUSAL=flags[1],
-                             INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=False)
-                sig += [(k, "constexpr") for k in const]
-                label = (f"{kind:6s} {dtype:4s} mask={int(flags[0])} causal={int(flags[1])}          "
-                         f"N{cfg.block_n} M{cfg.block_m} Dqk{cfg.block_dqk} Dv{cfg.block_dv}")
-                jobs.append(Job("_attention_backward_kernel", label, tuple(sig),
-                                tuple(_unit(strides)) + tuple(const.items()), cfg.num_warps, cfg.num_stages))
-    return jobs
+    return _attention_jobs(
+        "_attention_backward_kernel", tiles.all_configs()[1],
+        lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"), ("DOut", f"*{dt}"),
+                         ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", "*fp32"), ("DK", f"*{out}"),
+                         ("DV_", f"*{out}")],
+        [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("do", "bhnd"), ("dq", "bhnd"),
+         ("dk", "bhmd"), ("dv", "bhmd")],
+        [("scale", "fp32"), ("qk_scale_log2", "fp32"), ("num_d_blocks", "i32")],
+        lambda dt: [((True, True), dt), ((False, False), dt)])
 
 
 def small_kernel_jobs():
