@@ -169,7 +169,7 @@ def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: f
     num_d_blocks = max(triton.cdiv(DQK, cfg.block_dqk), triton.cdiv(DV, cfg.block_dv))
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    row_block = tiles.merge_block_n()
+    row_block = tiles.ROW_BLOCK
     with device_guard(q):
         _row_dot_kernel[(triton.cdiv(N, row_block) * B * H,)](
             out, dout, delta, *out.stride(), *dout.stride(), H, N, DV,

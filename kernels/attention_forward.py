@@ -265,7 +265,7 @@ def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if num_splits > 1:
-            block_n = tiles.merge_block_n()
+            block_n = tiles.ROW_BLOCK
             _merge_splits_kernel[(triton.cdiv(N, block_n) * num_dv_blocks * B * H,)](
                 part_out, part_lse, out, lse,
                 *part_out.stride(), *part_lse.stride()[:3],

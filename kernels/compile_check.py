@@ -105,7 +105,7 @@ def small_kernel_jobs():
             sig = [("PartOut", "*fp32"), ("PartLse", "*fp32"), ("Out", f"*{dtype}"), ("Lse", "*fp32")] + strides \
                 + [(n, "i32") for n in ("H", "N", "DV", "num_splits", "num_dv_blocks")] \
                 + [("BLOCK_N", "constexpr"), ("BLOCK_DV", "constexpr"), ("INTERPRETED_BF16", "constexpr")]
-            const = dict(BLOCK_N=tiles.merge_block_n(), BLOCK_DV=block_dv, INTERPRETED_BF16=False)
+            const = dict(BLOCK_N=tiles.ROW_BLOCK, BLOCK_DV=block_dv, INTERPRETED_BF16=False)
             jobs.append(Job("_merge_splits_kernel", f"{dtype:4s} Dv{block_dv}", tuple(sig),
                             tuple(_unit(strides)) + tuple(const.items()), 4, 1))
             strides = _strides("o", "bhnd", True) + _strides("do", "bhnd", True)

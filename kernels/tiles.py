@@ -85,8 +85,8 @@ def backward_config(kind: str, dqk: int, dv: int, fp32: bool) -> BlockConfig:
                        num_stages=1 if fp32 else 2)
 
 
-def merge_block_n() -> int:
-    return 16
+# Query rows per program of the small per-row kernels (split merge, rowsum(dO * O)).
+ROW_BLOCK = 16
 
 
 def choose_num_splits(programs: int, keys: int, block_m: int, num_sms: int) -> int:
