@@ -68,3 +68,46 @@ def assert_lse_matches(lse, lse64):
     if (~empty).any():
         err = (lse[~empty].double() - lse64[~empty].double()).abs().max().item()
         assert err <= 1e-4 * max(1.0, lse64[~empty].abs().max().item()), f"lse error {err:.3g}"
+
+
+# name: (B, H, N, M, Dqk, Dv); odd sizes on purpose.
+CROSS_SHAPES = {
+    "small": (2, 2, 17, 100, 32, 32),
+    "one-query": (2, 1, 1, 100, 16, 16),
+    "one-key": (2, 2, 33, 1, 16, 24),
+    "m1000": (1, 1, 20, 1000, 32, 32),
+    "n257": (1, 1, 257, 80, 16, 16),
+    "d261": (1, 1, 40, 150, 261, 261),
+    "qk32-v160": (2, 2, 24, 90, 32, 160),
+    "d1024": (1, 1, 16, 70, 1024, 1024),
+    "tiny-heads": (2, 3, 9, 50, 3, 5),
+}
+# (key_mask, causal); causal with N > M (rows with no key) and N < M are both in CROSS_SHAPES.
+MASKINGS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def check_attention(run, shape, dtype, key_mask, causal, device="cpu"):
+    """run(q, k, v, key_mask=, causal=) -> (out, lse): output, lse and dq/dk/dv against float64."""
+    B, H, N, M, dqk, dv = shape
+    q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
+    mask = random_key_mask(B, M, device=device) if key_mask else None
+    out, lse = run(q, k, v, key_mask=mask, causal=causal)
+    assert out.dtype == dtype and out.shape == (B, H, N, dv)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    out64, lse64, grads64 = reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal)
+    same = (reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal, compute_dtype=dtype)
+            if dtype in (torch.float16, torch.bfloat16) else (None, None, (None, None, None)))
+    assert_matches("out", out, out64, same[0])
+    assert_lse_matches(lse, lse64)
+    empty_rows = torch.isneginf(lse64)
+    assert (out[empty_rows] == 0).all(), "a query with no key must give output 0"
+    for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, grads64, same[2]):
+        assert g.dtype == dtype
+        assert_matches(name, g, g64, g_same)
+
+
+# Latent self-attention shapes (N == M).
+LATENT_SHAPES = {"n64-d32": (2, 2, 64, 64, 32, 32), "n100-qk32-v160": (1, 2, 100, 100, 32, 160),
+                 "n48-d128": (1, 1, 48, 48, 128, 128), "n1": (2, 1, 1, 1, 8, 8)}

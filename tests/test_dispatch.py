@@ -22,16 +22,30 @@ def test_every_backend_declares_its_capabilities():
         assert caps.devices and caps.dtypes and caps.max_dim_qk >= 1 and caps.max_dim_v >= 1
 
 
-def test_auto_on_cpu_without_interpreter_picks_reference(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_auto_on_cpu_picks_the_cpu_backend(monkeypatch, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert select_backend(problem(), None).name == "reference"
-    assert select_backend(problem(), "auto").name == "reference"
+    assert select_backend(problem(dtype), None).name == "cpu"
+    assert select_backend(problem(dtype), "auto").name == "cpu"
+
+
+def test_auto_on_cpu_falls_back_to_reference_for_float16(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert select_backend(problem(torch.float16), None).name == "reference"
+    with pytest.raises(pf.BackendUnsupportedError, match="dtype float16 not supported"):
+        select_backend(problem(torch.float16), "cpu")
 
 
 def test_auto_never_picks_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert select_backend(problem(), None).name == "reference"
+    assert select_backend(problem(), None).name == "cpu"
     assert select_backend(problem(), "triton").name == "triton"
+
+
+def test_cpu_backend_refuses_other_devices():
+    q, k, v = (torch.randn(1, 2, n, 8, device="meta") for n in (3, 5, 5))
+    cpu = next(b for b in BACKENDS if b.name == "cpu")
+    assert cpu.refusals(validate(q, k, v), explicit=True) == ["device meta not supported (supports cpu)"]
 
 
 def test_explicit_backend_refusal_lists_reasons(monkeypatch):
@@ -53,7 +67,7 @@ def test_public_function_raises_for_explicit_refusal(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="backend must be None, 'auto' or one of 'triton', 'reference'"):
+    with pytest.raises(ValueError, match="backend must be None, 'auto' or one of 'triton', 'cpu', 'reference'"):
         select_backend(problem(), "flash")
     with pytest.raises(TypeError, match="backend must be a str or None"):
         select_backend(problem(), 3)
@@ -63,7 +77,8 @@ def test_explain_reports_each_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     reasons = pf.explain(q, k, v)
-    assert reasons["reference"] == []
+    assert list(reasons) == ["triton", "cpu", "reference"]
+    assert reasons["reference"] == [] and reasons["cpu"] == []
     assert any("TRITON_INTERPRET" in r for r in reasons["triton"])
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from ..validation import Problem
 from .base import Backend, Capabilities
+from .cpu import CpuBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-BACKENDS: tuple[Backend, ...] = (TritonBackend(), ReferenceBackend())
+BACKENDS: tuple[Backend, ...] = (TritonBackend(), CpuBackend(), ReferenceBackend())
 BACKEND_NAMES = tuple(b.name for b in BACKENDS)
 
 

@@ -1,0 +1,146 @@
+// The one place where tensors meet the kernels: checks inputs, picks the kernel for the dtype,
+// allocates outputs, and registers the ops as torch.ops.perceiver_fast.*.
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/attention.h"
+#include "cpu/softmax_rows_avx512.h"
+#include "cpu/tile_gemm.h"
+
+namespace perceiver_fast {
+namespace {
+
+void check_operand(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (B, H, rows, dim), got ", t.dim(), "-D");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+              t.scalar_type());
+}
+
+// Every kernel operand needs a contiguous last dimension; other strides are free.
+at::Tensor with_unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+template <typename T>
+cpu::Strided<const T> strided(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+struct Checked {
+  at::Tensor q, k, v, key_mask;
+  cpu::Shape shape;
+};
+
+Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_mask) {
+  check_operand("q", q, q);
+  check_operand("k", k, q);
+  check_operand("v", v, q);
+  const auto type = q.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16,
+              "q, k, v must be float32, float64 or bfloat16 for the cpu backend, got ", type);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), M = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == q.size(3), "k must be (B, H, M, Dqk) = (", B, ", ", H,
+              ", M, ", q.size(3), "), got ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == M, "v must be (B, H, M, Dv) = (", B, ", ", H, ", ", M,
+              ", Dv), got ", v.sizes());
+  TORCH_CHECK(N > 0 && M > 0 && q.size(3) > 0 && v.size(3) > 0, "q, k, v must have no empty dimension");
+  Checked c{with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v), at::Tensor(),
+            {B, H, N, M, q.size(3), v.size(3)}};
+  if (key_mask.has_value()) {
+    const auto& mask = *key_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_mask must be bool, got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == M, "key_mask must be (B, M) = (", B, ", ", M,
+                "), got ", mask.sizes());
+    TORCH_CHECK(mask.device().is_cpu(), "key_mask must be on the CPU, got ", mask.device());
+    c.key_mask = mask.contiguous();
+  }
+  return c;
+}
+
+template <typename T>
+cpu::AttentionInputs<T> kernel_inputs(const Checked& c, bool causal, double scale, int64_t key_tile,
+                                      int64_t row_block, int64_t workers) {
+  TORCH_CHECK(key_tile >= 0 && row_block >= 0 && workers >= 0, "key_tile, row_block and workers must be >= 0");
+  return {c.shape,
+          strided<T>(c.q),
+          strided<T>(c.k),
+          strided<T>(c.v),
+          c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr,
+          causal,
+          scale,
+          {key_tile, row_block, workers}};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& key_mask, bool causal, double scale,
+                                           int64_t key_tile, int64_t row_block, int64_t workers) {
+  const Checked c = check_inputs(q, k, v, key_mask);
+  const auto& s = c.shape;
+  auto out = at::empty({s.batch, s.heads, s.queries, s.dim_v}, q.options());
+  auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_forward", [&] {
+    cpu::attention_forward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers),
+                                     out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                        const std::optional<at::Tensor>& key_mask, bool causal,
+                                                        double scale, int64_t key_tile, int64_t row_block,
+                                                        int64_t workers) {
+  const Checked c = check_inputs(q, k, v, key_mask);
+  const auto& s = c.shape;
+  check_operand("dout", dout, q);
+  check_operand("out", out, q);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries, s.dim_v}),
+              "dout and out must be (B, H, N, Dv) = (", s.batch, ", ", s.heads, ", ", s.queries, ", ", s.dim_v,
+              "), got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries}),
+              "lse must be float32 (B, H, N), got ", lse.scalar_type(), " ", lse.sizes());
+  const auto out_c = out.contiguous();
+  const auto lse_c = lse.contiguous();
+  const auto dout_c = with_unit_last_stride(dout);
+  auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
+  auto dk = at::zeros({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
+  auto dv = at::zeros({s.batch, s.heads, s.keys, s.dim_v}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_backward", [&] {
+    cpu::attention_backward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers),
+                                      strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
+                                      dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace perceiver_fast
+
+TORCH_LIBRARY(perceiver_fast, m) {
+  m.def(
+      "cpu_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, "
+      "int key_tile=0, int row_block=0, int workers=0) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
+      "bool causal, float scale, int key_tile=0, int row_block=0, int workers=0) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(perceiver_fast, CPU, m) {
+  m.impl("cpu_attention_forward", &perceiver_fast::forward);
+  m.impl("cpu_attention_backward", &perceiver_fast::backward);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "perceiver-fast compiled kernels; the ops are registered as torch.ops.perceiver_fast.*";
+  m.def("cpu_features", [] {
+    return std::map<std::string, bool>{
+        {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},
+        {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
+        {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
+    };
+  });
+  m.def("set_portable_gemm", &perceiver_fast::cpu::set_portable_gemm,
+        "Force the at::mm GEMM path instead of oneDNN brgemm (for tests of the path other CPUs take).");
+}

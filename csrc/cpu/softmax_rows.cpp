@@ -1,0 +1,87 @@
+#include "softmax_rows.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "softmax_rows_avx512.h"
+
+namespace perceiver_fast::cpu {
+namespace {
+
+const bool use_avx512 = avx512::supported();
+
+// Portable versions: float64, and float32 on CPUs without AVX-512.
+template <typename acc_t, typename P>
+acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
+                            const acc_t* bias, acc_t& m, acc_t& l) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t row_max = neg_inf;
+  for (int64_t j = 0; j < valid; ++j) {
+    const acc_t x = scores[j] * scale_log2 + (bias ? bias[j] : acc_t(0));
+    scores[j] = x;
+    row_max = std::max(row_max, x);
+  }
+  const acc_t m_new = std::max(m, row_max);
+  if (m_new == neg_inf) {
+    std::fill(probs, probs + width, P(0));
+    return acc_t(1);
+  }
+  acc_t sum = 0;
+  for (int64_t j = 0; j < valid; ++j) {
+    const acc_t p = std::exp2(scores[j] - m_new);
+    sum += p;
+    probs[j] = static_cast<P>(p);
+  }
+  std::fill(probs + valid, probs + width, P(0));
+  const acc_t alpha = std::exp2(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+template <typename acc_t>
+void backward_step_portable(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
+                            const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale) {
+  if (std::isinf(lse2) && lse2 < 0) valid = 0;
+  for (int64_t j = 0; j < valid; ++j) {
+    const acc_t p = std::exp2(scores[j] * scale_log2 + (bias ? bias[j] : acc_t(0)) - lse2);
+    scores[j] = p;
+    dprobs[j] = p * (dprobs[j] - delta) * scale;
+  }
+  std::fill(scores + valid, scores + width, acc_t(0));
+  std::fill(dprobs + valid, dprobs + width, acc_t(0));
+}
+
+}  // namespace
+
+template <typename acc_t, typename P>
+acc_t softmax_forward_step(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
+                           const acc_t* bias, acc_t& m, acc_t& l) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx512) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+  }
+  return forward_step_portable(scores, probs, valid, width, scale_log2, bias, m, l);
+}
+
+template <typename acc_t>
+void softmax_backward_step(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
+                           const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_avx512) {
+      avx512::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale);
+      return;
+    }
+  }
+  backward_step_portable(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale);
+}
+
+template float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&);
+template float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&);
+template double softmax_forward_step(double*, double*, int64_t, int64_t, double, const double*, double&, double&);
+template void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float);
+template void softmax_backward_step(double*, double*, int64_t, int64_t, double, const double*, double, double, double);
+
+}  // namespace perceiver_fast::cpu

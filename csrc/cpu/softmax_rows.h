@@ -1,0 +1,26 @@
+// Per-row softmax work of one key tile, fused into as few passes over the row as the math allows.
+// Scores arrive as raw q.k products; scale_log2 = scale * log2(e), so exponentials are base 2 and
+// the running max m and the saved lse2 are in base-2 units. `bias` (0 or -inf per key: the key
+// mask of this tile) may be null; keys at or beyond `valid` (causal limit of the row) count as
+// masked, and the row is written out to `width` columns (zeros past `valid`).
+#pragma once
+
+#include <cstdint>
+
+namespace perceiver_fast::cpu {
+
+// Forward online-softmax step: probs[j] = exp2(score*scale_log2 + bias - m_new), m and l (running
+// max and sum) updated; returns the factor by which the row's output accumulator must be scaled.
+// probs may alias scores when P is the accumulator type. A row that has seen no key keeps m = -inf,
+// l = 0 and gets zero probabilities.
+template <typename acc_t, typename P>
+acc_t softmax_forward_step(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
+                           const acc_t* bias, acc_t& m, acc_t& l);
+
+// Backward step, in place: scores -> p = exp2(score*scale_log2 + bias - lse2), and
+// dprobs -> ds = p * (dprobs - delta) * scale. A row with lse2 = -inf (no key) gets zeros.
+template <typename acc_t>
+void softmax_backward_step(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
+                           const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale);
+
+}  // namespace perceiver_fast::cpu

@@ -1,0 +1,130 @@
+#include "softmax_rows_avx512.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#include <immintrin.h>
+#define PF_HAVE_AVX512 1
+#endif
+
+namespace perceiver_fast::cpu::avx512 {
+
+#ifdef PF_HAVE_AVX512
+
+bool supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+namespace {
+
+// 2^x: split x = n + f with f in [-0.5, 0.5], a degree-6 polynomial for 2^f (relative error
+// ~1e-7), and scalef for 2^n. Inputs below -160 (masked keys: -inf) give exactly 0.
+inline __m512 exp2(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+
+inline void store(float* dst, __m512 x, __mmask16 k) { _mm512_mask_storeu_ps(dst, k, x); }
+inline void store(c10::BFloat16* dst, __m512 x, __mmask16 k) {
+  _mm256_mask_storeu_epi16(dst, k, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+template <typename P>
+float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float scale_log2, const float* bias,
+                   float& m, float& l) {
+  const __m512 c = _mm512_set1_ps(scale_log2);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < valid; j += 16) {
+    const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scores + j), c);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
+    _mm512_mask_storeu_ps(scores + j, k, x);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  const __m512 zero = _mm512_setzero_ps();
+  if (m_new == -INFINITY) {
+    for (int64_t j = 0; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
+    return 1.f;
+  }
+  const __m512 vm = _mm512_set1_ps(m_new);
+  __m512 sum = zero;
+  int64_t j = 0;
+  for (; j < valid; j += 16) {
+    const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
+    const __m512 p = _mm512_maskz_mov_ps(k, exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), vm)));
+    sum = _mm512_add_ps(sum, p);
+    // The full 16 lanes are written (zeros past valid) while they stay inside the row.
+    store(probs + j, p, tail_mask(std::min<int64_t>(16, width - j)));
+  }
+  for (; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
+  const float alpha = std::exp2(m - m_new);
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace
+
+float softmax_forward_step(float* scores, float* probs, int64_t valid, int64_t width, float scale_log2,
+                           const float* bias, float& m, float& l) {
+  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+}
+
+float softmax_forward_step(float* scores, c10::BFloat16* probs, int64_t valid, int64_t width, float scale_log2,
+                           const float* bias, float& m, float& l) {
+  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+}
+
+void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t width, float scale_log2,
+                           const float* bias, float lse2, float delta, float scale) {
+  if (lse2 == -INFINITY) valid = 0;
+  const __m512 c = _mm512_set1_ps(scale_log2), vlse = _mm512_set1_ps(lse2);
+  const __m512 vdelta = _mm512_set1_ps(delta), vscale = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j < valid; j += 16) {
+    const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
+    const __mmask16 row = tail_mask(std::min<int64_t>(16, width - j));
+    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, vlse);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
+    const __m512 p = _mm512_maskz_mov_ps(k, exp2(x));
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dprobs + j), vdelta)),
+                                    vscale);
+    _mm512_mask_storeu_ps(scores + j, row, p);
+    _mm512_mask_storeu_ps(dprobs + j, row, ds);
+  }
+  for (; j < width; j += 16) {
+    const __mmask16 row = tail_mask(std::min<int64_t>(16, width - j));
+    _mm512_mask_storeu_ps(scores + j, row, zero);
+    _mm512_mask_storeu_ps(dprobs + j, row, zero);
+  }
+}
+
+#else
+
+bool supported() { return false; }
+float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&) { return 1.f; }
+float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&) {
+  return 1.f;
+}
+void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float) {}
+
+#endif
+
+}  // namespace perceiver_fast::cpu::avx512

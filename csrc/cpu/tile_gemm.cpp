@@ -1,0 +1,139 @@
+#include "tile_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <atomic>
+
+namespace perceiver_fast::cpu {
+namespace {
+
+std::atomic<bool> force_portable{false};
+
+template <typename T>
+at::ScalarType scalar_type() {
+  return c10::CppTypeToScalarType<T>::value;
+}
+
+// brgemm exists in every torch we support, but it throws where oneDNN's micro-kernels are not
+// built or the CPU lacks the instructions: try it once on a product whose answer is known.
+template <typename T>
+bool probe_brgemm(bool vnni) {
+  try {
+    // A = [[1, 2], [3, 4]]; B = [[5, 6], [7, 8]] (VNNI-2 order: 5 7 6 8); A*B = [[19, 22], [43, 50]].
+    const T a[4] = {T(1), T(2), T(3), T(4)};
+    const T b_plain[4] = {T(5), T(6), T(7), T(8)};
+    const T b_vnni[4] = {T(5), T(7), T(6), T(8)};
+    float c[4] = {0, 0, 0, 0};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, vnni ? b_vnni : b_plain, c, vnni);
+    at::native::cpublas::brgemm_release(vnni);
+    return c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+template <typename T>
+bool brgemm_available() {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    static const bool available = probe_brgemm<T>(std::is_same_v<T, c10::BFloat16>);
+    return available && !force_portable.load();
+  }
+}
+
+}  // namespace
+
+void set_portable_gemm(bool portable) { force_portable.store(portable); }
+bool portable_gemm() { return force_portable.load(); }
+
+template <typename T>
+bool TileGemm<T>::vnni() {
+  return std::is_same_v<T, c10::BFloat16> && brgemm_available<T>();
+}
+
+template <typename T>
+template <typename S>
+void TileGemm<T>::pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n, T* dst) {
+  if (!vnni()) {
+    for (int64_t r = 0; r < k_rows; ++r) {
+      for (int64_t j = 0; j < n; ++j) dst[r * n + j] = static_cast<T>(src[r * ld + j]);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < k_rows; r += 2) {
+    const S* even = src + r * ld;
+    const S* odd = r + 1 < k_rows ? even + ld : nullptr;
+    T* out = dst + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = static_cast<T>(even[j]);
+      out[2 * j + 1] = odd ? static_cast<T>(odd[j]) : T(0);
+    }
+  }
+}
+
+template <typename T>
+template <typename S>
+void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k, T* dst) {
+  if (!vnni()) {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < k; ++d) dst[d * n + j] = static_cast<T>(src[j * ld + d]);
+    }
+    return;
+  }
+  // VNNI-2 of the transpose: element pairs (d, d+1) of source row j sit side by side.
+  const int64_t k_even = k / 2 * 2;
+  for (int64_t j = 0; j < n; ++j) {
+    const S* row = src + j * ld;
+    for (int64_t d = 0; d < k_even; d += 2) {
+      dst[d * n + 2 * j] = static_cast<T>(row[d]);
+      dst[d * n + 2 * j + 1] = static_cast<T>(row[d + 1]);
+    }
+    if (k_even < k) {
+      dst[k_even * n + 2 * j] = static_cast<T>(row[k_even]);
+      dst[k_even * n + 2 * j + 1] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void TileGemm<T>::multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t* c,
+                           int64_t ldc, bool accumulate) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (brgemm_available<T>()) {
+      at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, vnni());
+      return;
+    }
+  }
+  const auto type = scalar_type<T>();
+  const auto acc = scalar_type<acc_t>();
+  auto a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, at::TensorOptions().dtype(type)).to(acc);
+  auto b_view = at::from_blob(const_cast<T*>(b), {k, n}, {n, 1}, at::TensorOptions().dtype(type)).to(acc);
+  auto c_view = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(acc));
+  if (accumulate) {
+    c_view.addmm_(a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
+  }
+}
+
+template <typename T>
+void TileGemm<T>::release() {
+  if (brgemm_available<T>()) at::native::cpublas::brgemm_release(vnni());
+}
+
+template struct TileGemm<float>;
+template struct TileGemm<double>;
+template struct TileGemm<c10::BFloat16>;
+
+#define PF_PACKERS(T, S)                                                                                  \
+  template void TileGemm<T>::pack_rows<S>(const S*, int64_t, int64_t, int64_t, T*);                       \
+  template void TileGemm<T>::pack_transposed<S>(const S*, int64_t, int64_t, int64_t, T*);
+PF_PACKERS(float, float)
+PF_PACKERS(double, double)
+PF_PACKERS(c10::BFloat16, c10::BFloat16)
+PF_PACKERS(c10::BFloat16, float)
+#undef PF_PACKERS
+
+}  // namespace perceiver_fast::cpu

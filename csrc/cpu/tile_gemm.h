@@ -1,0 +1,51 @@
+// The small GEMMs of the attention loops, on oneDNN's brgemm micro-kernels where torch has them.
+//
+//   C[m x n] (+)= A[m x k] * B[k x n]
+//
+// A is row-major in the operand type T, C row-major in the accumulator type, and B is in the
+// "packed" layout written by pack_rows / pack_transposed: plain row-major (leading dimension n)
+// for float and double, VNNI-2 for bfloat16 (pairs of k rows interleaved element by element, k
+// padded to even with zeros: the layout the AVX512-BF16 dot instructions read). Callers pad A's
+// k columns the same way (padded_k). Where brgemm cannot run (another CPU, a torch without the
+// oneDNN micro-kernels), or for float64, a portable path computes the same products with at::mm.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace perceiver_fast::cpu {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Forces the portable path (tests use it to cover the code other CPUs take).
+void set_portable_gemm(bool portable);
+bool portable_gemm();
+
+template <typename T>
+struct TileGemm {
+  using acc_t = acc_type<T>;
+
+  // Whether B is VNNI-packed (bfloat16 on the brgemm path) and k must be padded to even.
+  static bool vnni();
+  static int64_t padded_k(int64_t k) { return vnni() ? (k + 1) / 2 * 2 : k; }
+
+  // B = src (k_rows x n, source rows `ld` apart), converted to T. Writes padded_k(k_rows) rows.
+  template <typename S>
+  static void pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n, T* dst);
+
+  // B = transpose of src (src is n rows x k, rows `ld` apart). Writes padded_k(k) rows.
+  template <typename S>
+  static void pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k, T* dst);
+
+  // C (+)= A * B; k must already be padded_k of the true depth.
+  static void multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t* c, int64_t ldc,
+                       bool accumulate);
+
+  // Frees the micro-kernel state of the calling thread (AMX tile configuration on CPUs with AMX).
+  static void release();
+};
+
+}  // namespace perceiver_fast::cpu

@@ -1,0 +1,114 @@
+"""cpu backend (C++ kernels in csrc/cpu/) against the float64 reference: forward, lse and gradients.
+
+The kernels' default tiles (256 keys x 256 rows) would put every small test input in one tile
+of one worker, so most cases force small tiles and more workers than threads: tile tails, rows
+cut by causal masking, split heads and the merge of their partial results are all reached.
+"""
+
+import pytest
+import torch
+from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, random_inputs,
+                    random_key_mask, reference_with_grads)
+
+import perceiver_fast as pf
+from perceiver_fast import _C
+from perceiver_fast.autograd.cpu_attention import cpu_attention
+
+# (key_tile, row_block, workers); 0 = the kernel's default.
+TILINGS = {"default": (0, 0, 0), "small-tiles": (16, 8, 3), "odd-tiles": (7, 5, 4)}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def cpu(key_tile=0, row_block=0, workers=0):
+    def run(q, k, v, key_mask, causal):
+        return cpu_attention(q, k, v, key_mask=key_mask, causal=causal, key_tile=key_tile, row_block=row_block,
+                             workers=workers)
+    return run
+
+
+@pytest.mark.parametrize("tiling", TILINGS.values(), ids=TILINGS.keys())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", CROSS_SHAPES.values(), ids=CROSS_SHAPES.keys())
+def test_cross_attention(shape, key_mask, causal, dtype, tiling):
+    check_attention(cpu(*tiling), shape, dtype, key_mask, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", LATENT_SHAPES.values(), ids=LATENT_SHAPES.keys())
+def test_latent_attention(shape, causal, dtype):
+    B, H, N, M, dqk, dv = shape
+    q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype)
+    out = pf.latent_attention(q, k, v, causal=causal, backend="cpu")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out64, _, grads64 = reference_with_grads(q, k, v, dout, causal=causal)
+    same = (reference_with_grads(q, k, v, dout, causal=causal, compute_dtype=dtype) if dtype == torch.bfloat16
+            else (None, None, (None, None, None)))
+    assert_matches("out", out, out64, same[0])
+    for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, grads64, same[2]):
+        assert_matches(name, g, g64, g_same)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "one-key"])
+def test_portable_gemm_path(shape, dtype):
+    # The at::mm path that CPUs without oneDNN's brgemm (or without AVX512-BF16) take.
+    _C.set_portable_gemm(True)
+    try:
+        check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask=True, causal=True)
+    finally:
+        _C.set_portable_gemm(False)
+
+
+def test_public_functions_dispatch_to_cpu():
+    q, k, v = random_inputs(2, 2, 10, 40, 16, 24)
+    mask = random_key_mask(2, 40)
+    out, lse = pf.cross_attention(q, k, v, key_mask=mask, causal=True, scale=0.3, return_lse=True)
+    ref, ref_lse = pf.attention_reference(q.double(), k.double(), v.double(), key_mask=mask, causal=True, scale=0.3)
+    assert_matches("out", out, ref)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+def test_non_contiguous_inputs():
+    # HF and lucidrains hold heads as (B, N, H, D); a strided last dimension is copied by the binding.
+    B, H, N, M, D = 2, 3, 12, 70, 16
+    q = torch.randn(B, N, H, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, M, H, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, M, H, 2 * D)[..., ::2].transpose(1, 2).requires_grad_()
+    out, _ = cpu(16, 8, 3)(q, k, v, key_mask=None, causal=False)
+    dout = torch.randn(B, N, H, D).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out64, _, grads64 = reference_with_grads(q, k, v, dout)
+    assert_matches("out", out, out64)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_matches(name, g, g64)
+
+
+def test_every_key_masked_gives_zeros_and_zero_grads():
+    q, k, v = random_inputs(2, 2, 5, 300, 8, 8)
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    out, lse = cpu()(q, k, v, key_mask=mask, causal=False)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all((g == 0).all() for g in grads)
+
+
+def test_binding_rejects_bad_inputs():
+    ops = torch.ops.perceiver_fast
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    with pytest.raises(RuntimeError, match="k must be \\(B, H, M, Dqk\\)"):
+        ops.cpu_attention_forward(q, k[..., :4], v, None, False, 1.0)
+    with pytest.raises(RuntimeError, match="key_mask must be \\(B, M\\) = \\(1, 6\\)"):
+        ops.cpu_attention_forward(q, k, v, torch.ones(1, 5, dtype=torch.bool), False, 1.0)
+    with pytest.raises(RuntimeError, match="must be float32, float64 or bfloat16"):
+        ops.cpu_attention_forward(q.half(), k.half(), v.half(), None, False, 1.0)
+    with pytest.raises(RuntimeError, match="v must have q's dtype"):
+        ops.cpu_attention_forward(q, k, v.double(), None, False, 1.0)
+
+
+def test_cpu_features_reports_the_paths_in_use():
+    features = _C.cpu_features()
+    assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced"}
+    assert features["portable_gemm_forced"] is False
