@@ -5,20 +5,30 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.perceiver-fast-installed
+DEPS_STAMP := $(VENV)/.perceiver-fast-deps
+BUILD_STAMP := $(VENV)/.perceiver-fast-built
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
 .PHONY: install test report check clean
 
-$(STAMP): setup.py Makefile
+# A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
+# environment without torch.
+$(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark ninja setuptools wheel
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	touch $(DEPS_STAMP)
 
-install: $(STAMP)
+# The editable install compiles csrc/ into perceiver_fast._C, again whenever a source changes;
+# the venv's bin on PATH lets torch's BuildExtension find ninja (parallel compiles).
+$(BUILD_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(BUILD_STAMP)
 
-# GPU-marked tests first (they skip without CUDA); then everything else, the Triton kernels
-# running on the CPU under the interpreter; then the ahead-of-time compile of every kernel
+install: $(BUILD_STAMP)
+
+# GPU-marked tests first (they skip without CUDA); then everything else (the C++ cpu backend
+# natively, the Triton kernels on the CPU under the interpreter); then the ahead-of-time compile of every kernel
 # configuration for an H100 (sm_90).
 test: install
 	$(VENV)/bin/pytest tests -q -m gpu
@@ -32,4 +42,4 @@ report: install
 	$(PY) benchmarks/report.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import perceiver_fast as pf
+from common import eager, machine, median_seconds, sdpa
 
 # (shapes.json case, overrides): batch 1 on the CPU so the default set stays within minutes.
 CASES = [
@@ -40,24 +37,6 @@ def load_shapes() -> dict:
     return {case["name"]: case for case in json.loads(text)["cases"]}
 
 
-def eager(q, k, v, causal):
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if causal:
-        N, M = q.shape[2], k.shape[2]
-        keep = torch.ones(N, M, dtype=torch.bool, device=q.device).tril(M - N)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.softmax(-1) @ v
-
-
-def sdpa(q, k, v, causal):
-    mask = None
-    if causal:
-        from torch.nn.attention.bias import causal_lower_right
-
-        mask = causal_lower_right(q.shape[2], k.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def providers(device: str, kind: str, auto_backend: str):
     found = {"eager": eager, "sdpa": sdpa}
     fn = pf.latent_attention if kind == "self" else pf.cross_attention
@@ -65,20 +44,6 @@ def providers(device: str, kind: str, auto_backend: str):
     if device == "cuda":
         found["perceiver_fast[triton]"] = lambda q, k, v, causal: fn(q, k, v, causal=causal, backend="triton")
     return found
-
-
-def median_seconds(call, repeats: int, device: str) -> float:
-    call()  # warm-up: compilation, caches
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_case(name, shape, dtype, device, repeats):
@@ -110,30 +75,6 @@ def run_case(name, shape, dtype, device, repeats):
         print(f"  {name:26s} {row['dtype']:8s} {provider:24s} "
               + (f"{row['ms']:9.2f} ms {row['gflops']:8.1f} GFLOP/s" if "ms" in row else row["error"]), flush=True)
     return rows
-
-
-def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": _cpu_model(), "cpu_threads": torch.get_num_threads(), "device": device}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_markdown(path: Path, info: dict, rows: list[dict]) -> None:

@@ -108,6 +108,21 @@ def check_attention(run, shape, dtype, key_mask, causal, device="cpu"):
         assert_matches(name, g, g64, g_same)
 
 
+def check_non_contiguous(run):
+    """HF and lucidrains hold heads as (B, N, H, D); v here also has a strided last dimension."""
+    B, H, N, M, D = 2, 3, 12, 70, 16
+    q = torch.randn(B, N, H, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, M, H, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, M, H, 2 * D)[..., ::2].transpose(1, 2).requires_grad_()
+    out, _ = run(q, k, v, key_mask=None, causal=False)
+    dout = torch.randn(B, N, H, D).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out64, _, grads64 = reference_with_grads(q, k, v, dout)
+    assert_matches("out", out, out64)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        assert_matches(name, g, g64)
+
+
 # Latent self-attention shapes (N == M).
 LATENT_SHAPES = {"n64-d32": (2, 2, 64, 64, 32, 32), "n100-qk32-v160": (1, 2, 100, 100, 32, 160),
                  "n48-d128": (1, 1, 48, 48, 128, 128), "n1": (2, 1, 1, 1, 8, 8)}

@@ -30,7 +30,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
   // float32/64: P and dS are used as GEMM operands where they are; bfloat16 packs copies.
   constexpr bool operands_in_place = std::is_same_v<T, acc_t>;
   const Shape& s = in.shape;
-  const LoopSizes loop = loop_sizes(s, in.tiling);
+  const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::backward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
   const int64_t n = s.queries, m = s.keys, dqk = s.dim_qk, dv_ = s.dim_v;
   const int64_t dqk_p = Gemm::padded_k(dqk), dv_p = Gemm::padded_k(dv_);

@@ -73,7 +73,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   // float32 probabilities overwrite their scores in place; bfloat16 ones go to their own buffer.
   constexpr bool probs_in_place = std::is_same_v<T, acc_t>;
   const Shape& s = in.shape;
-  const LoopSizes loop = loop_sizes(s, in.tiling);
+  const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::forward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
   const int64_t n = s.queries, dv = s.dim_v, dqk = Gemm::padded_k(s.dim_qk);
   const int64_t kt = loop.key_tile, rb = loop.row_block;

@@ -16,11 +16,19 @@ struct LoopSizes {
   int64_t key_tile, row_block, workers, tiles;
 };
 
-inline LoopSizes loop_sizes(const Shape& s, const Tiling& t) {
-  // 256 keys x 256 rows: the float32 score block (256 KiB) and the K/V tiles stay in a 2 MiB L2
-  // next to the queries and accumulator for head dims up to 128.
-  const int64_t key_tile = t.key_tile > 0 ? t.key_tile : 256;
-  const int64_t row_block = t.row_block > 0 ? t.row_block : 256;
+enum class Pass { forward, backward };
+
+// Default tiles, measured on a 2-core AMD EPYC (Zen 5, 1 MiB L2 per core) over the Perceiver
+// shapes of benchmarks/cpu_backend.py: float32 streams 128 keys per tile (its score
+// block and K/V tiles then stay in L2 beside the queries and accumulator) with all rows of a head
+// per GEMM in the forward and 128 in the backward (five GEMMs share the tile there); bfloat16
+// halves the bytes and prefers 256 x 256.
+template <typename T>
+LoopSizes loop_sizes(const Shape& s, const Tiling& t, Pass pass) {
+  const bool half = sizeof(T) == 2;
+  const int64_t default_rows = half ? 256 : (pass == Pass::forward ? 512 : 128);
+  const int64_t key_tile = t.key_tile > 0 ? t.key_tile : (half ? 256 : 128);
+  const int64_t row_block = t.row_block > 0 ? t.row_block : default_rows;
   const int64_t workers = t.workers > 0 ? t.workers : at::get_num_threads();
   return {key_tile, std::min(row_block, s.queries), workers, (s.keys + key_tile - 1) / key_tile};
 }
