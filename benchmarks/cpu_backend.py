@@ -114,8 +114,8 @@ def write_markdown(path: Path, info: dict, rows: list[dict]) -> None:
         "after one untimed call. GFLOP/s: matmul FLOPs 2*B*H*N*M*(Dqk+Dv) forward, 3.5x that for forward+backward. "
         "vs SDPA: SDPA's time / this provider's time (higher is faster). Peak extra: the process's resident-set "
         "peak during a call (after the timed ones) above its resident set before it, with malloc then set to return "
-        "every block above 128 KiB to the system; it includes the outputs (out, or dq/dk/dv and out), whose "
-        "size is listed so that the workspace is the difference.", "",
+        "every block above 128 KiB to the system. It includes the results: outputs MiB is out (forward) or "
+        "dq+dk+dv (forward+backward, where out, as large as the forward's, is alive too); the rest is workspace.", "",
         "| case (B,H,N,M,Dqk,Dv) | dtype | pass | provider | ms | GFLOP/s | vs SDPA | peak extra MiB | outputs MiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
