@@ -1,10 +1,12 @@
 """perceiver-fast: fused attention kernels for Perceiver-family models."""
 
+from . import nn
 from .attention import cross_attention, explain, latent_attention
 from .backends import BACKEND_NAMES, BackendUnsupportedError
+from .patching import PatchReport, patch, unpatch
 from .reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_attention", "latent_attention", "attention_reference", "explain", "BACKEND_NAMES",
-           "BackendUnsupportedError", "__version__"]
+__all__ = ["nn", "cross_attention", "latent_attention", "attention_reference", "explain", "BACKEND_NAMES",
+           "BackendUnsupportedError", "patch", "unpatch", "PatchReport", "__version__"]

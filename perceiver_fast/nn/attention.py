@@ -1,0 +1,91 @@
+"""Pre-LayerNorm attention modules of a Perceiver: cross-attention to a long input, latent self-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import input_attention, merge_heads, self_attention, split_heads
+
+
+def _check_channels(name: str, channels: int, heads: int) -> None:
+    if channels % heads:
+        raise ValueError(f"{name} ({channels}) must be divisible by heads ({heads})")
+
+
+def _check_sequence(name: str, t, channels: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, L, {channels}), got {type(t).__name__}")
+    if t.dim() != 3 or t.shape[-1] != channels:
+        raise ValueError(f"{name} must have shape (B, L, {channels}), got {tuple(t.shape)}")
+
+
+class CrossAttention(nn.Module):
+    """Latents (B, N, q_dim) attend to an input (B, M, kv_dim).
+
+    LayerNorm on both sides, projections to `qk_channels` (queries, keys) and `v_channels`
+    (values) split over `heads`, an output projection to `out_dim`, and, with `query_residual`,
+    the latents added back. The input's LayerNorm and K/V projections go through
+    `input_attention`, so nothing of size N x M is formed. `backend` as in
+    `perceiver_fast.cross_attention` (None: the best one for the inputs).
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: int | None = None,
+                 v_channels: int | None = None, out_dim: int | None = None, query_residual: bool = True,
+                 bias: bool = True, backend: str | None = None):
+        super().__init__()
+        qk_channels = qk_channels or q_dim
+        v_channels = v_channels or qk_channels
+        out_dim = out_dim or q_dim
+        _check_channels("qk_channels", qk_channels, heads)
+        _check_channels("v_channels", v_channels, heads)
+        if query_residual and out_dim != q_dim:
+            raise ValueError(f"query_residual needs out_dim == q_dim, got out_dim={out_dim}, q_dim={q_dim}")
+        self.heads, self.query_residual, self.backend = heads, query_residual, backend
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+        self.q_norm = nn.LayerNorm(q_dim)
+        self.kv_norm = nn.LayerNorm(kv_dim)
+        self.q_proj = nn.Linear(q_dim, qk_channels, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, qk_channels, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, v_channels, bias=bias)
+        self.out_proj = nn.Linear(v_channels, out_dim, bias=bias)
+
+    def forward(self, latents: torch.Tensor, inputs: torch.Tensor, key_mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """latents (B, N, q_dim), inputs (B, M, kv_dim), key_mask bool (B, M) True = attend -> (B, N, out_dim)."""
+        _check_sequence("latents", latents, self.q_dim)
+        _check_sequence("inputs", inputs, self.kv_dim)
+        if inputs.shape[0] != latents.shape[0]:
+            raise ValueError(f"inputs batch {inputs.shape[0]} must equal latents batch {latents.shape[0]}")
+        q = split_heads(self.q_proj(self.q_norm(latents)), self.heads)
+        context = input_attention(q, inputs, norm=self.kv_norm, k_weight=self.k_proj.weight,
+                                  k_bias=self.k_proj.bias, v_weight=self.v_proj.weight, v_bias=self.v_proj.bias,
+                                  key_mask=key_mask, causal=causal, backend=self.backend)
+        out = self.out_proj(merge_heads(context))
+        return out + latents if self.query_residual else out
+
+
+class SelfAttention(nn.Module):
+    """Latent self-attention: LayerNorm, q/k/v projections over `heads`, output projection, residual."""
+
+    def __init__(self, dim: int, *, heads: int = 8, qk_channels: int | None = None, v_channels: int | None = None,
+                 residual: bool = True, bias: bool = True, backend: str | None = None):
+        super().__init__()
+        qk_channels = qk_channels or dim
+        v_channels = v_channels or qk_channels
+        _check_channels("qk_channels", qk_channels, heads)
+        _check_channels("v_channels", v_channels, heads)
+        self.dim, self.heads, self.residual, self.backend = dim, heads, residual, backend
+        self.norm = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, qk_channels, bias=bias)
+        self.k_proj = nn.Linear(dim, qk_channels, bias=bias)
+        self.v_proj = nn.Linear(dim, v_channels, bias=bias)
+        self.out_proj = nn.Linear(v_channels, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """x (B, N, dim) -> (B, N, dim)."""
+        _check_sequence("x", x, self.dim)
+        normed = self.norm(x)
+        q, k, v = (split_heads(proj(normed), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = self.out_proj(merge_heads(self_attention(q, k, v, causal=causal, backend=self.backend)))
+        return out + x if self.residual else out

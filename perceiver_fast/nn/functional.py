@@ -1,0 +1,57 @@
+"""The attention step of a Perceiver layer, shared by the modules and by every patched library.
+
+`input_attention` takes projected queries and the raw key/value input with its LayerNorm and
+projection weights, so that how K and V are produced stays behind one function: the modules of
+this package and the adapters of `perceiver_fast.patching` all call it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import cross_attention, latent_attention
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H * D) -> (B, H, L, D), a view."""
+    batch, length, channels = t.shape
+    return t.view(batch, length, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H * D)."""
+    batch, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
+    """Applies an nn.LayerNorm (or nothing, for None) the way the module itself would."""
+    return x if norm is None else norm(x)
+
+
+def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module | None, k_weight: torch.Tensor,
+                    k_bias: torch.Tensor | None, v_weight: torch.Tensor, v_bias: torch.Tensor | None,
+                    key_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+                    backend: str | None = None) -> torch.Tensor:
+    """Attention of projected queries over an input that is normalised and projected here.
+
+    q (B, H, N, Dqk) projected queries; x (B, M, C) the raw input; norm the input's LayerNorm
+    (None: x is used as it is); k_weight (H * Dqk, C), v_weight (H * Dv, C) with optional
+    biases, as in nn.Linear. Returns (B, H, N, Dv). key_mask, causal, scale and backend as in
+    `perceiver_fast.cross_attention`; a query with no key to attend gives 0.
+    """
+    heads = q.shape[1]
+    normed = layer_norm(x, norm)
+    k = split_heads(F.linear(normed, k_weight, k_bias), heads)
+    v = split_heads(F.linear(normed, v_weight, v_bias), heads)
+    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                   causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Self-attention, (B, H, N, D) in and out. With a key mask, or more keys than queries (a
+    KV cache), it runs as cross-attention."""
+    if key_mask is None and q.shape[2] == k.shape[2]:
+        return latent_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)

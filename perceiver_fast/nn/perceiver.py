@@ -1,0 +1,69 @@
+"""Perceiver layers (attention + MLP, each with a residual) and an encoder built from them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import CrossAttention, SelfAttention
+
+
+class MLP(nn.Module):
+    """Pre-LayerNorm two-layer MLP with GELU, widened by `widening`."""
+
+    def __init__(self, dim: int, widening: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, widening * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(widening * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class PerceiverLayer(nn.Module):
+    """An attention module (which adds its own residual) followed by a residual MLP."""
+
+    def __init__(self, attention: CrossAttention | SelfAttention, widening: int = 4):
+        super().__init__()
+        dim = attention.q_dim if isinstance(attention, CrossAttention) else attention.dim
+        self.attention = attention
+        self.mlp = MLP(dim, widening)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = self.attention(x, *args, **kwargs)
+        return x + self.mlp(x)
+
+
+class PerceiverEncoder(nn.Module):
+    """Learned latents read an input by cross-attention, then `blocks` passes through shared self-attention layers.
+
+    forward(inputs (B, M, input_dim), key_mask bool (B, M) True = attend) -> latents (B, num_latents, latent_dim).
+    """
+
+    def __init__(self, input_dim: int, *, num_latents: int = 512, latent_dim: int = 1024, cross_heads: int = 1,
+                 cross_qk_channels: int | None = None, cross_v_channels: int | None = None, self_heads: int = 8,
+                 self_layers: int = 6, blocks: int = 1, widening: int = 1, backend: str | None = None):
+        super().__init__()
+        if blocks < 1 or self_layers < 0:
+            raise ValueError(f"blocks must be >= 1 and self_layers >= 0, got {blocks} and {self_layers}")
+        self.blocks = blocks
+        self.latents = nn.Parameter(torch.empty(num_latents, latent_dim))
+        nn.init.trunc_normal_(self.latents, std=0.02)
+        self.cross = PerceiverLayer(CrossAttention(latent_dim, input_dim, heads=cross_heads,
+                                                   qk_channels=cross_qk_channels, v_channels=cross_v_channels,
+                                                   backend=backend), widening)
+        self.self_attends = nn.ModuleList(
+            PerceiverLayer(SelfAttention(latent_dim, heads=self_heads, backend=backend), widening)
+            for _ in range(self_layers))
+
+    def forward(self, inputs: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
+            raise ValueError(f"inputs must be a (B, M, C) tensor, got {getattr(inputs, 'shape', type(inputs))}")
+        x = self.latents.expand(inputs.shape[0], -1, -1)
+        x = self.cross(x, inputs, key_mask)
+        for _ in range(self.blocks):
+            for layer in self.self_attends:
+                x = layer(x)
+        return x

@@ -1,0 +1,107 @@
+"""`patch(model)`: swap the attention of an existing Perceiver model for the fused one, in place.
+
+Each supported library has an adapter module declaring `SWAPS`: which of its classes get which
+fast subclass. Patching changes only the class of those instances (and sets `pf_backend`), so
+every parameter, buffer, hook and state_dict key stays as it was; `unpatch` changes them back.
+An adapter is imported only when the model holds a module of its library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..backends import BACKEND_NAMES
+from .registry import FastModule, log, original_class
+
+# module-name prefix of a library's classes -> our adapter for it
+LIBRARIES = {
+    "transformers.models.perceiver": "hf",
+    "perceiver_pytorch": "lucidrains",
+    "perceiver.model.core": "krasserm",
+}
+SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver), lucidrains perceiver-pytorch "
+             "(Perceiver, PerceiverIO, PerceiverLM), krasserm perceiver-io (perceiver.model.core)")
+
+
+@dataclass
+class PatchReport:
+    """Counts of the modules swapped (or restored), by original class name."""
+
+    replaced: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.replaced.values())
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{count} x {name}" for name, count in sorted(self.replaced.items()))
+        return f"{self.total} modules: {parts}" if self.total else "no modules"
+
+
+def _library_of(cls: type) -> str | None:
+    for prefix, adapter in LIBRARIES.items():
+        if cls.__module__.startswith(prefix):
+            return adapter
+    return None
+
+
+def _swaps(adapter: str):
+    return importlib.import_module(f"{__name__}.{adapter}").SWAPS
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
+    """Swaps the attention modules of `model` (a whole model or any submodule of one) for fused ones.
+
+    backend: as in `perceiver_fast.cross_attention` (None: the best one for each call). Returns
+    the counts replaced, by class. Raises TypeError when `model` holds no module this knows.
+    Patching a patched model again only sets the backend.
+    """
+    _check_model(model)
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
+    report = PatchReport()
+    taken_over = set()  # modules whose computation a swapped parent does; modules() visits parents first
+    for module in model.modules():
+        original = original_class(type(module))
+        adapter = _library_of(original)
+        if adapter is None or id(module) in taken_over:
+            continue
+        for swap in _swaps(adapter):
+            if original is swap.original and swap.applies(module):
+                module.__class__ = swap.fast
+                module.pf_backend = backend
+                if swap.inner is not None:
+                    taken_over.add(id(getattr(module, swap.inner)))
+                report.replaced[swap.label or original.__name__] += 1
+                break
+    if not report.total:
+        raise TypeError(f"patch found no attention module it knows in {type(model).__name__}; "
+                        f"it supports {SUPPORTED}")
+    log.info("patched %s", report)
+    return report
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Gives every patched module of `model` its original class back; returns the counts restored."""
+    _check_model(model)
+    report = PatchReport()
+    for module in model.modules():
+        if isinstance(module, FastModule):
+            fast, original = type(module), original_class(type(module))
+            swap = next(s for s in _swaps(_library_of(original)) if s.fast is fast)
+            module.__class__ = original
+            module.__dict__.pop("pf_backend", None)
+            report.replaced[swap.label or original.__name__] += 1
+    return report
+
+
+__all__ = ["patch", "unpatch", "PatchReport"]

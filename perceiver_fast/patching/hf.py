@@ -1,0 +1,65 @@
+"""HF transformers Perceiver models: `PerceiverSelfAttention` (encoder cross-attention, latent
+self-attention, decoders) and `PerceiverModel`, whose padding mask is kept at O(B * M)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.perceiver import modeling_perceiver as hf
+
+from ..nn.functional import input_attention, merge_heads, self_attention, split_heads
+from .masks import NotPerKey, additive_to_key_mask, has_rows_without_keys
+from .registry import FastModule, Swap, dropout_reason
+
+
+class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
+    """Same forward signature and outputs; the attention runs fused. With output_attentions, dropout
+    in training, a mask that is not per key, or a query with no key to attend, it runs HF's code."""
+
+    def forward(self, hidden_states, attention_mask=None, inputs=None, inputs_mask=None, output_attentions=False):
+        cross = inputs is not None
+        source = inputs if cross else hidden_states
+        batch, keys = source.shape[0], source.shape[1]
+        reason = "output_attentions=True" if output_attentions else dropout_reason(self, self.dropout)
+        key_mask = None
+        if reason is None:
+            try:
+                key_mask = additive_to_key_mask(inputs_mask if cross else attention_mask, batch, keys)
+            except NotPerKey as e:
+                reason = str(e)
+        if reason is None and has_rows_without_keys(key_mask, hidden_states.shape[1], keys, causal=False):
+            reason = "a query has no key to attend"
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
+
+        normed = self.layernorm1(hidden_states)
+        q = split_heads(self.query(normed), self.num_heads)
+        if cross:
+            context = input_attention(q, inputs, norm=self.layernorm2, k_weight=self.key.weight,
+                                      k_bias=self.key.bias, v_weight=self.value.weight, v_bias=self.value.bias,
+                                      key_mask=key_mask, backend=self.pf_backend)
+        else:
+            k = split_heads(self.key(normed), self.num_heads)
+            v = split_heads(self.value(normed), self.num_heads)
+            context = self_attention(q, k, v, key_mask=key_mask, backend=self.pf_backend)
+        return (merge_heads(context),)
+
+
+class FastPerceiverModel(FastModule, hf.PerceiverModel):
+    """Hands the encoder a padding mask of O(B * M) memory: the (B, 1, N, M) additive mask HF
+    builds, as a stride-0 expansion of one row per batch item (HF passes 4-D masks through)."""
+
+    def forward(self, inputs, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            attention_mask = None  # as HF itself does for a batch without padding
+        if attention_mask is not None and attention_mask.dim() == 2:
+            dtype = self.embeddings.latents.dtype
+            batch, keys = attention_mask.shape
+            row = torch.zeros(batch, 1, 1, keys, dtype=dtype, device=attention_mask.device)
+            row.masked_fill_(~attention_mask.to(torch.bool)[:, None, None, :], torch.finfo(dtype).min)
+            attention_mask = row.expand(batch, 1, self.embeddings.latents.shape[0], keys)
+        return super().forward(inputs, attention_mask, *args, **kwargs)
+
+
+SWAPS = (Swap(hf.PerceiverSelfAttention, FastPerceiverSelfAttention),
+         Swap(hf.PerceiverModel, FastPerceiverModel))

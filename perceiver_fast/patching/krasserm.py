@@ -1,0 +1,104 @@
+"""krasserm perceiver-io (`perceiver.model.core`): `CrossAttention` and `SelfAttention` (pre-LayerNorm
+units, so the input's LayerNorm is inside the fused call) and a bare `MultiHeadAttention`, including
+the causal Perceiver AR configuration with rotary embeddings and a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from perceiver.model.core import modules as km
+from perceiver.model.core.utils import ModuleOutput
+
+from ..attention import cross_attention
+from ..nn.functional import input_attention, layer_norm, merge_heads, self_attention, split_heads
+from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
+from .registry import FastModule, Swap, dropout_reason
+
+
+def _unfused_reason(mha, queries, kv_input, keys_in_call, pad_mask, kv_cache):
+    """(why the library's computation must run, or None; the key mask, True = attend)."""
+    reason = dropout_reason(mha, mha.dropout)
+    if reason:
+        return reason, None
+    keys = keys_in_call + (kv_cache[0].shape[1] if kv_cache is not None else 0)
+    try:
+        key_mask = key_mask_from_bool(pad_mask, kv_input.shape[0], keys, true_means="pad")
+    except NotPerKey as e:
+        return str(e), None
+    if has_rows_without_keys(key_mask, queries.shape[1], keys, mha.causal_attention):
+        return "a query has no key to attend", None
+    return None, key_mask
+
+
+def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache, backend):
+    """MultiHeadAttention.forward on x_q (normalised) and x_kv (raw, normalised here by kv_norm)."""
+    heads, causal, scale = mha.num_heads, mha.causal_attention, mha.dp_scale
+    q = split_heads(mha.q_proj(x_q), heads)
+    if q.shape[0] == 1 < x_kv.shape[0]:
+        q = q.expand(x_kv.shape[0], -1, -1, -1)  # a decoder's query array, broadcast over the batch as the library does
+    if rot_pos_emb_q is not None:
+        q = rot_pos_emb_q.rotate(q)
+    if kv_cache is None and rot_pos_emb_k is None and x_kv is not x_q:
+        out = input_attention(q, x_kv, norm=kv_norm, k_weight=mha.k_proj.weight, k_bias=mha.k_proj.bias,
+                              v_weight=mha.v_proj.weight, v_bias=mha.v_proj.bias, key_mask=key_mask, causal=causal,
+                              scale=scale, backend=backend)
+    else:
+        normed = layer_norm(x_kv, kv_norm)
+        k, v = mha.k_proj(normed), mha.v_proj(normed)
+        if kv_cache is not None:
+            k, v = torch.cat([kv_cache[0], k], dim=1), torch.cat([kv_cache[1], v], dim=1)
+            kv_cache = (k, v)
+        k, v = split_heads(k, heads), split_heads(v, heads)
+        if rot_pos_emb_k is not None:
+            k = rot_pos_emb_k.rotate(k)
+        attend = self_attention if x_kv is x_q else cross_attention
+        out = attend(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+    return ModuleOutput(last_hidden_state=mha.o_proj(merge_heads(out)), kv_cache=kv_cache)
+
+
+class FastMultiHeadAttention(FastModule, km.MultiHeadAttention):
+    """krasserm MultiHeadAttention, fused (its own q/k/v inputs, no LayerNorm)."""
+
+    def forward(self, x_q, x_kv, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None, kv_cache=None):
+        reason, key_mask = _unfused_reason(self, x_q, x_kv, x_kv.shape[1], pad_mask, kv_cache)
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(x_q, x_kv, pad_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache)
+        return _attend(self, x_q, x_kv, None, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache, self.pf_backend)
+
+
+class FastCrossAttention(FastModule, km.CrossAttention):
+    """krasserm CrossAttention (pre-LayerNorm), fused with the key/value LayerNorm. With `x_kv_prefix`
+    (Perceiver AR) the keys are the prefix followed by the queries, as in the library."""
+
+    def forward(self, x_q, x_kv=None, x_kv_prefix=None, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None,
+                kv_cache=None):
+        kv_input = x_kv if x_kv is not None else x_kv_prefix
+        keys = x_kv.shape[1] if x_kv is not None else x_kv_prefix.shape[1] + x_q.shape[1]
+        reason, key_mask = _unfused_reason(self.attention, x_q, kv_input, keys, pad_mask, kv_cache)
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(x_q, x_kv, x_kv_prefix, pad_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache)
+        normed_q = self.q_norm(x_q)
+        kv_norm = self.kv_norm
+        if x_kv is None:
+            x_kv, kv_norm = torch.cat([self.kv_norm(x_kv_prefix), normed_q], dim=1), None
+        return _attend(self.attention, normed_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache,
+                       self.pf_backend)
+
+
+class FastSelfAttention(FastModule, km.SelfAttention):
+    """krasserm SelfAttention (pre-LayerNorm), fused."""
+
+    def forward(self, x, pad_mask=None, rot_pos_emb=None, kv_cache=None):
+        reason, key_mask = _unfused_reason(self.attention, x, x, x.shape[1], pad_mask, kv_cache)
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(x, pad_mask, rot_pos_emb, kv_cache)
+        normed = self.norm(x)
+        return _attend(self.attention, normed, normed, None, key_mask, rot_pos_emb, rot_pos_emb, kv_cache,
+                       self.pf_backend)
+
+
+SWAPS = (Swap(km.CrossAttention, FastCrossAttention, inner="attention"),
+         Swap(km.SelfAttention, FastSelfAttention, inner="attention"),
+         Swap(km.MultiHeadAttention, FastMultiHeadAttention))

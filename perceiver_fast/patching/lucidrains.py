@@ -1,0 +1,102 @@
+"""lucidrains perceiver-pytorch: `Perceiver` and `PerceiverIO`. The unit swapped is `PreNorm` around an
+`Attention` (so the input's LayerNorm is inside the fused call), and a bare `Attention` where it is
+used without one. K and V weights are the two halves of the fused `to_kv`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from perceiver_pytorch import perceiver_io as io
+from perceiver_pytorch import perceiver_pytorch as pp
+
+from ..nn.functional import input_attention, layer_norm, merge_heads, self_attention, split_heads
+from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
+from .registry import FastModule, Swap, dropout_reason
+
+ATTENTION_CLASSES = (pp.Attention, io.Attention)
+
+
+def _unfused_reason(attn, x, context, mask, inverted_attention) -> tuple[str | None, torch.Tensor | None]:
+    """(why the library's computation must run, or None; the key mask, True = attend)."""
+    if inverted_attention:
+        return "inverted attention", None
+    reason = dropout_reason(attn, getattr(attn, "dropout", None))
+    if reason:
+        return reason, None
+    keys = x.shape[1] if context is None else context.shape[1]
+    if mask is not None and getattr(attn, "queries_contribute_kv", False) and context is not None:
+        mask = torch.cat((mask.new_ones(mask.shape[0], x.shape[1]), mask.reshape(mask.shape[0], -1)), dim=1)
+        keys += x.shape[1]
+    try:
+        key_mask = key_mask_from_bool(mask, x.shape[0], keys, true_means="attend")
+    except NotPerKey as e:
+        return str(e), None
+    if has_rows_without_keys(key_mask, x.shape[1], keys, causal=False):
+        return "a query has no key to attend", None
+    return None, key_mask
+
+
+def _attend(attn, x, context, context_norm, key_mask, backend):
+    """lucidrains Attention.forward, fused: x the (normalised) queries' input, context the raw
+    key/value input (None: x itself) and context_norm its LayerNorm (None: none)."""
+    q = split_heads(attn.to_q(x), attn.heads)
+    k_weight, v_weight = attn.to_kv.weight.chunk(2, dim=0)
+    k_bias, v_bias = attn.to_kv.bias.chunk(2) if attn.to_kv.bias is not None else (None, None)
+    if context is None:
+        k = split_heads(F.linear(x, k_weight, k_bias), attn.heads)
+        v = split_heads(F.linear(x, v_weight, v_bias), attn.heads)
+        out = self_attention(q, k, v, key_mask=key_mask, scale=attn.scale, backend=backend)
+    else:
+        if getattr(attn, "queries_contribute_kv", False):
+            context, context_norm = torch.cat((x, layer_norm(context, context_norm)), dim=1), None
+        out = input_attention(q, context, norm=context_norm, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
+                              v_bias=v_bias, key_mask=key_mask, scale=attn.scale, backend=backend)
+    return attn.to_out(merge_heads(out))
+
+
+class FastAttentionMixin(FastModule):
+    def forward(self, x, context=None, mask=None, inverted_attention=False):
+        reason, key_mask = _unfused_reason(self, x, context, mask, inverted_attention)
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(x, context=context, mask=mask, inverted_attention=inverted_attention)
+        return _attend(self, x, context, None, key_mask, self.pf_backend)
+
+
+class FastPreNormMixin(FastModule):
+    def forward(self, x, **kwargs):
+        context, mask = kwargs.get("context"), kwargs.get("mask")
+        reason, key_mask = _unfused_reason(self.fn, x, context, mask, kwargs.get("inverted_attention", False))
+        if reason is None and not set(kwargs) <= {"context", "mask", "inverted_attention"}:
+            reason = f"arguments {sorted(kwargs)}"
+        if reason is None and context is None and self.norm_context is not None:
+            reason = "no context for a PreNorm with a context norm"
+        if reason is not None:
+            self.pf_keep_original(reason)
+            return super().forward(x, **kwargs)
+        return _attend(self.fn, self.norm(x), context, self.norm_context, key_mask, self.pf_backend)
+
+
+class FastAttention(FastAttentionMixin, pp.Attention):
+    """perceiver_pytorch.Attention (Perceiver), fused."""
+
+
+class FastIOAttention(FastAttentionMixin, io.Attention):
+    """perceiver_pytorch.perceiver_io.Attention (PerceiverIO), fused."""
+
+
+class FastPreNorm(FastPreNormMixin, pp.PreNorm):
+    """perceiver_pytorch.PreNorm around an Attention, fused with its LayerNorms."""
+
+
+class FastIOPreNorm(FastPreNormMixin, io.PreNorm):
+    """perceiver_pytorch.perceiver_io.PreNorm around an Attention, fused with its LayerNorms."""
+
+
+def _wraps_attention(module) -> bool:
+    return isinstance(module.fn, ATTENTION_CLASSES)
+
+
+SWAPS = (Swap(pp.PreNorm, FastPreNorm, _wraps_attention, inner="fn", label="PreNorm(Attention)"),
+         Swap(io.PreNorm, FastIOPreNorm, _wraps_attention, inner="fn", label="PreNorm(Attention)"),
+         Swap(pp.Attention, FastAttention), Swap(io.Attention, FastIOAttention))

@@ -1,0 +1,48 @@
+"""What a library adapter declares: which of its classes are swapped for which fast subclass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+log = logging.getLogger("perceiver_fast.patching")
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Instances of `original` (for which `applies` holds) get `fast`, a subclass overriding forward.
+
+    `inner` names the submodule whose computation the fast forward takes over (a PreNorm's
+    attention): it is left as it is. `label` names the swap in reports.
+    """
+
+    original: type
+    fast: type
+    applies: Callable[[nn.Module], bool] = lambda module: True
+    inner: str | None = None
+    label: str | None = None
+
+
+class FastModule:
+    """Mixin of every fast subclass. Patching changes only an instance's class and sets `pf_backend`,
+    so parameters, buffers, hooks and state_dict keys stay as they were."""
+
+    pf_backend: str | None = None
+
+    def pf_keep_original(self, reason: str) -> None:
+        # Called right before a forward falls back to the library's own computation.
+        log.debug("%s keeps the original computation: %s", type(self).__name__, reason)
+
+
+def original_class(cls: type) -> type:
+    """The library class a (possibly fast) class stands for: the first in its MRO that is not ours."""
+    return next(c for c in cls.__mro__ if not issubclass(c, FastModule))
+
+
+def dropout_reason(module: nn.Module, dropout: nn.Module | float | None) -> str | None:
+    """Attention dropout is not fused: in training with p > 0 the library's computation runs."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) else (dropout or 0.0)
+    return f"attention dropout p={p} in training" if module.training and p > 0 else None

@@ -1,0 +1,123 @@
+"""Checks shared by the drop-in tests: a patched float32 model against the original in float64
+(outputs and every parameter's gradient), and that a forward forms no N x M tensor."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import perceiver_fast as pf
+
+FP32_TOLERANCE = 1e-4
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """Frobenius relative error; `floor` stands in for a reference norm that is (mathematically) zero."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / max(float(want.norm()), floor, 1e-300))
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's result (a tensor, tuple, ModelOutput or dataclass)."""
+    if hasattr(result, "to_tuple"):
+        result = result.to_tuple()
+    elif hasattr(result, "__dataclass_fields__"):
+        result = [getattr(result, name) for name in result.__dataclass_fields__]
+    leaves, _ = tree_flatten(result)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _as(dtype: torch.dtype, args: tuple) -> tuple:
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def check_patched_model(model: torch.nn.Module, run: Callable, *inputs,
+                        patch_target: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+                        backend: str | None = None, falls_back: bool = False) -> pf.PatchReport:
+    """Patches a float32 copy of `model` (or the submodule `patch_target` picks) and runs it against
+    the unpatched model in float64, `run(model, *inputs)` on the same inputs (floating ones cast).
+    Compares every output, and every parameter gradient of a random projection of the outputs.
+    `falls_back`: whether some patched module is expected to keep the library's computation."""
+    reference = copy.deepcopy(model).double()
+    fast = copy.deepcopy(model).float()
+    report = pf.patch(patch_target(fast), backend=backend)
+    assert report.total > 0
+
+    want = _outputs(run(reference, *_as(torch.float64, inputs)))
+    with FallbackLog() as fallbacks:
+        got = _outputs(run(fast, *_as(torch.float32, inputs)))
+    assert bool(fallbacks.reasons) == falls_back, fallbacks.reasons
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert relative_error(g, w) <= FP32_TOLERANCE, f"output error {relative_error(g, w):.2e}"
+
+    weights = [torch.randn(w.shape, dtype=torch.float64) for w in want]
+    sum((w * t).sum() for w, t in zip(weights, want)).backward()
+    sum((w.float() * t).sum() for w, t in zip(weights, got)).backward()
+    want_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    got_grads = {name: p.grad for name, p in fast.named_parameters() if p.grad is not None}
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    # Some gradients are zero in exact arithmetic (a key bias only shifts a softmax row): those
+    # are judged against 1e-4 of the norm of all gradients.
+    floor = 1e-4 * float(torch.cat([g.flatten() for g in want_grads.values()]).norm())
+    for name, want_grad in want_grads.items():
+        err = relative_error(got_grads[name], want_grad, floor)
+        assert err <= FP32_TOLERANCE, f"gradient of {name}: error {err:.2e}, norm {float(want_grad.norm()):.2e} of all {floor*1e4:.2e}"
+    return report
+
+
+class FallbackLog(logging.Handler):
+    """Collects the reasons patched modules give for keeping the library's computation."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.reasons = []
+
+    def emit(self, record):
+        self.reasons.append(record.getMessage())
+
+    def __enter__(self):
+        logger = logging.getLogger("perceiver_fast.patching")
+        self.level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("perceiver_fast.patching")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)
+
+
+class LargestNewTensor(TorchDispatchMode):
+    """Records the largest storage (bytes) behind any tensor an operation produces while active.
+
+    Views count by the storage they share, so a stride-0 expansion costs what it really costs.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in tree_flatten(result)[0]:
+            if isinstance(t, torch.Tensor):
+                size = t.untyped_storage().nbytes()
+                if size > self.largest:
+                    self.largest, self.op = size, str(func)
+        return result
+
+
+def largest_tensor_in(fn: Callable, *args, **kwargs) -> tuple[int, str]:
+    """(bytes, op) of the largest storage produced while running fn(*args, **kwargs)."""
+    with LargestNewTensor() as probe:
+        fn(*args, **kwargs)
+    return probe.largest, probe.op

@@ -1,0 +1,107 @@
+"""pf.patch on lucidrains perceiver-pytorch models (the installed package, random weights)."""
+
+import copy
+
+import pytest
+import torch
+
+import perceiver_fast as pf
+from model_checks import check_patched_model, largest_tensor_in, relative_error
+
+pytest.importorskip("perceiver_pytorch")
+from perceiver_pytorch import Perceiver, PerceiverIO, PerceiverLM  # noqa: E402
+from perceiver_pytorch.perceiver_pytorch import Attention, PreNorm  # noqa: E402
+
+
+def keep_mask(shape) -> torch.Tensor:
+    """lucidrains' bool mask, True = attend; item b > 0 loses its last b / (B + 1) of the keys."""
+    mask = torch.ones(shape, dtype=torch.bool)
+    flat = mask.view(shape[0], -1)
+    for b in range(1, shape[0]):
+        flat[b, flat.shape[1] - flat.shape[1] * b // (shape[0] + 1):] = False
+    return mask
+
+
+def image_perceiver(**overrides):
+    """lucidrains-image shaped (one cross head of dim 64 over 2-D pixels with Fourier features), smaller."""
+    kwargs = dict(input_channels=3, input_axis=2, num_freq_bands=6, max_freq=10.0, depth=2, num_latents=16,
+                  latent_dim=48, cross_heads=1, cross_dim_head=64, latent_heads=4, latent_dim_head=12,
+                  num_classes=5, self_per_cross_attn=2)
+    return Perceiver(**{**kwargs, **overrides}).eval()
+
+
+def run_perceiver(model, data, mask):
+    return model(data, mask=mask)
+
+
+def test_perceiver_matches_original_with_mask():
+    report = check_patched_model(image_perceiver(), run_perceiver, torch.randn(3, 7, 9, 3), keep_mask((3, 7, 9)))
+    assert report.replaced == {"PreNorm(Attention)": 6}
+
+
+def test_perceiver_io_with_decoder_queries():
+    model = PerceiverIO(dim=20, queries_dim=24, logits_dim=7, depth=2, num_latents=12, latent_dim=32, cross_heads=2,
+                        cross_dim_head=16, latent_heads=4, latent_dim_head=8).eval()
+
+    def run(m, data, mask, queries):
+        return m(data, mask=mask, queries=queries)
+
+    report = check_patched_model(model, run, torch.randn(2, 50, 20), keep_mask((2, 50)), torch.randn(2, 9, 24))
+    assert report.replaced == {"PreNorm(Attention)": 4}
+
+
+def test_perceiver_lm_with_padding():
+    model = PerceiverLM(num_tokens=30, dim=24, depth=1, max_seq_len=40, num_latents=8, latent_dim=32,
+                        cross_heads=1, cross_dim_head=16, latent_heads=2, latent_dim_head=16).eval()
+
+    def run(m, tokens, mask):
+        return m(tokens, mask=mask)
+
+    check_patched_model(model, run, torch.randint(0, 30, (2, 40)), keep_mask((2, 40)))
+
+
+def test_bare_attention_module():
+    attention = Attention(query_dim=24, context_dim=10, heads=3, dim_head=8).eval()
+
+    def run(m, x, context, mask):
+        return m(x, context=context, mask=mask)
+
+    report = check_patched_model(attention, run, torch.randn(2, 5, 24), torch.randn(2, 33, 10), keep_mask((2, 33)))
+    assert report.replaced == {"Attention": 1}
+
+
+def test_patched_forward_forms_no_score_sized_tensor():
+    latents, side = 512, 40
+    model = image_perceiver(num_latents=latents, depth=1, self_per_cross_attn=1)
+    data, mask = torch.randn(1, side, side, 3), keep_mask((1, side, side))
+    score_bytes = latents * side * side * 4
+    assert largest_tensor_in(run_perceiver, model, data, mask)[0] >= score_bytes
+    pf.patch(model)
+    patched, op = largest_tensor_in(run_perceiver, model, data, mask)
+    assert patched < score_bytes, f"{op} produced {patched} bytes"
+
+
+@pytest.mark.parametrize("case", ["inverted attention", "dropout in training"])
+def test_unfused_features_fall_back(case):
+    if case == "inverted attention":
+        model = image_perceiver(inverted_cross_attn=True)
+    else:
+        model = image_perceiver(attn_dropout=0.2).train()
+    fast = copy.deepcopy(model)
+    pf.patch(fast)
+    data, mask = torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9))
+    seed = torch.seed()
+    want = model(data, mask=mask)
+    torch.manual_seed(seed)
+    got = fast(data, mask=mask)
+    assert relative_error(got, want) <= 1e-6
+
+
+def test_state_dict_is_unchanged_and_unpatch_restores():
+    model = image_perceiver()
+    keys = list(model.state_dict())
+    pf.patch(model)
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.layers[0].cross_attn, PreNorm) and type(model.layers[0].cross_attn).__name__ == "FastPreNorm"
+    assert pf.unpatch(model).replaced == {"PreNorm(Attention)": 6}
+    assert type(model.layers[0].cross_attn) is PreNorm
