@@ -5,6 +5,10 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The libraries pf.patch replaces (setup.py's "test" extra), for the drop-in tests and benchmark.
+# krasserm's perceiver-io 0.11.0 declares Python < 3.11, but the modules we patch run on 3.11:
+# it is installed without its dependencies, after the two it needs (einops, fairscale).
+DROP_IN_LIBS := transformers==5.23.0 perceiver-pytorch==0.11.0 einops fairscale
 DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
@@ -17,6 +21,8 @@ $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark ninja setuptools wheel
+	$(PY) -m pip install --quiet "$(TORCH)" $(DROP_IN_LIBS)
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0
 	touch $(DEPS_STAMP)
 
 # The editable install compiles csrc/ into perceiver_fast._C, again whenever a source changes;

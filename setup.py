@@ -46,7 +46,11 @@ setup(
     package_dir={"perceiver_fast.kernels": "kernels"},
     package_data={"perceiver_fast": ["shapes.json"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ninja"]},
+    # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0
+    # declares Python < 3.11; install it with `pip install --no-deps --ignore-requires-python
+    # perceiver-io==0.11.0` (the Makefile does).
+    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "transformers==5.23.0", "perceiver-pytorch==0.11.0",
+                             "einops", "fairscale"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["perceiver-fast=perceiver_fast.cli:main"]},

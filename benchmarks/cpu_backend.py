@@ -13,16 +13,13 @@ peak above the resident set of that moment is recorded over one more call. Write
 from __future__ import annotations
 
 import argparse
-import gc
-import ctypes
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from common import eager, machine, median_seconds, sdpa
+from common import eager, machine, median_seconds, peak_extra_mib, run_in_subprocess, sdpa, write_results
 
 # name: (B, H, N, M, Dqk, Dv); the cases of issue 3, and one latent self-attention layer.
 CASES = {
@@ -52,23 +49,6 @@ def flops(shape, passes: str) -> float:
     return forward * (3.5 if passes == "forward+backward" else 1.0)
 
 
-def memory_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def release_freed_memory() -> None:
-    """From now on malloc returns blocks above 128 KiB to the system when they are freed."""
-    gc.collect()
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
-    libc.mallopt(m_trim_threshold, 128 * 1024)
-    libc.malloc_trim(0)
-
-
 def measure(job: dict) -> dict:
     """Runs one job in this process: the median time, then the peak memory of one more call."""
     shape, dtype = CASES[job["case"]], DTYPES[job["dtype"]]
@@ -87,22 +67,14 @@ def measure(job: dict) -> dict:
             return fn(q, k, v, False)
 
     seconds = median_seconds(call, job["repeats"], "cpu")
-    release_freed_memory()
-    baseline = memory_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    result = call()
-    peak_kib = memory_kib("VmHWM") - baseline
+    result, peak_mib = peak_extra_mib(call)
     output_bytes = sum(t.numel() * t.element_size() for t in (result if backward else (result,)))
     return {**job, "ms": seconds * 1e3, "gflops": flops(shape, job["pass"]) / seconds / 1e9,
-            "peak_extra_mib": peak_kib / 1024, "outputs_mib": output_bytes / 2**20}
+            "peak_extra_mib": peak_mib, "outputs_mib": output_bytes / 2**20}
 
 
 def run_job(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or f"exit code {proc.returncode}").splitlines()
-        return {**job, "error": lines[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_subprocess(__file__, job)
 
 
 def write_markdown(path: Path, info: dict, rows: list[dict]) -> None:
@@ -165,11 +137,7 @@ def main(argv=None) -> int:
     from perceiver_fast import _C
 
     info = {**machine("cpu"), "cpu_features": _C.cpu_features()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu-backend.json").write_text(json.dumps({"machine": info, "results": rows}, indent=1))
-    write_markdown(out / "cpu-backend.md", info, rows)
-    print(f"wrote {out / 'cpu-backend.md'} and {out / 'cpu-backend.json'}")
+    write_results(args.out, "cpu-backend", info, rows, write_markdown)
     return 0
 
 

@@ -72,6 +72,22 @@ def check_patched_model(model: torch.nn.Module, run: Callable, *inputs,
     return report
 
 
+def check_falls_back(model: torch.nn.Module, run: Callable, *inputs) -> list[str]:
+    """A patched copy of `model` keeps the library's computation for `run(model, *inputs)`: the same
+    result from the same random state, and a logged reason. Returns the reasons."""
+    fast = copy.deepcopy(model)
+    pf.patch(fast)
+    seed = torch.seed()
+    want = _outputs(run(model, *inputs))
+    torch.manual_seed(seed)
+    with FallbackLog() as fallbacks:
+        got = _outputs(run(fast, *inputs))
+    assert fallbacks.reasons
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g, w) <= 1e-6
+    return fallbacks.reasons
+
+
 class FallbackLog(logging.Handler):
     """Collects the reasons patched modules give for keeping the library's computation."""
 
