@@ -64,11 +64,11 @@ def check_patched_model(model: torch.nn.Module, run: Callable, *inputs,
     got_grads = {name: p.grad for name, p in fast.named_parameters() if p.grad is not None}
     assert got_grads.keys() == want_grads.keys() and got_grads
     # Some gradients are zero in exact arithmetic (a key bias only shifts a softmax row): those
-    # are judged against 1e-4 of the norm of all gradients.
-    floor = 1e-4 * float(torch.cat([g.flatten() for g in want_grads.values()]).norm())
+    # are judged against 1e-3 of the norm of all gradients.
+    floor = 1e-3 * float(torch.cat([g.flatten() for g in want_grads.values()]).norm())
     for name, want_grad in want_grads.items():
         err = relative_error(got_grads[name], want_grad, floor)
-        assert err <= FP32_TOLERANCE, f"gradient of {name}: error {err:.2e}, norm {float(want_grad.norm()):.2e} of all {floor*1e4:.2e}"
+        assert err <= FP32_TOLERANCE, f"gradient of {name}: error {err:.2e}, norm {float(want_grad.norm()):.2e} of all {floor*1e3:.2e}"
     return report
 
 

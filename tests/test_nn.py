@@ -63,7 +63,7 @@ def check_against_float64(module, call, reference, *inputs):
     pairs = [(a.grad, b.grad, name) for (name, a), b in zip(module.named_parameters(), module64.parameters())]
     pairs += [(a.grad, b.grad, "input") for a, b in zip(leaves32, leaves64) if b.is_floating_point()]
     # a key bias shifts every score of a row equally: its exact gradient is 0
-    floor = 1e-4 * float(torch.cat([w.flatten() for _, w, _ in pairs]).norm())
+    floor = 1e-3 * float(torch.cat([w.flatten() for _, w, _ in pairs]).norm())
     for g, w, name in pairs:
         assert relative_error(g, w, floor) <= FP32_TOLERANCE, name
 
@@ -90,6 +90,11 @@ def test_cross_attention_without_residual_to_other_width():
     assert out.shape == (3, 5, 10)
     check_against_float64(module, lambda mod, a, b: mod(a, b), lambda mod, a, b: reference_cross(mod, a, b, None, False),
                           torch.randn(3, 5, 16), torch.randn(3, 20, 12))
+
+
+def test_layer_mlp_takes_the_attention_output_width():
+    layer = pf.nn.PerceiverLayer(pf.nn.CrossAttention(16, 12, out_dim=10, query_residual=False), widening=2)
+    assert layer(torch.randn(2, 3, 16), torch.randn(2, 20, 12)).shape == (2, 3, 10)
 
 
 def test_cross_attention_query_without_key_gives_latent_residual_only():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import perceiver_fast as pf
-from model_checks import check_falls_back, check_patched_model, largest_tensor_in, relative_error
+from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in, relative_error
 
 hf = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 from transformers import PerceiverConfig  # noqa: E402
@@ -90,7 +90,10 @@ def test_output_attentions_falls_back_to_hf():
     pf.patch(fast)
     pixels, mask = torch.randn(2, 3, 9, 9), padding_mask(2, 81)
     want = model(inputs=pixels, attention_mask=mask, output_attentions=True)
-    got = fast(inputs=pixels, attention_mask=mask, output_attentions=True)
+    with FallbackLog() as fallbacks:
+        got = fast(inputs=pixels, attention_mask=mask, output_attentions=True)
+    # every call: the cross-attention, 2 self-attends x 2 blocks, the decoder
+    assert fallbacks.reasons == ["FastPerceiverSelfAttention keeps the original computation: output_attentions=True"] * 6
     assert len(got.cross_attentions) == len(want.cross_attentions) == 2
     for g, w in zip(got.cross_attentions + got.attentions, want.cross_attentions + want.attentions):
         assert relative_error(g, w) <= 1e-6
@@ -115,6 +118,14 @@ def test_query_dependent_mask_falls_back_to_hf():
     reasons = check_falls_back(layer, run, torch.randn(2, 5, 32), torch.randn(2, 30, 20), mask)
     assert reasons == ["FastPerceiverSelfAttention keeps the original computation: mask differs between queries "
                        "or heads"]
+
+
+def test_hooked_projection_falls_back_to_hf():
+    # the fused path reads the value weights directly: a hook on `value` must keep HF's computation
+    model = vision_fourier()
+    model.perceiver.encoder.cross_attention.attention.self.value.register_forward_hook(lambda m, i, out: out * 3)
+    reasons = check_falls_back(model, run_classifier, torch.randn(2, 3, 9, 9), padding_mask(2, 81))
+    assert reasons == ["FastPerceiverSelfAttention keeps the original computation: hooks on value"]
 
 
 def test_fully_padded_item_gives_hf_output():

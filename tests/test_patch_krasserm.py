@@ -2,11 +2,13 @@
 
 import copy
 
+import copy
+
 import pytest
 import torch
 
 import perceiver_fast as pf
-from model_checks import check_falls_back, check_patched_model, largest_tensor_in
+from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in, relative_error
 
 core = pytest.importorskip("perceiver.model.core")
 from perceiver.model.core import modules as km  # noqa: E402
@@ -78,6 +80,20 @@ def test_perceiver_ar_kv_cache_step():
         return first.logits, second.logits, second.kv_cache
 
     check_patched_model(model, run, torch.randint(0, 40, (2, 41)), pad_mask(2, 41, left=True))
+
+
+def test_perceiver_ar_under_autocast():
+    # rotary embeddings turn q and k float32 while v is bfloat16: the patched model must cope as the einsum does
+    model = causal_model()
+    fast = copy.deepcopy(model)
+    pf.patch(fast)
+    tokens, mask = torch.randint(0, 40, (2, 48)), pad_mask(2, 48, left=True)
+    exact = copy.deepcopy(model).double()(tokens, prefix_len=32, pad_mask=mask).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16), FallbackLog() as fallbacks:
+        want = model(tokens, prefix_len=32, pad_mask=mask).logits
+        got = fast(tokens, prefix_len=32, pad_mask=mask).logits
+    assert got.dtype == want.dtype and not fallbacks.reasons
+    assert relative_error(got, exact) <= 2 * relative_error(want, exact) + 1e-3
 
 
 def test_bare_multi_head_attention():

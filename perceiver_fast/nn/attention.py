@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import input_attention, merge_heads, self_attention, split_heads
+from .functional import attention, input_attention, merge_heads, split_heads
 
 
 def _check_channels(name: str, channels: int, heads: int) -> None:
@@ -87,5 +87,5 @@ class SelfAttention(nn.Module):
         _check_sequence("x", x, self.dim)
         normed = self.norm(x)
         q, k, v = (split_heads(proj(normed), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = self.out_proj(merge_heads(self_attention(q, k, v, causal=causal, backend=self.backend)))
+        out = self.out_proj(merge_heads(attention(q, k, v, causal=causal, backend=self.backend)))
         return out + x if self.residual else out

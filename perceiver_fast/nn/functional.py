@@ -30,6 +30,25 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """(B, H, N, D) attention: `latent_attention` when N == M without a mask, else `cross_attention`.
+
+    q, k and v are first brought to one dtype as a matmul of them would be: autocast's dtype
+    where autocast is on, else the promoted dtype (a rotary embedding in float32, say, promotes
+    q and k but not v).
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if key_mask is None and q.shape[2] == k.shape[2]:
+        return latent_attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+
+
 def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module | None, k_weight: torch.Tensor,
                     k_bias: torch.Tensor | None, v_weight: torch.Tensor, v_bias: torch.Tensor | None,
                     key_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
@@ -45,13 +64,4 @@ def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module |
     normed = layer_norm(x, norm)
     k = split_heads(F.linear(normed, k_weight, k_bias), heads)
     v = split_heads(F.linear(normed, v_weight, v_bias), heads)
-    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
-
-
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-                   causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Self-attention, (B, H, N, D) in and out. With a key mask, or more keys than queries (a
-    KV cache), it runs as cross-attention."""
-    if key_mask is None and q.shape[2] == k.shape[2]:
-        return latent_attention(q, k, v, causal=causal, scale=scale, backend=backend)
-    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+    return attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)

@@ -27,7 +27,7 @@ class PerceiverLayer(nn.Module):
 
     def __init__(self, attention: CrossAttention | SelfAttention, widening: int = 4):
         super().__init__()
-        dim = attention.q_dim if isinstance(attention, CrossAttention) else attention.dim
+        dim = attention.out_proj.out_features
         self.attention = attention
         self.mlp = MLP(dim, widening)
 

@@ -29,9 +29,10 @@ SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver),
 
 @dataclass
 class PatchReport:
-    """Counts of the modules swapped (or restored), by original class name."""
+    """Counts of the modules swapped (or restored), and of those left as they are, by class name."""
 
     replaced: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -39,7 +40,10 @@ class PatchReport:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{count} x {name}" for name, count in sorted(self.replaced.items()))
-        return f"{self.total} modules: {parts}" if self.total else "no modules"
+        text = f"{self.total} modules: {parts}" if self.total else "no modules"
+        if self.skipped:
+            text += "; left as they are: " + ", ".join(f"{n} x {name}" for name, n in sorted(self.skipped.items()))
+        return text
 
 
 def _library_of(cls: type) -> str | None:
@@ -74,6 +78,11 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
         original = original_class(type(module))
         adapter = _library_of(original)
         if adapter is None or id(module) in taken_over:
+            continue
+        if "forward" in module.__dict__:
+            # an instance-level forward (an accelerate hook, say) would run instead of the class's
+            log.warning("patch leaves %s as it is: its forward is replaced on the instance", original.__name__)
+            report.skipped[original.__name__] += 1
             continue
         for swap in _swaps(adapter):
             if original is swap.original and swap.applies(module):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from transformers.models.perceiver import modeling_perceiver as hf
 
-from ..nn.functional import input_attention, merge_heads, self_attention, split_heads
+from ..nn.functional import attention, input_attention, merge_heads, split_heads
 from .masks import NotPerKey, additive_to_key_mask, has_rows_without_keys
-from .registry import FastModule, Swap, dropout_reason
+from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 
 class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
@@ -20,6 +20,8 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
         source = inputs if cross else hidden_states
         batch, keys = source.shape[0], source.shape[1]
         reason = "output_attentions=True" if output_attentions else dropout_reason(self, self.dropout)
+        reason = reason or submodules_reason(self, (self.query, self.key, self.value),
+                                             (self.layernorm1, self.layernorm2))
         key_mask = None
         if reason is None:
             try:
@@ -41,7 +43,7 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
         else:
             k = split_heads(self.key(normed), self.num_heads)
             v = split_heads(self.value(normed), self.num_heads)
-            context = self_attention(q, k, v, key_mask=key_mask, backend=self.pf_backend)
+            context = attention(q, k, v, key_mask=key_mask, backend=self.pf_backend)
         return (merge_heads(context),)
 
 
@@ -50,13 +52,15 @@ class FastPerceiverModel(FastModule, hf.PerceiverModel):
     builds, as a stride-0 expansion of one row per batch item (HF passes 4-D masks through)."""
 
     def forward(self, inputs, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all()):
             attention_mask = None  # as HF itself does for a batch without padding
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             dtype = self.embeddings.latents.dtype
             batch, keys = attention_mask.shape
-            row = torch.zeros(batch, 1, 1, keys, dtype=dtype, device=attention_mask.device)
-            row.masked_fill_(~attention_mask.to(torch.bool)[:, None, None, :], torch.finfo(dtype).min)
+            device = self.embeddings.latents.device  # where HF itself puts the mask
+            row = torch.zeros(batch, 1, 1, keys, dtype=dtype, device=device)
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            row.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
             attention_mask = row.expand(batch, 1, self.embeddings.latents.shape[0], keys)
         return super().forward(inputs, attention_mask, *args, **kwargs)
 

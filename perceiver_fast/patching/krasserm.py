@@ -8,15 +8,17 @@ import torch
 from perceiver.model.core import modules as km
 from perceiver.model.core.utils import ModuleOutput
 
-from ..attention import cross_attention
-from ..nn.functional import input_attention, layer_norm, merge_heads, self_attention, split_heads
+from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
-from .registry import FastModule, Swap, dropout_reason
+from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 
-def _unfused_reason(mha, queries, kv_input, keys_in_call, pad_mask, kv_cache):
-    """(why the library's computation must run, or None; the key mask, True = attend)."""
+def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache):
+    """(why the library's computation must run, or None; the key mask, True = attend). module is the
+    patched one: mha itself or the pre-LayerNorm unit around it."""
     reason = dropout_reason(mha, mha.dropout)
+    norms = [getattr(module, name, None) for name in ("q_norm", "kv_norm", "norm")]
+    reason = reason or submodules_reason(module, (mha.q_proj, mha.k_proj, mha.v_proj, mha.o_proj), norms)
     if reason:
         return reason, None
     keys = keys_in_call + (kv_cache[0].shape[1] if kv_cache is not None else 0)
@@ -50,8 +52,7 @@ def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_
         k, v = split_heads(k, heads), split_heads(v, heads)
         if rot_pos_emb_k is not None:
             k = rot_pos_emb_k.rotate(k)
-        attend = self_attention if x_kv is x_q else cross_attention
-        out = attend(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+        out = attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
     return ModuleOutput(last_hidden_state=mha.o_proj(merge_heads(out)), kv_cache=kv_cache)
 
 
@@ -59,7 +60,7 @@ class FastMultiHeadAttention(FastModule, km.MultiHeadAttention):
     """krasserm MultiHeadAttention, fused (its own q/k/v inputs, no LayerNorm)."""
 
     def forward(self, x_q, x_kv, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None, kv_cache=None):
-        reason, key_mask = _unfused_reason(self, x_q, x_kv, x_kv.shape[1], pad_mask, kv_cache)
+        reason, key_mask = _unfused_reason(self, self, x_q, x_kv, x_kv.shape[1], pad_mask, kv_cache)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x_q, x_kv, pad_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache)
@@ -74,7 +75,7 @@ class FastCrossAttention(FastModule, km.CrossAttention):
                 kv_cache=None):
         kv_input = x_kv if x_kv is not None else x_kv_prefix
         keys = x_kv.shape[1] if x_kv is not None else x_kv_prefix.shape[1] + x_q.shape[1]
-        reason, key_mask = _unfused_reason(self.attention, x_q, kv_input, keys, pad_mask, kv_cache)
+        reason, key_mask = _unfused_reason(self, self.attention, x_q, kv_input, keys, pad_mask, kv_cache)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x_q, x_kv, x_kv_prefix, pad_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache)
@@ -90,7 +91,7 @@ class FastSelfAttention(FastModule, km.SelfAttention):
     """krasserm SelfAttention (pre-LayerNorm), fused."""
 
     def forward(self, x, pad_mask=None, rot_pos_emb=None, kv_cache=None):
-        reason, key_mask = _unfused_reason(self.attention, x, x, x.shape[1], pad_mask, kv_cache)
+        reason, key_mask = _unfused_reason(self, self.attention, x, x, x.shape[1], pad_mask, kv_cache)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x, pad_mask, rot_pos_emb, kv_cache)

@@ -9,18 +9,21 @@ import torch.nn.functional as F
 from perceiver_pytorch import perceiver_io as io
 from perceiver_pytorch import perceiver_pytorch as pp
 
-from ..nn.functional import input_attention, layer_norm, merge_heads, self_attention, split_heads
+from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
-from .registry import FastModule, Swap, dropout_reason
+from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 ATTENTION_CLASSES = (pp.Attention, io.Attention)
 
 
-def _unfused_reason(attn, x, context, mask, inverted_attention) -> tuple[str | None, torch.Tensor | None]:
-    """(why the library's computation must run, or None; the key mask, True = attend)."""
+def _unfused_reason(module, attn, x, context, mask, inverted_attention) -> tuple[str | None, torch.Tensor | None]:
+    """(why the library's computation must run, or None; the key mask, True = attend). module is the
+    patched one: attn itself or the PreNorm around it."""
     if inverted_attention:
         return "inverted attention", None
     reason = dropout_reason(attn, getattr(attn, "dropout", None))
+    reason = reason or submodules_reason(module, (attn.to_q, attn.to_kv, attn.to_out),
+                                         (getattr(module, "norm", None), getattr(module, "norm_context", None)))
     if reason:
         return reason, None
     keys = x.shape[1] if context is None else context.shape[1]
@@ -45,7 +48,7 @@ def _attend(attn, x, context, context_norm, key_mask, backend):
     if context is None:
         k = split_heads(F.linear(x, k_weight, k_bias), attn.heads)
         v = split_heads(F.linear(x, v_weight, v_bias), attn.heads)
-        out = self_attention(q, k, v, key_mask=key_mask, scale=attn.scale, backend=backend)
+        out = attention(q, k, v, key_mask=key_mask, scale=attn.scale, backend=backend)
     else:
         if getattr(attn, "queries_contribute_kv", False):
             context, context_norm = torch.cat((x, layer_norm(context, context_norm)), dim=1), None
@@ -56,7 +59,7 @@ def _attend(attn, x, context, context_norm, key_mask, backend):
 
 class FastAttentionMixin(FastModule):
     def forward(self, x, context=None, mask=None, inverted_attention=False):
-        reason, key_mask = _unfused_reason(self, x, context, mask, inverted_attention)
+        reason, key_mask = _unfused_reason(self, self, x, context, mask, inverted_attention)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x, context=context, mask=mask, inverted_attention=inverted_attention)
@@ -66,7 +69,7 @@ class FastAttentionMixin(FastModule):
 class FastPreNormMixin(FastModule):
     def forward(self, x, **kwargs):
         context, mask = kwargs.get("context"), kwargs.get("mask")
-        reason, key_mask = _unfused_reason(self.fn, x, context, mask, kwargs.get("inverted_attention", False))
+        reason, key_mask = _unfused_reason(self, self.fn, x, context, mask, kwargs.get("inverted_attention", False))
         if reason is None and not set(kwargs) <= {"context", "mask", "inverted_attention"}:
             reason = f"arguments {sorted(kwargs)}"
         if reason is None and context is None and self.norm_context is not None:

@@ -46,3 +46,22 @@ def dropout_reason(module: nn.Module, dropout: nn.Module | float | None) -> str 
     """Attention dropout is not fused: in training with p > 0 the library's computation runs."""
     p = dropout.p if isinstance(dropout, nn.Dropout) else (dropout or 0.0)
     return f"attention dropout p={p} in training" if module.training and p > 0 else None
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def submodules_reason(module: nn.Module, linears=(), norms=()) -> str | None:
+    """The fused forward reads projection weights directly and does not call every submodule, so
+    hooks on a submodule, or a projection that is not a plain nn.Linear (LoRA, quantised,
+    parametrized) or a norm that is not an nn.LayerNorm, keep the library's computation."""
+    for name, sub in module.named_modules():
+        if sub is not module and any(getattr(sub, hooks, None) for hooks in HOOK_DICTS):
+            return f"hooks on {name}"
+    for linear in linears:
+        if type(linear) is not nn.Linear:
+            return f"a {type(linear).__name__} projection, not an nn.Linear"
+    for norm in norms:
+        if norm is not None and type(norm) not in (nn.LayerNorm, nn.Identity):
+            return f"a {type(norm).__name__} norm, not an nn.LayerNorm"
+    return None
