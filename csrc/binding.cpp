@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention.h"
+#include "cpu/input_attention.h"
 #include "cpu/softmax_rows_avx512.h"
 #include "cpu/tile_gemm.h"
 
@@ -115,6 +116,161 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   return {dq, dk, dv};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Fused input attention (csrc/cpu/input_attention.h)
+
+struct CheckedInput {
+  at::Tensor q, x, k_weight, k_bias, v_weight, v_bias, key_mask;
+  cpu::Shape shape;
+};
+
+at::Tensor checked_weight(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& q,
+                          at::IntArrayRef shape) {
+  TORCH_CHECK(t.has_value(), name, " must be given with k_weight (the projection path)");
+  TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+  TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
+  return t->contiguous();
+}
+
+CheckedInput check_input_attention(const at::Tensor& q, const at::Tensor& x, const std::optional<at::Tensor>& k_weight,
+                                   const std::optional<at::Tensor>& k_bias, const std::optional<at::Tensor>& v_weight,
+                                   const std::optional<at::Tensor>& v_bias, const std::optional<at::Tensor>& key_mask) {
+  check_operand("q", q, q);
+  const auto type = q.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16,
+              "q and x must be float32, float64 or bfloat16 for the cpu backend, got ", type);
+  TORCH_CHECK(x.dim() == 3, "x must be 3-D (B, M, C), got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == type, "x must have q's dtype ", type, ", got ", x.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), M = x.size(1), C = x.size(2);
+  TORCH_CHECK(x.size(0) == B, "x must have q's batch size ", B, ", got ", x.sizes());
+  TORCH_CHECK(N > 0 && M > 0 && C > 0 && q.size(3) > 0, "q and x must have no empty dimension");
+  CheckedInput c{with_unit_last_stride(q), with_unit_last_stride(x)};
+  if (k_weight.has_value()) {
+    const int64_t dqk = q.size(3);
+    TORCH_CHECK(v_weight.has_value() && v_weight->dim() == 2 && v_weight->size(0) % H == 0,
+                "v_weight must be given with k_weight, of shape (H * Dv, C) with H = ", H);
+    const int64_t dv = v_weight->size(0) / H;
+    c.k_weight = checked_weight("k_weight", k_weight, q, {H * dqk, C});
+    c.k_bias = checked_weight("k_bias", k_bias, q, {H * dqk});
+    c.v_weight = checked_weight("v_weight", v_weight, q, {H * dv, C});
+    c.v_bias = checked_weight("v_bias", v_bias, q, {H * dv});
+    c.shape = {B, H, N, M, dqk, dv};
+  } else {
+    TORCH_CHECK(!k_bias.has_value() && !v_weight.has_value() && !v_bias.has_value(),
+                "without k_weight (the shortcut) k_bias, v_weight and v_bias must be None");
+    TORCH_CHECK(q.size(3) == C, "without k_weight (the shortcut) q's last dimension must be x's C = ", C, ", got ",
+                q.size(3));
+    c.shape = {B, H, N, M, C, C};
+  }
+  if (key_mask.has_value()) {
+    const auto& mask = *key_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_mask must be bool, got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == M, "key_mask must be (B, M) = (", B, ", ", M,
+                "), got ", mask.sizes());
+    TORCH_CHECK(mask.device().is_cpu(), "key_mask must be on the CPU, got ", mask.device());
+    c.key_mask = mask.contiguous();
+  }
+  return c;
+}
+
+template <typename T>
+const T* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* grad_data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+cpu::InputAttentionInputs<T> input_kernel_inputs(const CheckedInput& c, bool normalize, double eps, bool causal,
+                                                 double scale, int64_t key_tile, int64_t row_block, int64_t workers) {
+  TORCH_CHECK(key_tile >= 0 && row_block >= 0 && workers >= 0, "key_tile, row_block and workers must be >= 0");
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  return {c.shape,
+          strided<T>(c.q),
+          c.x.data_ptr<T>(),
+          c.x.stride(0),
+          c.x.stride(1),
+          c.x.size(2),
+          normalize,
+          eps,
+          optional_data<T>(c.k_weight),
+          optional_data<T>(c.k_bias),
+          optional_data<T>(c.v_weight),
+          optional_data<T>(c.v_bias),
+          c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr,
+          causal,
+          scale,
+          {key_tile, row_block, workers}};
+}
+
+std::tuple<at::Tensor, at::Tensor> input_forward(const at::Tensor& q, const at::Tensor& x, bool normalize, double eps,
+                                                 const std::optional<at::Tensor>& k_weight,
+                                                 const std::optional<at::Tensor>& k_bias,
+                                                 const std::optional<at::Tensor>& v_weight,
+                                                 const std::optional<at::Tensor>& v_bias,
+                                                 const std::optional<at::Tensor>& key_mask, bool causal, double scale,
+                                                 int64_t key_tile, int64_t row_block, int64_t workers) {
+  const CheckedInput c = check_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, key_mask);
+  const auto& s = c.shape;
+  auto out = at::empty({s.batch, s.heads, s.queries, s.dim_v}, q.options());
+  auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_input_attention_forward", [&] {
+    cpu::input_attention_forward<scalar_t>(
+        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers),
+        out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+// Returns dq, dx and, with the projection, dk_weight, dk_bias, dv_weight, dv_bias (empty tensors
+// for the shortcut).
+std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& x, bool normalize,
+                                       double eps, const std::optional<at::Tensor>& k_weight,
+                                       const std::optional<at::Tensor>& k_bias,
+                                       const std::optional<at::Tensor>& v_weight,
+                                       const std::optional<at::Tensor>& v_bias, const at::Tensor& out,
+                                       const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, bool causal,
+                                       double scale, int64_t key_tile, int64_t row_block, int64_t workers) {
+  const CheckedInput c = check_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, key_mask);
+  const auto& s = c.shape;
+  check_operand("dout", dout, q);
+  check_operand("out", out, q);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries, s.dim_v}),
+              "dout and out must be (B, H, N, Dv) = (", s.batch, ", ", s.heads, ", ", s.queries, ", ", s.dim_v,
+              "), got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries}),
+              "lse must be float32 (B, H, N), got ", lse.scalar_type(), " ", lse.sizes());
+  const auto out_c = out.contiguous();
+  const auto lse_c = lse.contiguous();
+  const auto dout_c = with_unit_last_stride(dout);
+  auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
+  auto dx = at::zeros(x.sizes(), x.options());
+  at::Tensor dkw, dkb, dvw, dvb;
+  if (c.k_weight.defined()) {
+    dkw = at::empty_like(c.k_weight);
+    dkb = at::empty_like(c.k_bias);
+    dvw = at::empty_like(c.v_weight);
+    dvb = at::empty_like(c.v_bias);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_input_attention_backward", [&] {
+    cpu::input_attention_backward<scalar_t>(
+        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers),
+        strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
+        cpu::InputAttentionGrads<scalar_t>{dq.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), grad_data<scalar_t>(dkw),
+                                           grad_data<scalar_t>(dkb), grad_data<scalar_t>(dvw), grad_data<scalar_t>(dvb)});
+  });
+  const auto none = at::empty({0}, q.options());
+  if (!dkw.defined()) return {dq, dx, none, none, none, none};
+  return {dq, dx, dkw, dkb, dvw, dvb};
+}
+
 }  // namespace
 }  // namespace perceiver_fast
 
@@ -125,11 +281,21 @@ TORCH_LIBRARY(perceiver_fast, m) {
   m.def(
       "cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
       "bool causal, float scale, int key_tile=0, int row_block=0, int workers=0) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_input_attention_forward(Tensor q, Tensor x, bool normalize, float eps, Tensor? k_weight, Tensor? k_bias, "
+      "Tensor? v_weight, Tensor? v_bias, Tensor? key_mask, bool causal, float scale, int key_tile=0, "
+      "int row_block=0, int workers=0) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_input_attention_backward(Tensor dout, Tensor q, Tensor x, bool normalize, float eps, Tensor? k_weight, "
+      "Tensor? k_bias, Tensor? v_weight, Tensor? v_bias, Tensor out, Tensor lse, Tensor? key_mask, bool causal, "
+      "float scale, int key_tile=0, int row_block=0, int workers=0) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(perceiver_fast, CPU, m) {
   m.impl("cpu_attention_forward", &perceiver_fast::forward);
   m.impl("cpu_attention_backward", &perceiver_fast::backward);
+  m.impl("cpu_input_attention_forward", &perceiver_fast::input_forward);
+  m.impl("cpu_input_attention_backward", &perceiver_fast::input_backward);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import cross_attention, latent_attention
+from ..input_attention import fused_input_attention
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,9 +60,24 @@ def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module |
     (None: x is used as it is); k_weight (H * Dqk, C), v_weight (H * Dv, C) with optional
     biases, as in nn.Linear. Returns (B, H, N, Dv). key_mask, causal, scale and backend as in
     `perceiver_fast.cross_attention`; a query with no key to attend gives 0.
+
+    A plain nn.LayerNorm over the channels (or no norm) goes to `fused_input_attention`, which
+    never stores LayerNorm(x), K or V; any other norm module is applied first, unfused.
     """
+    if norm is None or _is_plain_layer_norm(norm, x.shape[-1]):
+        return fused_input_attention(q, x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
+                                     norm_weight=None if norm is None else norm.weight,
+                                     norm_bias=None if norm is None else norm.bias,
+                                     norm_eps=None if norm is None else norm.eps, key_mask=key_mask, causal=causal,
+                                     scale=scale, backend=backend)
     heads = q.shape[1]
-    normed = layer_norm(x, norm)
+    normed = norm(x)
     k = split_heads(F.linear(normed, k_weight, k_bias), heads)
     v = split_heads(F.linear(normed, v_weight, v_bias), heads)
     return attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+
+
+def _is_plain_layer_norm(norm: torch.nn.Module, channels: int) -> bool:
+    """An nn.LayerNorm over the last dimension only, whose forward is LayerNorm's own."""
+    return (isinstance(norm, torch.nn.LayerNorm) and type(norm).forward is torch.nn.LayerNorm.forward
+            and tuple(norm.normalized_shape) == (channels,))
