@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .attention_forward import LOG2E, cast, decode_program_id, device_guard, dot, dot_options
+from .attention_forward import LOG2E, cast, decode_program_id, device_guard, dot, dot_options, normalize_tile
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _row_dot_kernel(
 
 @triton.jit
 def _attention_backward_kernel(
-    Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_,
+    Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_, Mean, Rstd,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vm, stride_vd,
@@ -61,7 +61,7 @@ def _attention_backward_kernel(
     num_d_blocks,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     # Program (key block, d_block) writes dk[:, d_block chunk] and dv[:, d_block chunk];
@@ -94,6 +94,10 @@ def _attention_backward_kernel(
 
     k_own = tl.load(k_rows + own_dqk[None, :] * stride_kd,
                     mask=key_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
+    if NORMALIZE:
+        mean = tl.load(Mean + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)[:, None]
+        rstd = tl.load(Rstd + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)[:, None]
+        k_own = normalize_tile(k_own, mean, rstd, INTERPRETED_BF16)
     dk = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
@@ -113,6 +117,8 @@ def _attention_backward_kernel(
             offs_d = d0 + arange_dqk
             k = tl.load(k_rows + offs_d[None, :] * stride_kd,
                         mask=key_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
+            if NORMALIZE:
+                k = normalize_tile(k, mean, rstd, INTERPRETED_BF16)
             qt = tl.load(q_base + offs_n[None, :].to(tl.int64) * stride_qn + offs_d[:, None] * stride_qd,
                          mask=row_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
             scores_t += dot(k, qt, INPUT_PRECISION, INTERPRETED_BF16)
@@ -131,6 +137,8 @@ def _attention_backward_kernel(
             offs_d = d0 + arange_dv
             vv = tl.load(v_rows + offs_d[None, :] * stride_vd,
                          mask=key_in[:, None] & (offs_d[None, :] < DV), other=0.0)
+            if NORMALIZE:
+                vv = normalize_tile(vv, mean, rstd, INTERPRETED_BF16)
             do_t = tl.load(do_base + offs_n[None, :].to(tl.int64) * stride_don + offs_d[:, None] * stride_dod,
                            mask=row_in[None, :] & (offs_d[:, None] < DV), other=0.0)
             dp_t += dot(vv, do_t, INPUT_PRECISION, INTERPRETED_BF16)
@@ -156,16 +164,20 @@ def _attention_backward_kernel(
     tl.store(dv_ptrs, cast(dv, DV_.dtype.element_ty, INTERPRETED_BF16), mask=key_in[:, None] & (own_dv[None, :] < DV))
 
 
-def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str):
-    """Returns dq, dk, dv in the dtypes of q, k, v."""
+def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str,
+                       stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Returns dq, dk, dv in the dtypes of q, k, v (dk, dv contiguous).
+
+    `stats` as in `attention_forward`; dk and dv are then the gradients of the normalised K and V.
+    """
     B, H, N, DQK = q.shape
     M, DV = k.shape[2], v.shape[3]
     cfg = tiles.backward_config(kind, DQK, DV, fp32=q.dtype == torch.float32)
 
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dq = torch.zeros((B, H, N, DQK), device=q.device, dtype=torch.float32)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     num_d_blocks = max(triton.cdiv(DQK, cfg.block_dqk), triton.cdiv(DV, cfg.block_dv))
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
@@ -176,13 +188,13 @@ def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: f
             BLOCK_N=row_block, BLOCK_DV=cfg.block_dv, num_warps=4,
         )
         _attention_backward_kernel[(triton.cdiv(M, cfg.block_m) * num_d_blocks * B * H,)](
-            q, k, v, mask_arg, dout, lse, delta, dq, dk, dv,
+            q, k, v, mask_arg, dout, lse, delta, dq, dk, dv, *(stats or (lse, lse)),
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
             H, N, M, DQK, DV,
             scale, scale * LOG2E, num_d_blocks,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **dot_options(q.dtype),
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, **dot_options(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq.to(q.dtype), dk, dv

@@ -64,8 +64,15 @@ def cast(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
 
 
 @triton.jit
+def normalize_tile(t, mean, rstd, INTERPRETED_BF16: tl.constexpr):
+    """LayerNorm without affine of a K or V tile loaded from the raw input: (t - mean) * rstd in
+    fp32, back in t's dtype. mean and rstd (per key) come broadcast along the tile's channel axis."""
+    return cast((t.to(tl.float32) - mean) * rstd, t.dtype, INTERPRETED_BF16)
+
+
+@triton.jit
 def _attention_forward_kernel(
-    Q, K, V, KeyMask, Out, Lse,
+    Q, K, V, KeyMask, Out, Lse, Mean, Rstd,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vm, stride_vd,
@@ -78,7 +85,7 @@ def _attention_forward_kernel(
     num_dv_blocks,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     bh, n_block, dv_block = decode_program_id(tl.cdiv(N, BLOCK_N), num_dv_blocks)
@@ -110,6 +117,9 @@ def _attention_forward_kernel(
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + arange_m
         key_in = offs_m < M
+        if NORMALIZE:
+            mean = tl.load(Mean + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)
+            rstd = tl.load(Rstd + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)
         scores = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for d0 in range(0, DQK, BLOCK_DQK):
             offs_d = d0 + arange_d
@@ -117,6 +127,8 @@ def _attention_forward_kernel(
                         mask=row_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
             kt = tl.load(k_base + offs_m[None, :].to(tl.int64) * stride_km + offs_d[:, None] * stride_kd,
                          mask=key_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
+            if NORMALIZE:
+                kt = normalize_tile(kt, mean[None, :], rstd[None, :], INTERPRETED_BF16)
             scores += dot(q, kt, INPUT_PRECISION, INTERPRETED_BF16)
         scores = scores * qk_scale_log2
 
@@ -137,6 +149,8 @@ def _attention_forward_kernel(
 
         v = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vm + offs_dv[None, :] * stride_vd,
                     mask=key_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if NORMALIZE:
+            v = normalize_tile(v, mean[:, None], rstd[:, None], INTERPRETED_BF16)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERPRETED_BF16), v, INPUT_PRECISION, INTERPRETED_BF16)
         m_i = m_new
 
@@ -224,8 +238,12 @@ def num_sms(device: torch.device) -> int:
     return 1  # the interpreter runs programs one at a time
 
 
-def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, num_splits: int | None = None):
+def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, num_splits: int | None = None,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Runs the forward kernels. Returns out (B, H, N, Dv) in q's dtype and lse (B, H, N) float32.
+
+    `stats`: (mean, rstd) (B, M) float32 of raw input rows that k and v are views of; the
+    kernel then attends over (k - mean) * rstd and (v - mean) * rstd (fused input attention).
 
     `num_splits=None` lets `tiles.choose_num_splits` decide; an int forces that many
     key-axis splits (clamped to the number of key tiles), for tests and tuning.
@@ -255,13 +273,13 @@ def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, 
     options = dot_options(q.dtype)
     with device_guard(q):
         _attention_forward_kernel[(triton.cdiv(N, cfg.block_n) * num_dv_blocks * B * H, num_splits)](
-            q, k, v, mask_arg, part_out, part_lse,
+            q, k, v, mask_arg, part_out, part_lse, *(stats or (lse, lse)),
             *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *part_out.stride(), *part_lse.stride(),
             H, N, M, DQK, DV,
             scale * LOG2E, keys_per_split, num_dv_blocks,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, **options,
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, **options,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if num_splits > 1:

@@ -48,7 +48,7 @@ def _attention_jobs(kernel, configs, pointers, strides, scalars, variants):
     """Jobs for one attention kernel: each config, each of its dtypes, each (flags, out dtype) variant.
 
     `pointers(dtype, out_dtype)` lists the pointer arguments; `variants(dtype)` yields
-    ((HAS_KEY_MASK, CAUSAL), out_dtype) pairs.
+    ((HAS_KEY_MASK, CAUSAL, NORMALIZE), out_dtype) pairs.
     """
     stride_sig = sum((_strides(prefix, dims, True) for prefix, dims in strides), [])
     jobs = []
@@ -56,11 +56,11 @@ def _attention_jobs(kernel, configs, pointers, strides, scalars, variants):
         for dtype in (("fp32",) if fp32 else HALF_DTYPES):
             for flags, out_dtype in variants(dtype):
                 const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk,
-                             BLOCK_DV=cfg.block_dv, HAS_KEY_MASK=flags[0], CAUSAL=flags[1],
+                             BLOCK_DV=cfg.block_dv, HAS_KEY_MASK=flags[0], CAUSAL=flags[1], NORMALIZE=flags[2],
                              INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=False)
                 sig = (pointers(dtype, out_dtype) + stride_sig + [(n, "i32") for n in ("H", "N", "M", "DQK", "DV")]
                        + scalars + [(k, "constexpr") for k in const])
-                label = (f"{kind:6s} {dtype:4s} mask={int(flags[0])} causal={int(flags[1])} out={out_dtype:4s} "
+                label = (f"{kind:6s} {dtype:4s} mask={int(flags[0])} causal={int(flags[1])} norm={int(flags[2])} out={out_dtype:4s} "
                          f"N{cfg.block_n} M{cfg.block_m} Dqk{cfg.block_dqk} Dv{cfg.block_dv}")
                 jobs.append(Job(kernel, label, tuple(sig), tuple(_unit(stride_sig)) + tuple(const.items()),
                                 cfg.num_warps, cfg.num_stages))
@@ -73,11 +73,11 @@ def forward_jobs():
     return _attention_jobs(
         "_attention_forward_kernel", tiles.all_configs()[0],
         lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"),
-                         ("Out", f"*{out}"), ("Lse", "*fp32")],
+                         ("Out", f"*{out}"), ("Lse", "*fp32"), ("Mean", "*fp32"), ("Rstd", "*fp32")],
         [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("o", "sbhnd"), ("l", "sbhn")],
         [("qk_scale_log2", "fp32"), ("keys_per_split", "i32"), ("num_dv_blocks", "i32")],
         # Without splits the kernel writes the output dtype, with splits fp32 partials.
-        lambda dt: [((True, True), dt), ((False, False), "fp32")])
+        lambda dt: [((True, True, True), dt), ((False, False, False), "fp32")])
 
 
 def backward_jobs():
@@ -87,15 +87,16 @@ def backward_jobs():
         "_attention_backward_kernel", tiles.all_configs()[1],
         lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"), ("DOut", f"*{dt}"),
                          ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", "*fp32"), ("DK", f"*{out}"),
-                         ("DV_", f"*{out}")],
+                         ("DV_", f"*{out}"), ("Mean", "*fp32"), ("Rstd", "*fp32")],
         [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("do", "bhnd"), ("dq", "bhnd"),
          ("dk", "bhmd"), ("dv", "bhmd")],
         [("scale", "fp32"), ("qk_scale_log2", "fp32"), ("num_d_blocks", "i32")],
-        lambda dt: [((True, True), dt), ((False, False), dt)])
+        lambda dt: [((True, True, True), dt), ((False, False, False), dt)])
 
 
 def small_kernel_jobs():
     from . import tiles
+    from .layer_norm_stats import BLOCK_C, BLOCK_ROWS
 
     jobs = []
     for block_dv in tiles.HEAD_TILES:
@@ -113,15 +114,22 @@ def small_kernel_jobs():
                 + [(n, "i32") for n in ("H", "N", "DV")] + [("BLOCK_N", "constexpr"), ("BLOCK_DV", "constexpr")]
             jobs.append(Job("_row_dot_kernel", f"{dtype:4s} Dv{block_dv}", tuple(sig),
                             tuple(_unit(strides)) + (("BLOCK_N", const["BLOCK_N"]), ("BLOCK_DV", block_dv)), 4, 1))
+    for dtype in ("fp32",) + HALF_DTYPES:
+        strides = _strides("x", "bmc", True)
+        sig = [("X", f"*{dtype}"), ("Mean", "*fp32"), ("Rstd", "*fp32")] + strides \
+            + [("M", "i32"), ("C", "i32"), ("eps", "fp32"), ("BLOCK_ROWS", "constexpr"), ("BLOCK_C", "constexpr")]
+        jobs.append(Job("_layer_norm_stats_kernel", dtype, tuple(sig),
+                        tuple(_unit(strides)) + (("BLOCK_ROWS", BLOCK_ROWS), ("BLOCK_C", BLOCK_C)), 4, 1))
     return jobs
 
 
 def _kernel(name: str):
     from .attention_backward import _attention_backward_kernel, _row_dot_kernel
     from .attention_forward import _attention_forward_kernel, _merge_splits_kernel
+    from .layer_norm_stats import _layer_norm_stats_kernel
 
     return {k.__name__: k for k in (_attention_forward_kernel, _merge_splits_kernel, _attention_backward_kernel,
-                                     _row_dot_kernel)}[name]
+                                     _row_dot_kernel, _layer_norm_stats_kernel)}[name]
 
 
 def _cuobjdump() -> str | None:

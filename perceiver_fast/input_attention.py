@@ -17,6 +17,7 @@ and the saved lse; gradients reach q, x, the LayerNorm and both projections.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -24,11 +25,12 @@ import torch
 from .attention import cross_attention, latent_attention
 from .backends import BackendUnsupportedError, get_backend
 from .backends.cpu import extension_error
+from .backends.triton import interpreting
 from .reference import project_input
 from .validation import MAX_HEAD_DIM
 
 METHODS = ("auto", "shortcut", "projection")
-FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+FUSED_KERNELS = ("cpu", "triton")  # auto dispatch order
 
 
 def visible_pairs(queries: int, keys: int, causal: bool) -> int:
@@ -115,18 +117,45 @@ def _validate(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, 
     return heads, queries, keys, channels, dim_qk, dim_v
 
 
-def fused_refusals(q: torch.Tensor, dtype: torch.dtype) -> list[str]:
-    """Why the fused kernel cannot run inputs on q's device in `dtype` (empty: it can)."""
+def fused_refusals(kernel: str, device: torch.device, dtype: torch.dtype, method: str,
+                   explicit: bool = False) -> list[str]:
+    """Why fused `kernel` ("cpu": C++, both methods; "triton": the shortcut) cannot run (empty: it can).
+
+    explicit: the caller named the backend (the Triton interpreter runs CPU tensors only then).
+    """
     reasons = []
-    if q.device.type != "cpu":
-        reasons.append(f"the fused input kernel runs on the CPU, inputs are on {q.device.type}")
-    if dtype not in FUSED_DTYPES:
-        reasons.append(f"dtype {str(dtype).replace('torch.', '')} not supported by the fused input kernel "
-                       "(float32, float64, bfloat16)")
-    error = extension_error()
-    if error:
-        reasons.append(error)
+    name = str(dtype).replace("torch.", "")
+    if kernel == "cpu":
+        if device.type != "cpu":
+            reasons.append(f"the C++ fused input kernel runs on the CPU, inputs are on {device.type}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            reasons.append(f"dtype {name} not supported by the fused input kernel (float32, float64, bfloat16)")
+        error = extension_error()
+        if error:
+            reasons.append(error)
+        return reasons
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if device.type == "cpu" and not (interpreting() and explicit):
+        reasons.append("the Triton fused input kernel runs CPU tensors only under the Triton interpreter, "
+                       "when asked for by name")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {name} not supported by the Triton fused input kernel (float16, bfloat16, float32)")
+    if method == "projection":
+        reasons.append("the Triton kernel fuses the shortcut method only")
     return reasons
+
+
+def _fused_kernel(backend: str | None, device: torch.device, dtype: torch.dtype, method: str) -> str | None:
+    """The fused kernel to run ("cpu", "triton"), or None for the unfused computation."""
+    if backend in (None, "auto"):
+        return next((k for k in FUSED_KERNELS if not fused_refusals(k, device, dtype, method)), None)
+    if backend not in FUSED_KERNELS:
+        return None
+    refusals = fused_refusals(backend, device, dtype, method, explicit=True)
+    if backend == "cpu" and refusals:
+        raise BackendUnsupportedError("backend 'cpu' cannot run the fused input attention: " + "; ".join(refusals))
+    return None if refusals else backend
 
 
 def _compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
@@ -164,10 +193,11 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
     dtype of the inputs.
 
     method: "auto" (fewer FLOPs), "shortcut" or "projection" (see the module docstring).
-    backend: None/"auto" takes the fused CPU kernel where it can run, else the unfused
-    computation on the best attention backend; "cpu" requires the fused kernel and raises
-    BackendUnsupportedError saying why it cannot run; any other backend computes LayerNorm and
-    projections with torch and the attention on that backend.
+    backend: None/"auto" takes the first fused kernel that can run the inputs (the C++ one on
+    the CPU, the Triton one, shortcut method only, on CUDA), else the unfused computation on the
+    best attention backend. "cpu" requires the C++ fused kernel and raises
+    BackendUnsupportedError saying why it cannot run; "triton" runs the Triton fused kernel for
+    the shortcut and the Triton attention unfused otherwise; "reference" computes unfused.
     """
     heads, queries, keys, channels, dim_qk, dim_v = _validate(q, x, k_weight, k_bias, v_weight, v_bias,
                                                               norm_weight, norm_bias, norm_eps, key_mask, method)
@@ -177,10 +207,9 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
         get_backend(backend)  # raises for an unknown name
     params = [t for t in (k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias) if t is not None]
     dtype = _compute_dtype([q, x, *params], q.device.type)
-    refusals = fused_refusals(q, dtype)
-    if backend == "cpu" and refusals:
-        raise BackendUnsupportedError("backend 'cpu' cannot run the fused input attention: " + "; ".join(refusals))
-    fused = backend in (None, "auto", "cpu") and not refusals
+    if method == "auto":
+        method = choose_method(queries, keys, channels, dim_qk, dim_v, causal)
+    kernel = _fused_kernel(backend, q.device, dtype, method)
     if scale is None:
         scale = dim_qk ** -0.5
 
@@ -188,7 +217,7 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
         q, x = q.to(dtype), x.to(dtype)
         k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias = (
             None if t is None else t.to(dtype) for t in (k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias))
-        if not fused:
+        if kernel is None:
             k, v = project_input(x, heads, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
                                  norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
             if key_mask is None and queries == keys:
@@ -196,9 +225,8 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
             return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
 
         from .autograd.cpu_input_attention import cpu_input_attention
+        from .autograd.triton_input_attention import triton_input_attention
 
-        if method == "auto":
-            method = choose_method(queries, keys, channels, dim_qk, dim_v, causal)
         k_weight, k_bias = _fold(k_weight, k_bias, norm_weight, norm_bias)
         v_weight, v_bias = _fold(v_weight, v_bias, norm_weight, norm_bias)
         normalize, eps = norm_eps is not None, norm_eps or 0.0
@@ -210,8 +238,9 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
         # Shortcut: scores q.(Wk xn + bk) = (q Wk).xn + const per row; out = (P xn) Wv^T + bv where a
         # row has a key (P sums to 1), 0 where it has none.
         folded_q = torch.einsum("bhnd,hdc->bhnc", q, k_weight.view(heads, dim_qk, channels))
-        attended, lse = cpu_input_attention(folded_q, x, normalize=normalize, eps=eps, key_mask=key_mask,
-                                            causal=causal, scale=scale)
+        shortcut = cpu_input_attention if kernel == "cpu" else triton_input_attention
+        attended, lse = shortcut(folded_q, x, normalize=normalize, eps=eps, key_mask=key_mask, causal=causal,
+                                 scale=scale)
         out = torch.einsum("bhnc,hvc->bhnv", attended, v_weight.view(heads, dim_v, channels))
         has_key = torch.isfinite(lse).unsqueeze(-1).to(dtype)
         out = out + has_key * v_bias.view(heads, 1, dim_v)
