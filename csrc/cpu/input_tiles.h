@@ -58,9 +58,12 @@ struct InputTile {
       acc_t* out = xn.data() + j * c;
       acc_t mean = 0, r = 1;
       if (in.normalize) {
+        // omp simd: the reductions vectorise without licence to reorder anything else.
+#pragma omp simd reduction(+ : mean)
         for (int64_t d = 0; d < c; ++d) mean += static_cast<acc_t>(x[d]);
         mean /= static_cast<acc_t>(c);
         acc_t var = 0;
+#pragma omp simd reduction(+ : var)
         for (int64_t d = 0; d < c; ++d) {
           const acc_t centred = static_cast<acc_t>(x[d]) - mean;
           var += centred * centred;
