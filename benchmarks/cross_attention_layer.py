@@ -104,11 +104,20 @@ def measure(job: dict) -> dict:
             "input_mib": inputs.numel() * inputs.element_size() / 2**20, "out_norm": float(out.float().norm())}
 
 
-def layer_gflop(shape, backward: bool) -> float:
-    """Matmul FLOPs of the unfused layer: projections (q, k, v, output) and attention (2 N M (dqk + dv))."""
-    B, M, C, N, latent, _, channels = shape
-    forward = 2 * B * (N * latent * channels + 2 * M * C * channels + N * channels * latent)
-    forward += 2 * B * N * M * 2 * channels
+def layer_gflop(shape, provider: str, backward: bool) -> float:
+    """Matmul FLOPs the provider executes: q and output projections, and K/V projections plus
+    attention (2 P (dqk + dv), P = N M pairs) unfused, or the fused method's count
+    (`perceiver_fast.input_attention.method_flops`). Forward+backward counted as 3x forward."""
+    from perceiver_fast.input_attention import choose_method, method_flops
+
+    B, M, C, N, latent, heads, channels = shape
+    dim = channels // heads
+    forward = 2 * B * (N * latent * channels + N * channels * latent)
+    if provider == "HF + pf.patch":
+        flops = method_flops(N, M, C, dim, dim)
+        forward += B * heads * flops[choose_method(N, M, C, dim, dim)]
+    else:
+        forward += 2 * B * 2 * M * C * channels + 2 * B * N * M * 2 * channels
     return forward * (3 if backward else 1) / 1e9
 
 
@@ -129,13 +138,15 @@ def write_markdown(path: Path, info: dict, rows: list[dict]) -> None:
         "projection, query residual), random weights. hf-vision-fourier: B=4, M=50176, C=261, N=512 latents of "
         "1024, 1 head of 261. long-input-1m: B=1, M=1048576, C=64, N=512 latents of 512, 8 heads of 64. "
         "Each row is its own process, one after another in one run. ms: median of the timed repeats after an "
-        "untimed call. GFLOP/s: the unfused layer's matmul FLOPs (projections and 2 N M (dqk + dv) of attention; "
-        "x3 for forward+backward) over the time, the same count for every provider. Peak extra: resident-set peak "
+        "untimed call. GFLOP: the matmul FLOPs the provider executes (HF and SDPA: the four projections and "
+        "2 N M (dqk + dv) of attention; pf.patch: q and output projections plus the fused method's count, the "
+        "shortcut on both shapes, which skips the K and V projections), x3 for forward+backward; GFLOP/s: that "
+        "over the time. Peak extra: resident-set peak "
         "during one call above the resident set before it, with the weights and inputs already allocated (the "
         "growth above the input). vs HF / vs SDPA: their time over this row's; memory vs SDPA: this row's peak "
         "extra as a share of the SDPA layer's.", "",
-        "| shape | dtype | pass | provider | ms | GFLOP/s | vs HF | vs SDPA | peak extra MiB | memory vs SDPA |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | dtype | pass | provider | ms | GFLOP | GFLOP/s | vs HF | vs SDPA | peak extra MiB | memory vs SDPA |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     done = {(r["shape"], r["dtype"], r["backward"], r["provider"]): r for r in rows if "ms" in r}
     for r in rows:
@@ -143,14 +154,14 @@ def write_markdown(path: Path, info: dict, rows: list[dict]) -> None:
         pass_name = "forward+backward" if r["backward"] else "forward"
         head = f"| {r['shape']} | {r['dtype']} | {pass_name} | {r['provider']} |"
         if "ms" not in r:
-            lines.append(f"{head} not run: {r['error']} | | | | | |")
+            lines.append(f"{head} not run: {r['error']} | | | | | | |")
             continue
         hf, sdpa = done.get(key + ("HF",)), done.get(key + ("SDPA layer",))
-        gflops = layer_gflop(SHAPES[r["shape"]], r["backward"]) / (r["ms"] / 1e3)
+        gflop = layer_gflop(SHAPES[r["shape"]], r["provider"], r["backward"])
         vs_hf = f"{hf['ms'] / r['ms']:.2f}x" if hf else "n/a"
         vs_sdpa = f"{sdpa['ms'] / r['ms']:.2f}x" if sdpa else "n/a"
         memory = f"{100 * r['peak_extra_mib'] / sdpa['peak_extra_mib']:.0f}%" if sdpa else "n/a"
-        lines.append(f"{head} {r['ms']:.0f} | {gflops:.0f} | {vs_hf} | {vs_sdpa} | {r['peak_extra_mib']:.0f} | "
+        lines.append(f"{head} {r['ms']:.0f} | {gflop:.0f} | {gflop / (r['ms'] / 1e3):.0f} | {vs_hf} | {vs_sdpa} | {r['peak_extra_mib']:.0f} | "
                      f"{memory} |")
     path.write_text("\n".join(lines) + "\n")
 

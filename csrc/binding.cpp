@@ -27,6 +27,17 @@ cpu::Strided<const T> strided(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The bool (B, M) key mask, contiguous; undefined when there is none.
+at::Tensor checked_key_mask(const std::optional<at::Tensor>& key_mask, int64_t B, int64_t M) {
+  if (!key_mask.has_value()) return {};
+  const auto& mask = *key_mask;
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "key_mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == M, "key_mask must be (B, M) = (", B, ", ", M,
+              "), got ", mask.sizes());
+  TORCH_CHECK(mask.device().is_cpu(), "key_mask must be on the CPU, got ", mask.device());
+  return mask.contiguous();
+}
+
 struct Checked {
   at::Tensor q, k, v, key_mask;
   cpu::Shape shape;
@@ -48,14 +59,7 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(N > 0 && M > 0 && q.size(3) > 0 && v.size(3) > 0, "q, k, v must have no empty dimension");
   Checked c{with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v), at::Tensor(),
             {B, H, N, M, q.size(3), v.size(3)}};
-  if (key_mask.has_value()) {
-    const auto& mask = *key_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_mask must be bool, got ", mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == M, "key_mask must be (B, M) = (", B, ", ", M,
-                "), got ", mask.sizes());
-    TORCH_CHECK(mask.device().is_cpu(), "key_mask must be on the CPU, got ", mask.device());
-    c.key_mask = mask.contiguous();
-  }
+  c.key_mask = checked_key_mask(key_mask, B, M);
   return c;
 }
 
@@ -166,24 +170,12 @@ CheckedInput check_input_attention(const at::Tensor& q, const at::Tensor& x, con
                 q.size(3));
     c.shape = {B, H, N, M, C, C};
   }
-  if (key_mask.has_value()) {
-    const auto& mask = *key_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "key_mask must be bool, got ", mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == M, "key_mask must be (B, M) = (", B, ", ", M,
-                "), got ", mask.sizes());
-    TORCH_CHECK(mask.device().is_cpu(), "key_mask must be on the CPU, got ", mask.device());
-    c.key_mask = mask.contiguous();
-  }
+  c.key_mask = checked_key_mask(key_mask, B, M);
   return c;
 }
 
 template <typename T>
-const T* optional_data(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* grad_data(const at::Tensor& t) {
+T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
@@ -200,10 +192,10 @@ cpu::InputAttentionInputs<T> input_kernel_inputs(const CheckedInput& c, bool nor
           c.x.size(2),
           normalize,
           eps,
-          optional_data<T>(c.k_weight),
-          optional_data<T>(c.k_bias),
-          optional_data<T>(c.v_weight),
-          optional_data<T>(c.v_bias),
+          data_or_null<T>(c.k_weight),
+          data_or_null<T>(c.k_bias),
+          data_or_null<T>(c.v_weight),
+          data_or_null<T>(c.v_bias),
           c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr,
           causal,
           scale,
@@ -263,8 +255,8 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
     cpu::input_attention_backward<scalar_t>(
         input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers),
         strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
-        cpu::InputAttentionGrads<scalar_t>{dq.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), grad_data<scalar_t>(dkw),
-                                           grad_data<scalar_t>(dkb), grad_data<scalar_t>(dvw), grad_data<scalar_t>(dvb)});
+        cpu::InputAttentionGrads<scalar_t>{dq.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), data_or_null<scalar_t>(dkw),
+                                           data_or_null<scalar_t>(dkb), data_or_null<scalar_t>(dvw), data_or_null<scalar_t>(dvb)});
   });
   const auto none = at::empty({0}, q.options());
   if (!dkw.defined()) return {dq, dx, none, none, none, none};

@@ -3,10 +3,11 @@
 from . import nn
 from .attention import cross_attention, explain, latent_attention
 from .backends import BACKEND_NAMES, BackendUnsupportedError
+from .input_attention import fused_input_attention
 from .patching import PatchReport, patch, unpatch
 from .reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "cross_attention", "latent_attention", "attention_reference", "explain", "BACKEND_NAMES",
-           "BackendUnsupportedError", "patch", "unpatch", "PatchReport", "__version__"]
+__all__ = ["nn", "cross_attention", "latent_attention", "fused_input_attention", "attention_reference", "explain",
+           "BACKEND_NAMES", "BackendUnsupportedError", "patch", "unpatch", "PatchReport", "__version__"]

@@ -45,6 +45,26 @@ void layer_norm_backward(const InputAttentionInputs<T>& in, const InputTile<T>& 
   }
 }
 
+// g_t: the gradient of K (or V) of a tile, transposed (dims x count), as the two GEMM A operands
+// of the projection backward, rows (count x padded dims, for dxn = dK W) and transposed with padded
+// depth (dims x padded count, for dW = dK^T xn); its column sums go to the bias gradient.
+template <typename T, typename acc_t>
+void as_operands(const acc_t* g_t, int64_t dims, int64_t count, T* rows, T* transposed, acc_t* bias_grad) {
+  using Gemm = TileGemm<T>;
+  const int64_t dims_p = Gemm::padded_k(dims), count_p = Gemm::padded_k(count);
+  for (int64_t d = 0; d < dims; ++d) {
+    acc_t total = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const acc_t g = g_t[d * count + j];
+      rows[j * dims_p + d] = static_cast<T>(g);
+      transposed[d * count_p + j] = static_cast<T>(g);
+      total += g;
+    }
+    if (count_p > count) transposed[d * count_p + count] = T(0);
+    bias_grad[d] += total;
+  }
+}
+
 // Per-worker sums of the projection gradients.
 template <typename acc_t>
 struct WeightGrads {
@@ -135,30 +155,9 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
                             k_packed.data(), in.scale, dk_t.data() + h * dqk * tj, dv_t.data() + h * dv * tj, tj,
                             scratch);
             }
-            // dk_t: hk x tj (dK^T of all heads); as rows (tile x hk) and as a padded T operand.
             const int64_t hk_p = Gemm::padded_k(hk), hv_p = Gemm::padded_k(hv);
-            for (int64_t d = 0; d < hk; ++d) {
-              acc_t total = 0;
-              for (int64_t j = 0; j < tj; ++j) {
-                const acc_t g = dk_t[d * tj + j];
-                dk_rows[j * hk_p + d] = static_cast<T>(g);
-                dk_t_op[d * tjk + j] = static_cast<T>(g);
-                total += g;
-              }
-              if (tjk > tj) dk_t_op[d * tjk + tj] = T(0);
-              wg.k_bias[d] += total;
-            }
-            for (int64_t d = 0; d < hv; ++d) {
-              acc_t total = 0;
-              for (int64_t j = 0; j < tj; ++j) {
-                const acc_t g = dv_t[d * tj + j];
-                dv_rows[j * hv_p + d] = static_cast<T>(g);
-                dv_t_op[d * tjk + j] = static_cast<T>(g);
-                total += g;
-              }
-              if (tjk > tj) dv_t_op[d * tjk + tj] = T(0);
-              wg.v_bias[d] += total;
-            }
+            as_operands(dk_t.data(), hk, tj, dk_rows.data(), dk_t_op.data(), wg.k_bias.data());
+            as_operands(dv_t.data(), hv, tj, dv_rows.data(), dv_t_op.data(), wg.v_bias.data());
             Gemm::multiply(tj, c, hk_p, dk_rows.data(), hk_p, weights.k_rows.data(), dxn.data(), c, false);
             Gemm::multiply(tj, c, hv_p, dv_rows.data(), hv_p, weights.v_rows.data(), dxn.data(), c, true);
             Gemm::pack_rows(tile.xn.data(), c, tj, c, xn_packed.data());
@@ -185,11 +184,8 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
 
   at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
-      const auto& batch_slots = plan.slots_of_head[head / heads];
-      if (batch_slots.empty()) continue;
-      std::vector<int64_t> head_slots;
-      for (int64_t slot : batch_slots) head_slots.push_back(slot * heads + head % heads);
-      sum_dq_slots(head_slots, slot_dq, n * dqk, grads.dq + head * n * dqk);
+      if (plan.slots_of_head[head / heads].empty()) continue;
+      sum_dq_slots(slots_of_head_in_batch_plan(plan, head, heads), slot_dq, n * dqk, grads.dq + head * n * dqk);
     }
   });
 

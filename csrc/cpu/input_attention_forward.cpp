@@ -87,11 +87,8 @@ void input_attention_forward(const InputAttentionInputs<T>& in, T* out, float* l
 
   at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
-      const auto& batch_slots = plan.slots_of_head[head / heads];
-      if (batch_slots.empty()) continue;
-      std::vector<int64_t> head_slots;
-      for (int64_t slot : batch_slots) head_slots.push_back(slot * heads + head % heads);
-      merge_slots(s, head_slots, slots, out + head * n * dv, lse + head * n);
+      if (plan.slots_of_head[head / heads].empty()) continue;
+      merge_slots(s, slots_of_head_in_batch_plan(plan, head, heads), slots, out + head * n * dv, lse + head * n);
     }
   });
 }

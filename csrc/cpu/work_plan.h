@@ -25,4 +25,12 @@ struct WorkPlan {
 // tile_cost[t]: relative cost of tile t of any head (rows that see it under causal masking).
 WorkPlan plan_work(int64_t heads, const std::vector<int64_t>& tile_cost, int64_t workers);
 
+// For a plan over batch items whose units carry all `heads` heads (the fused input kernels),
+// where slot s holds head h's partial state at s * heads + h: those of flattened head `head`.
+inline std::vector<int64_t> slots_of_head_in_batch_plan(const WorkPlan& plan, int64_t head, int64_t heads) {
+  std::vector<int64_t> slots;
+  for (int64_t slot : plan.slots_of_head[head / heads]) slots.push_back(slot * heads + head % heads);
+  return slots;
+}
+
 }  // namespace perceiver_fast::cpu
