@@ -166,3 +166,24 @@ def test_patch_refuses_what_it_does_not_know():
         pf.patch("model")
     with pytest.raises(ValueError, match="backend"):
         pf.patch(vision_fourier(), backend="fastest")
+
+
+def test_single_patched_layer_stores_no_normalised_input_or_keys():
+    # pf.patch on one PerceiverLayer runs the fused input attention: LayerNorm(x), K and V, each
+    # as large as the input here, are never stored.
+    config = PerceiverConfig(attention_probs_dropout_prob=0.0)
+    layer = hf.PerceiverLayer(config, is_cross_attention=True, num_heads=1, q_dim=32, kv_dim=64).eval()
+    latents, inputs = torch.randn(1, 16, 32), torch.randn(1, 4096, 64)
+    input_bytes = inputs.untyped_storage().nbytes()
+
+    def run():
+        with torch.no_grad():
+            return layer(latents, inputs=inputs)[0]
+
+    unpatched, _ = largest_tensor_in(run)
+    assert unpatched >= input_bytes  # the probe sees HF's LayerNorm(x), K and V
+    expected = run()
+    pf.patch(layer)
+    patched, op = largest_tensor_in(run)
+    assert patched < input_bytes // 4, f"{op} produced {patched} bytes"
+    assert relative_error(run(), expected) <= 1e-4
