@@ -20,7 +20,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark ninja setuptools wheel
+	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark ninja setuptools wheel matplotlib
 	$(PY) -m pip install --quiet "$(TORCH)" $(DROP_IN_LIBS)
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0
 	touch $(DEPS_STAMP)
@@ -44,8 +44,10 @@ test: install
 check: install
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
 
+# The quick benchmark set on the default device (CUDA when present): report-<device>.md,
+# results-<device>.json and the plots in benchmarks/results. `perceiver-fast bench --help` for more.
 report: install
-	$(PY) benchmarks/report.py
+	$(VENV)/bin/perceiver-fast bench --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so

@@ -42,15 +42,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["perceiver_fast", "perceiver_fast.backends", "perceiver_fast.autograd", "perceiver_fast.kernels",
-              "perceiver_fast.nn", "perceiver_fast.patching"],
+              "perceiver_fast.nn", "perceiver_fast.patching", "perceiver_fast.bench"],
     package_dir={"perceiver_fast.kernels": "kernels"},
     package_data={"perceiver_fast": ["shapes.json"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0
     # declares Python < 3.11; install it with `pip install --no-deps --ignore-requires-python
     # perceiver-io==0.11.0` (the Makefile does).
-    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "transformers==5.23.0", "perceiver-pytorch==0.11.0",
-                             "einops", "fairscale"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "transformers==5.23.0",
+                             "perceiver-pytorch==0.11.0", "einops", "fairscale"],
+                    "bench": ["pytest-benchmark", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["perceiver-fast=perceiver_fast.cli:main"]},

@@ -27,9 +27,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import machine, median_seconds, peak_extra_mib, run_in_subprocess, write_results
+from perceiver_fast.bench.cases import Case
+from perceiver_fast.bench.providers import hf_attention, sdpa_layer_forward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROVIDERS = ("HF", "SDPA layer", "HF + pf.patch")
@@ -39,26 +40,11 @@ SHAPES = {"hf-vision-fourier": (4, 50176, 261, 512, 1024, 1, 261),
 
 
 def hf_layer(shape, dtype):
-    from transformers import PerceiverConfig
-    from transformers.models.perceiver.modeling_perceiver import PerceiverAttention
-
-    _, _, C, _, latent, heads, channels = shape
+    B, M, C, N, latent, heads, channels = shape
     torch.manual_seed(0)
-    layer = PerceiverAttention(PerceiverConfig(), is_cross_attention=True, qk_channels=channels, v_channels=channels,
-                               num_heads=heads, q_dim=latent, kv_dim=C, use_query_residual=True)
-    return layer.eval().to(dtype)
-
-
-def sdpa_forward(layer, latents, inputs):
-    """HF PerceiverAttention's computation with SDPA in place of its eager attention."""
-    attn = layer.self
-    heads = attn.num_heads
-    q = attn.query(attn.layernorm1(latents))
-    normed = attn.layernorm2(inputs)
-    k, v = attn.key(normed), attn.value(normed)
-    q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-    return layer.output(out) + latents
+    case = Case(name="layer", level="layer", kind="cross", B=B, H=heads, N=N, M=M, dqk=channels // heads,
+                dv=channels // heads, C=C, latent_dim=latent)
+    return hf_attention(case, dtype, "cpu")
 
 
 def predicted_peak_gib(provider: str, shape, dtype) -> float:
@@ -87,7 +73,7 @@ def measure(job: dict) -> dict:
     torch.manual_seed(1)
     latents = torch.randn(B, N, latent, dtype=dtype, requires_grad=job["backward"])
     inputs = torch.randn(B, M, C, dtype=dtype, requires_grad=job["backward"])
-    forward = ((lambda: sdpa_forward(layer, latents, inputs)) if job["provider"] == "SDPA layer"
+    forward = ((lambda: sdpa_layer_forward(layer, latents, inputs, False)) if job["provider"] == "SDPA layer"
                else (lambda: layer(latents, inputs=inputs)[0]))
 
     def call():

@@ -1,4 +1,8 @@
-"""The `perceiver-fast` command. `check`: compile every Triton kernel configuration for a GPU target."""
+"""The `perceiver-fast` command.
+
+  check   compile every Triton kernel configuration for a GPU target (no GPU needed)
+  bench   run the benchmark set and write the report (tables, plots, JSON); --compare an earlier run
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,20 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="perceiver-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="perceiver-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="compile every Triton kernel configuration for a GPU target (no GPU needed)")
     check.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
     check.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: up to 2)")
+    from .bench.command import add_arguments, bench_command
+
+    bench = sub.add_parser("bench", help="run the benchmark set and write the report")
+    add_arguments(bench)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        return bench_command(args, bench)
     from .kernels.compile_check import run_check
 
     return run_check(arch=args.arch, workers=args.workers)
