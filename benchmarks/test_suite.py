@@ -34,6 +34,8 @@ def _params(level, providers):
 def run(benchmark, case, provider, dtype_name, pass_name):
     dtype = DTYPES[dtype_name]
     reason = provider.refusal(case, dtype, DEVICE)
+    if not reason and DEVICE == "cpu" and os.environ.get("PERCEIVER_FAST_BENCH_FULL") != "1":
+        reason = provider.full_set_only_on_cpu
     if reason:
         pytest.skip(reason)
     call = provider.prepare(case, dtype, DEVICE, pass_name == "forward+backward")

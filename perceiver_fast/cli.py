@@ -2,6 +2,7 @@
 
   check   compile every Triton kernel configuration for a GPU target (no GPU needed)
   bench   run the benchmark set and write the report (tables, plots, JSON); --compare an earlier run
+  profile where time and memory go in a named Perceiver, with and without pf.patch
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="run the benchmark set and write the report")
     add_arguments(bench)
+    from .profiler.command import add_arguments as add_profile_arguments
+    from .profiler.command import profile_command
+
+    profile = sub.add_parser("profile", help="per-part time and memory of a named Perceiver, with and without pf.patch")
+    add_profile_arguments(profile)
     args = parser.parse_args(argv)
 
     if args.command == "bench":
         return bench_command(args, bench)
+    if args.command == "profile":
+        return profile_command(args, profile)
     from .kernels.compile_check import run_check
 
     return run_check(arch=args.arch, workers=args.workers)

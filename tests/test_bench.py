@@ -36,14 +36,20 @@ def test_cases_follow_the_published_shapes():
     assert case.scaled == "B 24 -> 1"
     latent = case_from_shape("hf-vision-self", "layer")
     assert latent.N == latent.M == 512 and latent.latent_dim == shapes["hf-vision-self"]["D_latent"]
-    with pytest.raises(ValueError, match="decoder"):
-        case_from_shape("hf-language-decoder", "op")
+    decoder = case_from_shape("hf-optical-flow-decoder", "op")
+    assert (decoder.kind, decoder.N, decoder.M) == ("cross", 182528, 2048)
+    with pytest.raises(ValueError, match="decoder shape: no layer-level case"):
+        case_from_shape("hf-language-decoder", "layer")
     swept = sweep(case_from_shape("hf-vision-fourier-cross", "op"), [100, 50176])
     assert [c.M for c in swept] == [100, 50176] and swept[0].scaled == "M 50176 -> 100" and swept[1].scaled == ""
     for cases in (quick_cases("cpu"), full_cases("cpu")):
         assert {c.level for c in cases} == {"op", "layer"}
         assert any(c.causal for c in cases) and any(c.kind == "latent" for c in cases)
         assert len({c.M for c in cases if c.sweep == "hf-vision-fourier-cross" and c.level == "op"}) >= 3
+
+
+def test_full_set_covers_every_published_shape():
+    assert {c.name for c in full_cases("cpu")} == set(load_shapes())
 
 
 def test_attention_flops_count_causal_pairs():
@@ -57,6 +63,7 @@ def test_providers_say_why_they_cannot_run():
     assert {"perceiver_fast[cpu]", "perceiver_fast[triton]", "eager", "sdpa", "flex_attention",
             "flash_attn"} <= set(names)
     assert "CUDA" in names["flash_attn"].refusal(TINY, torch.float32, "cpu")
+    assert "--full" in names["flex_attention"].full_set_only_on_cpu
     huge = replace(TINY, N=2**20, M=2**24)
     assert "out of memory" in score_matrix_refusal(huge, torch.float32, "cpu", 2)
     assert "out of memory" in names["eager"].refusal(huge, torch.float32, "cpu")
@@ -73,6 +80,13 @@ def test_measure_gives_a_row_per_provider_with_time_memory_or_reason():
     for name in ("sdpa", "perceiver_fast[cpu]"):
         assert by_name[name]["ms"] > 0 and by_name[name]["peak_extra_mib"] >= 0
     assert "CUDA" in by_name["flash_attn"]["not_run"]
+
+
+def test_full_set_only_providers_run_in_the_full_set():
+    quick = measure(TINY, "float32", "forward", "cpu", repeats=1, only=["flex_attention"])
+    assert "--full" in quick[0]["not_run"]
+    full = measure(TINY, "float32", "forward", "cpu", repeats=1, only=["flex_attention"], full=True)
+    assert full[0]["ms"] > 0, full
 
 
 def test_run_cases_runs_each_case_in_a_subprocess_and_reports_progress():

@@ -57,14 +57,15 @@ def load_shapes() -> dict[str, dict]:
     return {case["name"]: case for case in json.loads(text)["cases"]}
 
 
-KINDS = {"cross": "cross", "causal-cross": "causal", "self": "latent"}
+# Decoders (many queries, few keys) run as cross-attention at op level.
+KINDS = {"cross": "cross", "causal-cross": "causal", "self": "latent", "decoder": "cross"}
 
 
 def case_from_shape(name: str, level: str, batch: int | None = None, inputs: int | None = None) -> Case:
     """The published shape `name` as a Case: smallest published batch unless `batch`, M replaced by `inputs`."""
     shape = load_shapes()[name]
-    if shape["kind"] not in KINDS:
-        raise ValueError(f"shape {name!r} is a {shape['kind']} shape; cases are cross, causal-cross or self")
+    if shape["kind"] not in KINDS or (shape["kind"] == "decoder" and level == "layer"):
+        raise ValueError(f"shape {name!r} is a {shape['kind']} shape: no {level}-level case is built from it")
     batches = shape["B"] if isinstance(shape["B"], list) else [shape["B"]]
     B = batch if batch is not None else min(batches)
     notes = []
@@ -77,7 +78,7 @@ def case_from_shape(name: str, level: str, batch: int | None = None, inputs: int
     kind = KINDS[shape["kind"]]
     N = M if kind == "latent" else shape["N"]
     C = shape.get("C", shape["H"] * shape["dqk"]) if kind != "latent" else shape["D_latent"]
-    latent_dim = shape.get("D_latent", shape["H"] * shape["dqk"])
+    latent_dim = shape.get("D_latent", shape["H"] * shape["dqk"])  # decoders list no latent width
     return Case(name=name, level=level, kind=kind, B=B, H=shape["H"], N=N, M=M, dqk=shape["dqk"], dv=shape["dv"],
                 C=C, latent_dim=latent_dim, scaled=", ".join(notes))
 

@@ -71,7 +71,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     cases = [c for c in (full_cases if args.full else quick_cases)(device) if c.level in levels]
     print(f"perceiver-fast bench: {len(cases)} cases x {len(dtypes)} dtypes x {len(passes)} passes on {device}, "
           f"{'full' if args.full else 'quick'} set", flush=True)
-    rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True))
+    rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True),
+                     full=args.full)
     written = write_report(args.out, machine(device), rows, plots=not args.no_plots)
     print(f"wrote {written['report']}, {written['results']} and {len(written['plots'])} plots")
     if old_rows is not None:

@@ -29,6 +29,8 @@ class Provider:
     level: str
     refusal: Callable[[Case, torch.dtype, str], str | None]
     prepare: Callable[[Case, torch.dtype, str, bool], Callable[[], object]]
+    # Why it runs on the CPU in the --full set only (too slow to set up for the quick one); "" if it does not.
+    full_set_only_on_cpu: str = ""
 
 
 def free_bytes(device: str) -> int:
@@ -99,17 +101,15 @@ def sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _op_provider(name: str, fn, refusal=None) -> Provider:
+def _op_provider(name: str, fn, refusal=None, full_set_only_on_cpu: str = "") -> Provider:
     def prepare(case, dtype, device, backward):
         q, k, v = op_inputs(case, dtype, device, backward)
         return _run(lambda: fn(q, k, v, case), [q, k, v], backward)
 
-    return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare)
+    return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare, full_set_only_on_cpu)
 
 
 def _flex_refusal(case, dtype, device):
-    if device != "cuda":
-        return "FlexAttention runs here compiled on CUDA only (on the CPU each shape needs its own inductor build)"
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         return "this torch has no FlexAttention"
     return None
@@ -177,7 +177,8 @@ def op_providers() -> list[Provider]:
             + [_op_provider("eager", lambda q, k, v, case: eager(q, k, v, case.causal),
                             lambda case, dtype, device: score_matrix_refusal(case, dtype, device, 3)),
                _op_provider("sdpa", lambda q, k, v, case: sdpa(q, k, v, case.causal)),
-               _op_provider("flex_attention", _flex, _flex_refusal),
+               _op_provider("flex_attention", _flex, _flex_refusal,
+                            "compiled per shape (about 20 s each on the 2-core CPU): in the --full set only"),
                _op_provider("flash_attn", _flash_attn, _flash_attn_refusal)])
 
 

@@ -20,8 +20,10 @@ PASSES = ("forward", "forward+backward")
 
 
 def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: int,
-            only: list[str] | None = None) -> list[dict]:
-    """One row per provider of the case's level (or those named in `only`): time and peak memory, or why not."""
+            only: list[str] | None = None, full: bool = False) -> list[dict]:
+    """One row per provider of the case's level (or those named in `only`): time and peak memory, or why not.
+
+    full: the --full set, where providers too slow to set up for the quick set run on the CPU too."""
     from .timing import median_seconds
 
     dtype, backward = DTYPES[dtype_name], pass_name == "forward+backward"
@@ -31,6 +33,8 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             continue
         row = {"case": case.to_dict(), "dtype": dtype_name, "pass": pass_name, "provider": provider.name}
         reason = provider.refusal(case, dtype, device)
+        if not reason and device == "cpu" and not full:
+            reason = provider.full_set_only_on_cpu
         if reason:
             rows.append({**row, "not_run": reason})
             continue
@@ -58,13 +62,13 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
 
 
 def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: str, repeats: int,
-              progress=print) -> list[dict]:
+              progress=print, full: bool = False) -> list[dict]:
     """Every case x dtype x pass, one process each, with a progress line per process."""
     jobs = [(case, d, p) for case in cases for d in dtypes for p in passes]
     rows, start = [], time.monotonic()
     for index, (case, dtype_name, pass_name) in enumerate(jobs, 1):
         job = {"case": asdict(case), "dtype_name": dtype_name, "pass_name": pass_name, "device": device,
-               "repeats": repeats}
+               "repeats": repeats, "full": full}
         found = run_job_in_subprocess(job)
         rows += found
         timed = ", ".join(f"{r['provider']} {r['ms']:.1f} ms" for r in found if "ms" in r)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     job = json.loads((argv or sys.argv[1:])[0])
     case = Case(**job["case"])
     print(json.dumps(measure(case, job["dtype_name"], job["pass_name"], job["device"], job["repeats"],
-                             job.get("only"))))
+                             job.get("only"), job.get("full", False))))
     return 0
 
 

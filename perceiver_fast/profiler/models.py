@@ -1,0 +1,88 @@
+"""Named Perceiver configurations for `perceiver-fast profile`: HF transformers models in their
+published configurations (random weights), built for a chosen input length and batch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .memory_model import ModelShape
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    description: str
+    valid_length: Callable[[int], str | None]  # why an input length cannot be used, None if it can
+    build: Callable[[int, torch.dtype], nn.Module]
+    inputs: Callable[[int, int, torch.dtype, str], object]
+    run: Callable[[nn.Module, object], torch.Tensor]
+    shape: Callable[[int, int, torch.dtype], ModelShape]
+
+
+def _square(length: int) -> str | None:
+    side = math.isqrt(length)
+    if side * side != length:
+        return (f"hf-vision-fourier takes square images: --input-len must be a square number of pixels "
+                f"(50176 = 224^2), got {length}; nearest: {side * side} or {(side + 1) ** 2}")
+    return None
+
+
+def _vision_config(length: int):
+    from transformers import PerceiverConfig
+
+    return PerceiverConfig(num_latents=512, d_latents=1024, num_blocks=8, num_self_attends_per_block=6,
+                           num_self_attention_heads=8, num_cross_attention_heads=1,
+                           self_attention_widening_factor=1, cross_attention_widening_factor=1,
+                           image_size=math.isqrt(length), num_labels=1000)
+
+
+def _vision_build(length, dtype):
+    from transformers import PerceiverForImageClassificationFourier
+
+    torch.manual_seed(0)
+    return PerceiverForImageClassificationFourier(_vision_config(length)).eval().to(dtype)
+
+
+def _vision_inputs(batch, length, dtype, device):
+    side = math.isqrt(length)
+    return torch.randn(batch, 3, side, side, dtype=dtype, device=device)
+
+
+def _vision_shape(batch, length, dtype):
+    # 3 pixel channels + 258 Fourier position channels (2 axes x 64 bands x sin/cos + 2 positions).
+    return ModelShape(batch=batch, inputs=length, channels=261, raw_channels=3, latents=512, latent_dim=1024,
+                      cross_heads=1, cross_qk=261, cross_v=261, self_heads=8, self_layers=6,
+                      element_bytes=torch.finfo(dtype).bits // 8)
+
+
+def _language_build(length, dtype):
+    from transformers import PerceiverConfig, PerceiverForMaskedLM
+
+    torch.manual_seed(0)
+    config = PerceiverConfig(max_position_embeddings=length)  # the published hf-language defaults otherwise
+    return PerceiverForMaskedLM(config).eval().to(dtype)
+
+
+def _language_inputs(batch, length, dtype, device):
+    return torch.randint(0, 262, (batch, length), device=device)
+
+
+def _language_shape(batch, length, dtype):
+    return ModelShape(batch=batch, inputs=length, channels=768, raw_channels=768, latents=256, latent_dim=1280,
+                      cross_heads=8, cross_qk=32, cross_v=160, self_heads=8, self_layers=26,
+                      element_bytes=torch.finfo(dtype).bits // 8, decoder_queries=length, decoder_dim=262)
+
+
+NAMED_MODELS = {
+    "hf-vision-fourier": NamedModel(
+        "hf-vision-fourier", "HF PerceiverForImageClassificationFourier (224x224 -> M = 50176 of C = 261)",
+        _square, _vision_build, _vision_inputs, lambda m, x: m(inputs=x).logits, _vision_shape),
+    "hf-language": NamedModel(
+        "hf-language", "HF PerceiverForMaskedLM (M = 2048 bytes of C = 768, 256 latents, 26 layers)",
+        lambda length: None, _language_build, _language_inputs, lambda m, x: m(inputs=x).logits, _language_shape),
+}
