@@ -65,8 +65,9 @@ def test_stage_terms_follow_the_documented_formula():
         "latent self-attention": x + B * e * (2 * 8 * N * N + 7 * N * D)}
     assert stage_bytes(s, patched=True)["cross-attention"] == x + 2 * B * 1 * N * C * e
     assert predicted_peak_bytes(s, False) == max(stage_bytes(s, False).values()) + WORKSPACE_BYTES
-    mlm = replace(s, decoder_queries=100, decoder_dim=262)
-    assert stage_bytes(mlm, False)["decoder"] == x + B * e * 100 * (2 * C + 2 * N + 3 * 262)
+    mlm = replace(s, decoder_queries=100, decoder_channels=64, decoder_heads=8, decoder_dim=262)
+    assert stage_bytes(mlm, False)["decoder"] == x + B * e * 100 * (8 * 64 + 2 * 8 * N + 262)
+    assert stage_bytes(mlm, True)["decoder"] == x + B * e * 100 * (8 * 64 + 262)
     assert with_inputs(mlm, 400).decoder_queries == 400 and with_inputs(s, 400).decoder_queries == 0
 
 

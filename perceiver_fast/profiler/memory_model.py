@@ -15,16 +15,20 @@ peak above the model's weights and its raw input is the largest of these stages,
                                           x (the HF model keeps it to the end), two N x N score
                                           tensors per head, and seven N x D activations (hidden
                                           state, its LayerNorm, q, k, v, context, its copy)
-  decoder (MLM)          B M C e + B e Q (2 C + 2 H N + 3 V) with Q = M queries and V the vocabulary
-                                          or output width: its queries, scores over the latents,
-                                          context and logits
+  decoder (MLM)          B M C e + B e Q (8 Cq + 2 Hd N + V), with Q = M queries of Cq channels,
+                                          Hd heads and V outputs (the vocabulary): eight Q x Cq
+                                          activations (query, its LayerNorm, context, output
+                                          projection, residual, the MLP's LayerNorm, hidden and
+                                          activation), two Q x N score tensors per head
+                                          (unpatched only) and the logits
   W = 16 MiB                              runtime workspace (threads, GEMM library buffers),
                                           measured on the 2-core CPU at M = 1024
 
 The terms were checked against measured peaks of HF PerceiverForImageClassificationFourier on
 the CPU (tests/test_profiler.py): at B = 2, M = 50176 in float32 the formula gives 808 MiB
-unpatched (measured 802) and 216 MiB patched (measured 223). Forward only: training peaks
-(saved activations, gradients) are not modelled.
+unpatched (measured 827) and 216 MiB patched (measured 199); and of HF PerceiverForMaskedLM at
+B = 2, M = 2048: 192 MiB unpatched (measured 180) and 128 MiB patched (measured 125). Forward
+only: training peaks (saved activations, gradients) are not modelled.
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ class ModelShape:
     self_heads: int
     self_layers: int
     element_bytes: int
-    decoder_queries: int = 0  # queries of a decoder that outputs per input (MLM); 0: a small decoder
-    decoder_dim: int = 0      # that decoder's output width (vocabulary)
+    decoder_queries: int = 0   # queries of a decoder that outputs per input (MLM); 0: a small decoder
+    decoder_channels: int = 0  # their channels
+    decoder_heads: int = 0
+    decoder_dim: int = 0       # that decoder's output width (vocabulary)
 
 
 def stage_bytes(s: ModelShape, patched: bool) -> dict[str, int]:
@@ -65,8 +71,8 @@ def stage_bytes(s: ModelShape, patched: bool) -> dict[str, int]:
         stages["cross-attention"] = B * e * (2 * M * C + M * H * (dqk + dv) + 2 * H * N * M)
     stages["latent self-attention"] = x + B * e * (2 * s.self_heads * N * N + 7 * N * D)
     if s.decoder_queries:
-        Q = s.decoder_queries
-        stages["decoder"] = x + B * e * Q * (2 * C + 2 * H * N + 3 * s.decoder_dim)
+        Q, scores = s.decoder_queries, 0 if patched else 2 * s.decoder_heads * N
+        stages["decoder"] = x + B * e * Q * (8 * s.decoder_channels + scores + s.decoder_dim)
     return stages
 
 

@@ -75,7 +75,8 @@ def _language_inputs(batch, length, dtype, device):
 def _language_shape(batch, length, dtype):
     return ModelShape(batch=batch, inputs=length, channels=768, raw_channels=768, latents=256, latent_dim=1280,
                       cross_heads=8, cross_qk=32, cross_v=160, self_heads=8, self_layers=26,
-                      element_bytes=torch.finfo(dtype).bits // 8, decoder_queries=length, decoder_dim=262)
+                      element_bytes=torch.finfo(dtype).bits // 8, decoder_queries=length, decoder_channels=768,
+                      decoder_heads=8, decoder_dim=262)
 
 
 NAMED_MODELS = {
