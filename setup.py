@@ -14,8 +14,12 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 
+CUDA_BINDING = "csrc/cuda_binding.cpp"  # needs torch's CUDA headers: built with the .cu files only
+
+
 def extension_modules():
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    cpp_sources = [s for s in cpp_sources if s != CUDA_BINDING]
     if not cpp_sources:
         return [], {}
     import torch
@@ -24,8 +28,9 @@ def extension_modules():
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     extra = {"cxx": ["-O3", "-fopenmp"]}
     if torch.version.cuda and cuda_sources:
-        ext = cpp_extension.CUDAExtension("perceiver_fast._C", cpp_sources + cuda_sources,
-                                          extra_compile_args={**extra, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CUDAExtension("perceiver_fast._C", cpp_sources + [CUDA_BINDING] + cuda_sources,
+                                          extra_compile_args={**extra, "nvcc": ["-O3", "-std=c++17"]},
+                                          extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("perceiver_fast._C", cpp_sources, extra_compile_args=extra,
                                          extra_link_args=["-fopenmp"])

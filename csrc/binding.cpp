@@ -281,6 +281,10 @@ TORCH_LIBRARY(perceiver_fast, m) {
       "cpu_input_attention_backward(Tensor dout, Tensor q, Tensor x, bool normalize, float eps, Tensor? k_weight, "
       "Tensor? k_bias, Tensor? v_weight, Tensor? v_bias, Tensor out, Tensor lse, Tensor? key_mask, bool causal, "
       "float scale, int key_tile=0, int row_block=0, int workers=0) -> Tensor[]");
+  // Implemented for CUDA by csrc/cuda_binding.cpp where torch has CUDA. splits = 0: chosen per GPU.
+  m.def(
+      "cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, "
+      "int splits=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(perceiver_fast, CPU, m) {

@@ -17,7 +17,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ma
     key_mask: optional bool (B, M), True = key may be attended. causal: bottom-right
     aligned, query i sees key j iff j <= i + M - N. A query with no key gets output 0
     and lse -inf. scale defaults to 1/sqrt(Dqk). return_lse=True returns (out, lse) with
-    lse (B, H, N) float32 (not differentiable). backend: None/"auto", "triton", "cpu" or "reference".
+    lse (B, H, N) float32 (not differentiable). backend: None/"auto", "triton", "cuda", "cpu" or
+    "reference".
     """
     return_lse = check_flag("return_lse", return_lse)
     problem = validate(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross")

@@ -67,7 +67,7 @@ def test_public_function_raises_for_explicit_refusal(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="backend must be None, 'auto' or one of 'triton', 'cpu', 'reference'"):
+    with pytest.raises(ValueError, match="backend must be None, 'auto' or one of 'triton', 'cuda', 'cpu', 'reference'"):
         select_backend(problem(), "flash")
     with pytest.raises(TypeError, match="backend must be a str or None"):
         select_backend(problem(), 3)
@@ -77,7 +77,7 @@ def test_explain_reports_each_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     reasons = pf.explain(q, k, v)
-    assert list(reasons) == ["triton", "cpu", "reference"]
+    assert list(reasons) == ["triton", "cuda", "cpu", "reference"]
     assert reasons["reference"] == [] and reasons["cpu"] == []
     assert any("TRITON_INTERPRET" in r for r in reasons["triton"])
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from ..validation import Problem
 from .base import Backend, Capabilities
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-BACKENDS: tuple[Backend, ...] = (TritonBackend(), CpuBackend(), ReferenceBackend())
+BACKENDS: tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())
 BACKEND_NAMES = tuple(b.name for b in BACKENDS)
 
 

@@ -1,0 +1,54 @@
+"""The cuda backend (csrc/cuda/): forward against the float64 reference on a GPU; its refusals everywhere.
+
+Its sources are compiled for sm_90a by `make cuda-check` (part of `make test`) on any machine with nvcc.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import perceiver_fast as pf
+from perceiver_fast.backends.cuda import cuda_kernels_built
+
+from checks import assert_matches, random_inputs, random_key_mask, reference_with_grads
+
+# (B, H, N, M, Dqk, Dv): one head of 261 / 322, Dqk != Dv, odd sizes, a latent-sized case.
+SHAPES = [(1, 1, 512, 4096, 261, 261), (2, 2, 100, 1000, 32, 160), (1, 8, 64, 3000, 64, 64), (1, 1, 1, 1, 5, 3),
+          (2, 1, 257, 129, 322, 322), (1, 2, 200, 200, 1024, 96)]
+
+
+def test_auto_dispatch_never_picks_the_untested_cuda_backend():
+    q, k, v = random_inputs(1, 1, 4, 8, 16, 16, requires_grad=False)
+    reasons = pf.explain(q, k, v)["cuda"]
+    assert any("device cpu not supported" in r or "not built" in r for r in reasons)
+    with pytest.raises(pf.BackendUnsupportedError, match="backend 'cuda' cannot run"):
+        pf.cross_attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_backend_is_built_where_torch_has_cuda():
+    assert cuda_kernels_built()
+    q, k, v = random_inputs(1, 1, 4, 8, 16, 16, dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    assert any("not yet run on a GPU" in r for r in pf.explain(q, k, v)["cuda"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("masking", ["none", "key_mask", "causal", "both"])
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_cuda_forward_matches_float64_reference(dtype, shape, masking, splits):
+    B, H, N, M, dqk, dv = shape
+    q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device="cuda", requires_grad=False)
+    key_mask = random_key_mask(B, M, device="cuda") if masking in ("key_mask", "both") else None
+    causal = masking in ("causal", "both")
+    scale = dqk ** -0.5
+    out, lse = torch.ops.perceiver_fast.cuda_attention_forward(q, k, v, key_mask, causal, scale, splits)
+    dout = torch.zeros_like(out)
+    expected, expected_lse, _ = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=causal)
+    same_dtype, _, _ = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=causal, compute_dtype=dtype)
+    assert_matches("out", out, expected, same_dtype.to(dtype))
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite].double() - expected_lse[finite].double()).abs().max() <= 1e-2
