@@ -38,6 +38,21 @@ at::Tensor checked_key_mask(const std::optional<at::Tensor>& key_mask, int64_t B
   return mask.contiguous();
 }
 
+// dout, out and lse of a backward call, checked against the forward's shape: (dout with a unit
+// last stride, out and lse contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_backward_operands(const at::Tensor& dout, const at::Tensor& out,
+                                                                         const at::Tensor& lse, const at::Tensor& q,
+                                                                         const cpu::Shape& s) {
+  check_operand("dout", dout, q);
+  check_operand("out", out, q);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries, s.dim_v}),
+              "dout and out must be (B, H, N, Dv) = (", s.batch, ", ", s.heads, ", ", s.queries, ", ", s.dim_v,
+              "), got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries}),
+              "lse must be float32 (B, H, N), got ", lse.scalar_type(), " ", lse.sizes());
+  return {with_unit_last_stride(dout), out.contiguous(), lse.contiguous()};
+}
+
 struct Checked {
   at::Tensor q, k, v, key_mask;
   cpu::Shape shape;
@@ -99,16 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         int64_t workers) {
   const Checked c = check_inputs(q, k, v, key_mask);
   const auto& s = c.shape;
-  check_operand("dout", dout, q);
-  check_operand("out", out, q);
-  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries, s.dim_v}),
-              "dout and out must be (B, H, N, Dv) = (", s.batch, ", ", s.heads, ", ", s.queries, ", ", s.dim_v,
-              "), got ", dout.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries}),
-              "lse must be float32 (B, H, N), got ", lse.scalar_type(), " ", lse.sizes());
-  const auto out_c = out.contiguous();
-  const auto lse_c = lse.contiguous();
-  const auto dout_c = with_unit_last_stride(dout);
+  // Plain references, not structured bindings: the dispatch lambdas below capture them (C++17).
+  const auto operands = checked_backward_operands(dout, out, lse, q, s);
+  const at::Tensor &dout_c = std::get<0>(operands), &out_c = std::get<1>(operands), &lse_c = std::get<2>(operands);
   auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
   auto dk = at::zeros({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
   auto dv = at::zeros({s.batch, s.heads, s.keys, s.dim_v}, q.options());
@@ -232,16 +240,9 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
                                        double scale, int64_t key_tile, int64_t row_block, int64_t workers) {
   const CheckedInput c = check_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, key_mask);
   const auto& s = c.shape;
-  check_operand("dout", dout, q);
-  check_operand("out", out, q);
-  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries, s.dim_v}),
-              "dout and out must be (B, H, N, Dv) = (", s.batch, ", ", s.heads, ", ", s.queries, ", ", s.dim_v,
-              "), got ", dout.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.queries}),
-              "lse must be float32 (B, H, N), got ", lse.scalar_type(), " ", lse.sizes());
-  const auto out_c = out.contiguous();
-  const auto lse_c = lse.contiguous();
-  const auto dout_c = with_unit_last_stride(dout);
+  // Plain references, not structured bindings: the dispatch lambdas below capture them (C++17).
+  const auto operands = checked_backward_operands(dout, out, lse, q, s);
+  const at::Tensor &dout_c = std::get<0>(operands), &out_c = std::get<1>(operands), &lse_c = std::get<2>(operands);
   auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
   auto dx = at::zeros(x.sizes(), x.options());
   at::Tensor dkw, dkb, dvw, dvb;
