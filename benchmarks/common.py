@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from perceiver_fast.bench.memory import memory_kib, peak_extra_mib, release_freed_memory  # noqa: F401
+from perceiver_fast.bench.memory import peak_extra_mib  # noqa: F401
 from perceiver_fast.bench.providers import eager, sdpa  # noqa: F401
-from perceiver_fast.bench.timing import cpu_model, machine, median_seconds  # noqa: F401
+from perceiver_fast.bench.timing import machine, median_seconds  # noqa: F401
 
 
 def run_in_subprocess(script: str, job: dict) -> dict:

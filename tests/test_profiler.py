@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-import perceiver_fast as pf
 from perceiver_fast.cli import main as cli
 from perceiver_fast.profiler import ModelShape, find_parts, largest_input, predicted_peak_bytes, profile_model
 from perceiver_fast.profiler.command import compare_patched, parse_size

@@ -102,7 +102,7 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             pf.patch(model)
         inputs = named.inputs(args.batch, args.input_len, dtype, device)
         print(f"profiling {'patched' if patched else 'unpatched'} ...", flush=True)
-        profiles.append(profile_model(model, lambda m: named.run(m, inputs), device=device, backward=args.backward,
+        profiles.append(profile_model(model, lambda m, x=inputs: named.run(m, x), device=device, backward=args.backward,
                                       trace=None if patched else args.trace))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         del model, inputs
