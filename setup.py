@@ -1,15 +1,14 @@
 """Build of perceiver-fast.
 
-`kernels/` installs as `perceiver_fast.kernels` (package_dir below), never as a top-level
-`kernels` module. C++ sources under csrc/ build into `perceiver_fast._C` with torch's
-BuildExtension (ninja); CUDA sources only where torch has CUDA. Build with
+The Triton kernels live inside the package (perceiver_fast/kernels/). C++ sources under csrc/
+build into `perceiver_fast._C` with torch's BuildExtension (ninja); CUDA sources only where torch has CUDA. Build with
 `pip install --no-build-isolation .` so the extension is compiled against the torch you
 installed (an isolated build would download an unpinned torch).
 """
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -28,8 +27,10 @@ def extension_modules():
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     extra = {"cxx": ["-O3", "-fopenmp"]}
     if torch.version.cuda and cuda_sources:
+        # PERCEIVER_FAST_CUDA: binding.cpp adds the CUDA binding's functions to the module.
         ext = cpp_extension.CUDAExtension("perceiver_fast._C", cpp_sources + [CUDA_BINDING] + cuda_sources,
                                           extra_compile_args={**extra, "nvcc": ["-O3", "-std=c++17"]},
+                                          define_macros=[("PERCEIVER_FAST_CUDA", None)],
                                           extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("perceiver_fast._C", cpp_sources, extra_compile_args=extra,
@@ -46,10 +47,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["perceiver_fast", "perceiver_fast.backends", "perceiver_fast.autograd", "perceiver_fast.kernels",
-              "perceiver_fast.nn", "perceiver_fast.patching", "perceiver_fast.bench",
-              "perceiver_fast.profiler"],
-    package_dir={"perceiver_fast.kernels": "kernels"},
+    packages=find_packages(include=["perceiver_fast", "perceiver_fast.*"]),
     package_data={"perceiver_fast": ["shapes.json"]},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0

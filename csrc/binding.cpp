@@ -1,8 +1,7 @@
-// The one place where tensors meet the kernels: checks inputs, picks the kernel for the dtype,
-// allocates outputs, and registers the ops as torch.ops.perceiver_fast.*.
+// The one place where tensors meet the CPU kernels: checks inputs, picks the kernel for the dtype,
+// allocates outputs, and exposes them as functions of perceiver_fast._C.
 #include <ATen/ATen.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include "cpu/attention.h"
 #include "cpu/input_attention.h"
@@ -259,44 +258,45 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
         cpu::InputAttentionGrads<scalar_t>{dq.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), data_or_null<scalar_t>(dkw),
                                            data_or_null<scalar_t>(dkb), data_or_null<scalar_t>(dvw), data_or_null<scalar_t>(dvb)});
   });
-  const auto none = at::empty({0}, q.options());
-  if (!dkw.defined()) return {dq, dx, none, none, none, none};
+  if (!dkw.defined()) {
+    // Four distinct empty tensors: the outputs of a registered op may not alias each other.
+    const auto none = [&] { return at::empty({0}, q.options()); };
+    return {dq, dx, none(), none(), none(), none()};
+  }
   return {dq, dx, dkw, dkb, dvw, dvb};
 }
 
 }  // namespace
 }  // namespace perceiver_fast
 
-TORCH_LIBRARY(perceiver_fast, m) {
-  m.def(
-      "cpu_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, "
-      "int key_tile=0, int row_block=0, int workers=0) -> (Tensor, Tensor)");
-  m.def(
-      "cpu_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
-      "bool causal, float scale, int key_tile=0, int row_block=0, int workers=0) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "cpu_input_attention_forward(Tensor q, Tensor x, bool normalize, float eps, Tensor? k_weight, Tensor? k_bias, "
-      "Tensor? v_weight, Tensor? v_bias, Tensor? key_mask, bool causal, float scale, int key_tile=0, "
-      "int row_block=0, int workers=0) -> (Tensor, Tensor)");
-  m.def(
-      "cpu_input_attention_backward(Tensor dout, Tensor q, Tensor x, bool normalize, float eps, Tensor? k_weight, "
-      "Tensor? k_bias, Tensor? v_weight, Tensor? v_bias, Tensor out, Tensor lse, Tensor? key_mask, bool causal, "
-      "float scale, int key_tile=0, int row_block=0, int workers=0) -> Tensor[]");
-  // Implemented for CUDA by csrc/cuda_binding.cpp where torch has CUDA. splits = 0: chosen per GPU.
-  m.def(
-      "cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float scale, "
-      "int splits=0) -> (Tensor, Tensor)");
+#ifdef PERCEIVER_FAST_CUDA
+namespace perceiver_fast {
+void add_cuda_functions(pybind11::module_& m);  // csrc/cuda_binding.cpp
 }
-
-TORCH_LIBRARY_IMPL(perceiver_fast, CPU, m) {
-  m.impl("cpu_attention_forward", &perceiver_fast::forward);
-  m.impl("cpu_attention_backward", &perceiver_fast::backward);
-  m.impl("cpu_input_attention_forward", &perceiver_fast::input_forward);
-  m.impl("cpu_input_attention_backward", &perceiver_fast::input_backward);
-}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "perceiver-fast compiled kernels; the ops are registered as torch.ops.perceiver_fast.*";
+  // Plain functions, not torch ops: perceiver_fast/ops/ registers the library's ops with torch.library
+  // and calls these from their device kernels.
+  namespace py = pybind11;
+  m.doc() = "perceiver-fast compiled kernels, called by the ops of perceiver_fast/ops/";
+  m.def("cpu_attention_forward", &perceiver_fast::forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0, py::arg("row_block") = 0,
+        py::arg("workers") = 0);
+  m.def("cpu_attention_backward", &perceiver_fast::backward, py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"),
+        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0);
+  m.def("cpu_input_attention_forward", &perceiver_fast::input_forward, py::arg("q"), py::arg("x"),
+        py::arg("normalize"), py::arg("eps"), py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"),
+        py::arg("v_bias"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0,
+        py::arg("row_block") = 0, py::arg("workers") = 0);
+  m.def("cpu_input_attention_backward", &perceiver_fast::input_backward, py::arg("dout"), py::arg("q"), py::arg("x"),
+        py::arg("normalize"), py::arg("eps"), py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"),
+        py::arg("v_bias"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"),
+        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0);
+#ifdef PERCEIVER_FAST_CUDA
+  perceiver_fast::add_cuda_functions(m);
+#endif
   m.def("cpu_features", [] {
     return std::map<std::string, bool>{
         {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},

@@ -1,10 +1,11 @@
 // The CUDA backend's torch binding: checks inputs, allocates outputs and the split workspace,
 // picks the key-axis split count, and launches the kernels of csrc/cuda/ on the current stream.
-// Built only where torch has CUDA (setup.py); the op's schema is declared in binding.cpp.
+// Built only where torch has CUDA (setup.py), which then defines PERCEIVER_FAST_CUDA so that
+// binding.cpp adds this function to perceiver_fast._C.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <optional>
@@ -109,6 +110,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at
 }
 
 }  // namespace
-}  // namespace perceiver_fast
 
-TORCH_LIBRARY_IMPL(perceiver_fast, CUDA, m) { m.impl("cuda_attention_forward", &perceiver_fast::cuda_forward); }
+void add_cuda_functions(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("cuda_attention_forward", &cuda_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),
+        py::arg("causal"), py::arg("scale"), py::arg("splits") = 0);
+}
+
+}  // namespace perceiver_fast

@@ -1,8 +1,9 @@
 """perceiver-fast: fused attention kernels for Perceiver-family models."""
 
 from . import nn
-from .attention import cross_attention, explain, latent_attention
-from .backends import BACKEND_NAMES, BackendUnsupportedError
+from .attention import cross_attention, latent_attention
+from .dispatch import BACKEND_NAMES, BackendUnsupportedError
+from .explain import explain
 from .input_attention import fused_input_attention
 from .patching import PatchReport, patch, unpatch
 from .reference import attention_reference

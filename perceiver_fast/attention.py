@@ -1,11 +1,11 @@
-"""The public attention functions (contract: DESIGN.md)."""
+"""The public attention functions (contract: docs/design.md)."""
 
 from __future__ import annotations
 
 import torch
 
-from .backends import refusals_by_backend, select_backend
-from .validation import check_flag, validate
+from .dispatch import select_backend
+from .validation import check_flag, validate_attention
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
@@ -21,7 +21,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ma
     "reference".
     """
     return_lse = check_flag("return_lse", return_lse)
-    problem = validate(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross")
+    problem = validate_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross")
     out, lse = select_backend(problem, backend).run(problem)
     return (out, lse) if return_lse else out
 
@@ -32,17 +32,6 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
 
     Same layout, causal rule, scale and backends as `cross_attention`.
     """
-    problem = validate(q, k, v, causal=causal, scale=scale, kind="latent")
+    problem = validate_attention(q, k, v, causal=causal, scale=scale, kind="latent")
     out, _ = select_backend(problem, backend).run(problem)
     return out
-
-
-def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-            causal: bool = False, kind: str = "cross") -> dict[str, list[str]]:
-    """For each backend in auto-dispatch priority order, why it would refuse these inputs (empty list: it accepts).
-
-    kind is "cross" (cross_attention) or "latent" (latent_attention).
-    """
-    if kind not in ("cross", "latent"):
-        raise ValueError(f"kind must be 'cross' or 'latent', got {kind!r}")
-    return refusals_by_backend(validate(q, k, v, key_mask=key_mask, causal=causal, kind=kind))

@@ -53,26 +53,20 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ke
     return out.to(q.dtype), lse.float()
 
 
-def project_input(x: torch.Tensor, heads: int, *, k_weight: torch.Tensor, k_bias: torch.Tensor | None,
-                  v_weight: torch.Tensor, v_bias: torch.Tensor | None, norm_weight: torch.Tensor | None = None,
-                  norm_bias: torch.Tensor | None = None,
-                  norm_eps: float | None = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (B, H, M, Dqk) and V (B, H, M, Dv) of an input x (B, M, C): LayerNorm (none when norm_eps
-    is None), then the two projections as nn.Linear computes them, split over heads."""
-    if norm_eps is not None:
-        x = torch.nn.functional.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, norm_eps)
-    batch, keys, _ = x.shape
-    k = torch.nn.functional.linear(x, k_weight, k_bias).view(batch, keys, heads, -1).transpose(1, 2)
-    v = torch.nn.functional.linear(x, v_weight, v_bias).view(batch, keys, heads, -1).transpose(1, 2)
-    return k, v
-
-
 def input_attention_reference(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.Tensor,
                               k_bias: torch.Tensor | None, v_weight: torch.Tensor, v_bias: torch.Tensor | None,
                               norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
                               norm_eps: float | None = 1e-5, key_mask: torch.Tensor | None = None,
                               causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """The unfused input attention: LayerNorm(x), K, V and the score matrix all materialised."""
-    k, v = project_input(x, q.shape[1], k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
-                         norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps)
+    """The unfused input attention: LayerNorm(x), K, V and the score matrix all materialised.
+
+    LayerNorm (none when norm_eps is None), then the projections as nn.Linear computes them,
+    split over heads, then `attention_reference`.
+    """
+    if norm_eps is not None:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, norm_eps)
+    batch, keys, _ = x.shape
+    heads = q.shape[1]
+    k = torch.nn.functional.linear(x, k_weight, k_bias).view(batch, keys, heads, -1).transpose(1, 2)
+    v = torch.nn.functional.linear(x, v_weight, v_bias).view(batch, keys, heads, -1).transpose(1, 2)
     return attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale)[0]

@@ -1,4 +1,9 @@
-"""Input checks shared by every backend: one place that turns user arguments into a Problem."""
+"""Input checks shared by every op: one place that turns user arguments into a validated problem.
+
+Errors name the argument and what was expected: TypeError for a wrong type or dtype, ValueError
+for a wrong shape or value. Nothing is broadcast. Every check reads only shapes, dtypes and
+devices, never tensor values, so that torch.compile traces it without a graph break.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,32 @@ from dataclasses import dataclass
 
 import torch
 
+from .flops import INPUT_METHODS, choose_method
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 1024
+ATTENTION, INPUT_ATTENTION = "attention", "input_attention"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A validated attention call. kind is "cross" or "latent"."""
+    """What every op's problem shares, and what a backend's capabilities are judged on.
+
+    q is the (B, H, N, Dqk) queries of either op; `kind` is "cross" or "latent" (tile choices).
+    Each op's problem adds its tensors, `keys`, `dim_v` and `tensors()` (all its tensor inputs).
+    """
 
     q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
     key_mask: torch.Tensor | None
     causal: bool
     scale: float
     kind: str
+
+    op = ""
 
     @property
     def batch(self) -> int:
@@ -37,16 +53,8 @@ class Problem:
         return self.q.shape[2]
 
     @property
-    def keys(self) -> int:
-        return self.k.shape[2]
-
-    @property
     def dim_qk(self) -> int:
         return self.q.shape[3]
-
-    @property
-    def dim_v(self) -> int:
-        return self.v.shape[3]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,24 +66,76 @@ class Problem:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
 
     def describe(self) -> str:
-        return (f"{self.kind} attention B={self.batch} H={self.heads} N={self.queries} M={self.keys} "
-                f"Dqk={self.dim_qk} Dv={self.dim_v} {str(self.dtype).replace('torch.', '')} on {self.device.type}"
+        return (f"{self.op.replace('_', ' ')} ({self.kind}) B={self.batch} H={self.heads} N={self.queries} "
+                f"M={self.keys} Dqk={self.dim_qk} Dv={self.dim_v} {_dtype_name(self.dtype)} on {self.device.type}"
                 f"{' key_mask' if self.key_mask is not None else ''}{' causal' if self.causal else ''}"
                 f"{' grad' if self.needs_grad else ''}")
 
 
-def _check_tensor(name: str, t, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if any(s == 0 for s in t.shape):
-        raise ValueError(f"{name} must have no empty dimension {layout}, got shape {tuple(t.shape)}")
+@dataclass(frozen=True)
+class AttentionProblem(Problem):
+    """A validated `cross_attention` / `latent_attention` call."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    op = ATTENTION
+
+    @property
+    def keys(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def dim_v(self) -> int:
+        return self.v.shape[3]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.k, self.v
+
+
+@dataclass(frozen=True)
+class InputAttentionProblem(Problem):
+    """A validated `fused_input_attention` call, its tensors already in the compute dtype.
+
+    norm_eps None: no LayerNorm. method: "shortcut" or "projection" (never "auto" here).
+    """
+
+    x: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor | None
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor | None
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    norm_eps: float | None
+    method: str
+
+    op = INPUT_ATTENTION
+
+    @property
+    def keys(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def dim_v(self) -> int:
+        return self.v_weight.shape[0] // self.heads
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.q, self.x, self.k_weight, self.k_bias, self.v_weight, self.v_bias,
+                                 self.norm_weight, self.norm_bias) if t is not None)
+
+
+def attention_kind(queries: int, keys: int, key_mask) -> str:
+    """"latent" for self-attention over the latents (N == M, no key mask), else "cross": the one
+    place that decides which tile choices a problem gets."""
+    return "latent" if key_mask is None and queries == keys else "cross"
 
 
 def check_flag(name: str, value) -> bool:
@@ -84,15 +144,55 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
-def validate(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross") -> Problem:
-    """Checks the arguments against the contract in DESIGN.md and returns a Problem.
+def check_scale(scale, dim_qk: int) -> float:
+    """The softmax scale: 1/sqrt(Dqk) for None, else a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(dim_qk)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
 
-    Raises TypeError for a wrong type or dtype and ValueError for a wrong shape or value,
-    naming the argument and what was expected. Nothing is broadcast.
-    """
-    _check_tensor("q", q, "(B, H, N, Dqk)")
-    _check_tensor("k", k, "(B, H, M, Dqk)")
-    _check_tensor("v", v, "(B, H, M, Dv)")
+
+def check_tensor(name: str, t, layout: str, dims: int, floating: tuple = FLOAT_DTYPES) -> None:
+    """A tensor of `dims` dimensions, of one of the `floating` dtypes, with no empty dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in floating:
+        names = [_dtype_name(d) for d in floating]
+        raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
+    if any(s == 0 for s in t.shape):
+        raise ValueError(f"{name} must have no empty dimension {layout}, got shape {tuple(t.shape)}")
+
+
+def check_head_dims(dim_qk: int, dim_v: int) -> None:
+    for name, dim in (("Dqk", dim_qk), ("Dv", dim_v)):
+        if dim > MAX_HEAD_DIM:
+            raise ValueError(f"head dimension {name} must be at most {MAX_HEAD_DIM}, got {dim}")
+
+
+def check_key_mask(key_mask, batch: int, keys: int, device: torch.device) -> None:
+    if key_mask is None:
+        return
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask must be a bool torch.Tensor of shape (B, M) = ({batch}, {keys}), "
+                        f"got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must have dtype torch.bool (True = key may be attended), got {key_mask.dtype}")
+    if tuple(key_mask.shape) != (batch, keys):
+        raise ValueError(f"key_mask must have shape (B, M) = ({batch}, {keys}), got {tuple(key_mask.shape)}")
+    if key_mask.device != device:
+        raise ValueError(f"key_mask must be on q's device {device}, got {key_mask.device}")
+
+
+def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross") -> AttentionProblem:
+    """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent")."""
+    check_tensor("q", q, "(B, H, N, Dqk)", 4)
+    check_tensor("k", k, "(B, H, M, Dqk)", 4)
+    check_tensor("v", v, "(B, H, M, Dv)", 4)
     B, H, N, dqk = q.shape
     M = k.shape[2]
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -105,29 +205,74 @@ def validate(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "c
     if tuple(v.shape[:3]) != (B, H, M):
         raise ValueError(f"v must have shape (B, H, M, Dv) = ({B}, {H}, {M}, Dv) to match q and k, "
                          f"got {tuple(v.shape)}")
-    for name, dim in (("Dqk", dqk), ("Dv", v.shape[3])):
-        if dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dimension {name} must be at most {MAX_HEAD_DIM}, got {dim}")
+    check_head_dims(dqk, v.shape[3])
     if kind == "latent" and N != M:
         raise ValueError(f"latent_attention is self-attention: q and k must have the same length, "
                          f"got N={N} queries and M={M} keys (use cross_attention for N != M)")
+    check_key_mask(key_mask, B, M, q.device)
+    return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=check_flag("causal", causal),
+                            scale=check_scale(scale, dqk), kind=kind)
 
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor):
-            raise TypeError(f"key_mask must be a bool torch.Tensor of shape (B, M) = ({B}, {M}), "
-                            f"got {type(key_mask).__name__}")
-        if key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask must have dtype torch.bool (True = key may be attended), got {key_mask.dtype}")
-        if tuple(key_mask.shape) != (B, M):
-            raise ValueError(f"key_mask must have shape (B, M) = ({B}, {M}), got {tuple(key_mask.shape)}")
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask must be on q's device {q.device}, got {key_mask.device}")
 
+def _compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
+    """autocast's dtype where autocast is on (as F.linear would run), else the promoted dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=None, norm_weight=None,
+                             norm_bias=None, norm_eps=1e-5, key_mask=None, causal=False, scale=None,
+                             method="auto") -> InputAttentionProblem:
+    """Checks the arguments of `fused_input_attention`, casts every tensor to the compute dtype
+    (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs."""
+    check_tensor("q", q, "(B, H, N, Dqk)", 4)
+    check_tensor("x", x, "(B, M, C)", 3)
+    batch, heads, queries, dim_qk = q.shape
+    _, keys, channels = x.shape
+    if x.shape[0] != batch:
+        raise ValueError(f"x must have q's batch size {batch}, got shape {tuple(x.shape)}")
+    check_tensor("k_weight", k_weight, "(H * Dqk, C)", 2)
+    if tuple(k_weight.shape) != (heads * dim_qk, channels):
+        raise ValueError(f"k_weight must have shape (H * Dqk, C) = {(heads * dim_qk, channels)}, "
+                         f"got {tuple(k_weight.shape)}")
+    check_tensor("v_weight", v_weight, "(H * Dv, C)", 2)
+    if v_weight.shape[0] % heads or v_weight.shape[1] != channels:
+        raise ValueError(f"v_weight must have shape (H * Dv, C) with H = {heads}, C = {channels}, "
+                         f"got {tuple(v_weight.shape)}")
+    dim_v = v_weight.shape[0] // heads
+    check_head_dims(dim_qk, dim_v)
+    for name, t, size, layout in (("k_bias", k_bias, heads * dim_qk, "(H * Dqk,)"),
+                                  ("v_bias", v_bias, heads * dim_v, "(H * Dv,)"),
+                                  ("norm_weight", norm_weight, channels, "(C,)"),
+                                  ("norm_bias", norm_bias, channels, "(C,)")):
+        if t is not None:
+            check_tensor(name, t, layout, 1)
+            if t.shape[0] != size:
+                raise ValueError(f"{name} must have shape {layout} = ({size},), got {tuple(t.shape)}")
+    tensors = [t for t in (q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias) if t is not None]
+    if any(t.device != q.device for t in tensors):
+        raise ValueError(f"q, x, the projections and the norm must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+    if norm_eps is not None and (isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real)
+                                 or not math.isfinite(norm_eps) or norm_eps < 0):
+        raise ValueError(f"norm_eps must be a finite number >= 0, or None for no LayerNorm, got {norm_eps!r}")
+    if norm_eps is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight and norm_bias need a LayerNorm: pass norm_eps (None means no LayerNorm)")
+    check_key_mask(key_mask, batch, keys, q.device)
     causal = check_flag("causal", causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(dqk)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return Problem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=float(scale), kind=kind)
+    if method not in ("auto",) + INPUT_METHODS:
+        raise ValueError(f"method must be one of 'auto', {', '.join(map(repr, INPUT_METHODS))}, got {method!r}")
+    if method == "auto":
+        method = choose_method(queries, keys, channels, dim_qk, dim_v, causal)
+    dtype = _compute_dtype(tensors, q.device.type)
+    q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias = (
+        None if t is None else t.to(dtype) for t in (q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias))
+    return InputAttentionProblem(
+        q=q, key_mask=key_mask, causal=causal, scale=check_scale(scale, dim_qk),
+        kind=attention_kind(queries, keys, key_mask), x=x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
+        v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
+        norm_eps=None if norm_eps is None else float(norm_eps), method=method)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from perceiver_fast import attention_reference
+from perceiver_fast.ops import attention
 
 FP32_RTOL = 1e-4
 
@@ -31,6 +32,14 @@ def reference_with_grads(q, k, v, dout, *, key_mask=None, causal=False, scale=No
     out, lse = attention_reference(*leaves, key_mask=key_mask, causal=causal, scale=scale)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return out, lse, grads
+
+
+def kernel_runner(kernel: str, kind: str = "cross", tiling=()):
+    """run(q, k, v, key_mask, causal) -> (out, lse) on one kernel family's registered op, past dispatch:
+    `tiling` overrides its loop sizes (see perceiver_fast.ops.attention)."""
+    def run(q, k, v, key_mask, causal):
+        return attention(q, k, v, key_mask, causal, q.shape[-1] ** -0.5, kernel, kind, list(tiling))
+    return run
 
 
 def rel_error(actual, expected) -> float:

@@ -1,4 +1,4 @@
-"""The benchmark engine's logic (perceiver_fast.bench): cases, refusals, the report, the comparison, the CLI.
+"""The benchmark engine's logic (perceiver_fast.bench): cases and sets, refusals, the report, the comparison, the CLI.
 
 Nothing here judges speed: measurements run on tiny cases only to check that rows and files come out.
 """
@@ -6,26 +6,33 @@ Nothing here judges speed: measurements run on tiny cases only to check that row
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from perceiver_fast.bench.cases import Case, case_from_shape, full_cases, load_shapes, quick_cases, sweep
+from perceiver_fast.bench import providers
+from perceiver_fast.bench.cases import PASS_FLOP_FACTOR, Case, case_from_shape, load_shapes, model_case, sweep
 from perceiver_fast.bench.compare import compare, format_changes
-from perceiver_fast.bench.providers import layer_providers, op_providers, score_matrix_refusal
+from perceiver_fast.bench.model_providers import model_providers
+from perceiver_fast.bench.providers import layer_providers, op_providers, providers_for, why_not
 from perceiver_fast.bench.report import load_json, markdown, sweeps, write_report
 from perceiver_fast.bench.run import measure, run_cases
+from perceiver_fast.bench.sets import SETS, full_cases, quick_cases
 from perceiver_fast.cli import main as cli
 
 TINY = Case(name="tiny", level="op", kind="cross", B=1, H=2, N=8, M=32, dqk=16, dv=8, sweep="tiny")
+INFO = {"cpu": "test CPU", "cpu_threads": 2, "torch": "x", "triton": "y", "python": "3", "device": "cpu"}
+GiB = 2**30
 
 
 def fake_rows(case: Case, times: dict[str, float], dtype="float32", pass_name="forward") -> list[dict]:
     rows = []
     for provider, ms in times.items():
         row = {"case": case.to_dict(), "dtype": dtype, "pass": pass_name, "provider": provider}
-        rows.append({**row, "ms": ms, "peak_extra_mib": ms / 10} if ms else {**row, "not_run": "no reason"})
+        rows.append({**row, "ms": ms, "peak_extra_mib": ms / 10, "outputs_mib": 0.5} if ms
+                    else {**row, "not_run": "no reason"})
     return rows
 
 
@@ -52,22 +59,150 @@ def test_full_set_covers_every_published_shape():
     assert {c.name for c in full_cases("cpu")} == set(load_shapes())
 
 
-def test_attention_flops_count_causal_pairs():
-    assert TINY.attention_flops() == 2 * 1 * 2 * 8 * 32 * (16 + 8)
+def test_sets_are_named_and_quick_and_full_keep_their_cases():
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "model"]
+    assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
+    assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
+
+
+def test_cpu_backend_set_is_the_old_scripts_cases():
+    # benchmarks/cpu_backend.py's CASES: name -> (B, H, N, M, Dqk, Dv), the last a latent self-attention.
+    old = {"b1-h1-m50k-d64": (1, 1, 512, 50176, 64, 64), "b1-h8-m50k-d64": (1, 8, 512, 50176, 64, 64),
+           "b4-h1-m262k-d64": (4, 1, 256, 262144, 64, 64), "b1-h1-m50k-d261": (1, 1, 512, 50176, 261, 261),
+           "latent-b8-h8-n512-d64": (8, 8, 512, 512, 64, 64)}
+    cpu_backend = SETS["cpu-backend"]
+    cases = cpu_backend.cases("cpu")
+    assert {c.name: (c.B, c.H, c.N, c.M, c.dqk, c.dv) for c in cases} == old
+    assert {c.level for c in cases} == {"op"} and not any(c.causal for c in cases)
+    assert [c.name for c in cases if c.kind == "latent"] == ["latent-b8-h8-n512-d64"]
+    assert set(cpu_backend.providers) == {"perceiver_fast[cpu]", "sdpa", "eager"} <= {p.name for p in op_providers()}
+    assert cpu_backend.passes == ("forward", "forward+backward") and cpu_backend.devices == ("cpu",)
+
+
+def test_layer_set_is_the_old_scripts_shapes_and_refuses_hf_at_a_million_inputs(monkeypatch):
+    # benchmarks/cross_attention_layer.py's SHAPES: (B, M, C, N, latent dim, heads, qk = v channels).
+    old = [(4, 50176, 261, 512, 1024, 1, 261), (1, 1048576, 64, 512, 512, 8, 512)]
+    layer = SETS["layer"]
+    cases = layer.cases("cpu")
+    assert [(c.B, c.M, c.C, c.N, c.latent_dim, c.H, c.H * c.dqk) for c in cases] == old
+    assert all(c.level == "layer" and c.kind == "cross" and c.dqk == c.dv for c in cases)
+    # Its providers "HF", "SDPA layer" and "HF + pf.patch"; the SDPA layer is the engine's "HF on SDPA".
+    by_name = {p.name: p for p in layer_providers()}
+    assert set(layer.providers) == {"HF", "HF on SDPA", "HF + pf.patch"} <= set(by_name)
+    assert layer.passes == ("forward", "forward+backward")
+    # The script's predicted forward peak: LayerNorm(x), K and V (and HF's two score tensors); 0 for pf.patch.
+    for case in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            size = torch.finfo(dtype).bits // 8
+            stored = case.B * case.M * (case.C + 2 * case.H * case.dqk) * size
+            scores = 2 * case.B * case.H * case.N * case.M * size
+            assert by_name["HF on SDPA"].predicted_bytes(case, dtype, False) == stored
+            assert by_name["HF"].predicted_bytes(case, dtype, False) == stored + scores
+            assert by_name["HF"].predicted_bytes(case, dtype, True) == 2 * (stored + scores)
+            assert by_name["HF + pf.patch"].predicted_bytes is None
+    monkeypatch.setattr(providers, "free_bytes", lambda device: 24 * GiB)  # the 24 GiB machine of the results
+    million = cases[1]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert "out of memory predicted" in why_not(by_name["HF"], million, dtype, "cpu", False, False)
+        assert why_not(by_name["HF on SDPA"], million, dtype, "cpu", True, False) is None
+        assert why_not(by_name["HF + pf.patch"], million, dtype, "cpu", True, False) is None
+    assert why_not(by_name["HF"], cases[0], torch.float32, "cpu", True, False) is None
+
+
+def test_model_set_is_the_old_scripts_runs():
+    # benchmarks/hf_drop_in.py: HF vision-fourier at 224 x 224, batch 1, no mask and the second half of the
+    # inputs masked, "HF" and "HF + pf.patch", inference forward.
+    model = SETS["model"]
+    cases = model.cases("cpu")
+    assert [(c.name, c.level, c.B, c.M, c.padded_inputs) for c in cases] == [
+        ("hf-vision-fourier", "model", 1, 50176, 0), ("hf-vision-fourier", "model", 1, 50176, 25088)]
+    assert (cases[0].N, cases[0].latent_dim, cases[0].H, cases[0].dqk, cases[0].C) == (512, 1024, 1, 261, 261)
+    assert cases[1].label() == "hf-vision-fourier (B=1 M=50176, last 25088 inputs masked as padding)"
+    assert {p.name for p in providers_for("model")} == {"HF", "HF + pf.patch"} and not model.providers
+    assert model.passes == ("forward",)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """A tiny HF vision-fourier model (4 x 4 pixels, 8 latents of 32) registered as "tiny-vision"."""
+    from transformers import PerceiverConfig, PerceiverForImageClassificationFourier
+
+    from perceiver_fast.profiler.models import NAMED_MODELS
+
+    def build(length, dtype):
+        torch.manual_seed(0)
+        config = PerceiverConfig(num_latents=8, d_latents=32, num_blocks=1, num_self_attends_per_block=1,
+                                 num_self_attention_heads=2, num_cross_attention_heads=1,
+                                 self_attention_widening_factor=1, cross_attention_widening_factor=1,
+                                 image_size=math.isqrt(length), num_labels=3)
+        return PerceiverForImageClassificationFourier(config).eval().to(dtype)
+
+    monkeypatch.setitem(NAMED_MODELS, "tiny-vision", replace(NAMED_MODELS["hf-vision-fourier"], build=build))
+    return model_case("tiny-vision", 16, batch=2)
+
+
+def test_model_providers_refuse_what_they_cannot_run(tiny_model, monkeypatch):
+    by_name = {p.name: p for p in model_providers()}
+    for provider in by_name.values():
+        assert provider.level == "model"
+        assert "square" in provider.refusal(replace(tiny_model, M=15), torch.float32, "cpu")
+        assert "no named model 'nope'" in provider.refusal(replace(tiny_model, name="nope"), torch.float32, "cpu")
+        assert why_not(provider, tiny_model, torch.float32, "cpu", False, False) is None
+        forward = provider.predicted_bytes(tiny_model, torch.float32, False)
+        assert provider.predicted_bytes(tiny_model, torch.float32, True) == 2 * forward
+    # The profiler's peak model: HF stores the N x M scores, pf.patch does not.
+    huge = model_case("hf-vision-fourier", 50176, batch=64)
+    assert by_name["HF"].predicted_bytes(huge, torch.float32, False) > 3 * by_name["HF + pf.patch"].predicted_bytes(
+        huge, torch.float32, False)
+    monkeypatch.setattr(providers, "free_bytes", lambda device: 4 * GiB)
+    assert "out of memory predicted" in why_not(by_name["HF"], huge, torch.float32, "cpu", False, False)
+
+
+def test_model_providers_run_the_model_with_its_padding_mask(tiny_model):
+    by_name = {p.name: p for p in model_providers()}
+    padded = replace(tiny_model, padded_inputs=8)
+    logits = {(name, case.padded_inputs): by_name[name].prepare(case, torch.float32, "cpu", False)()
+              for name in by_name for case in (tiny_model, padded)}
+    assert logits[("HF", 0)].shape == (2, 3)
+    assert not torch.equal(logits[("HF", 0)], logits[("HF", 8)])  # the mask reaches the model
+    for padding in (0, 8):  # the same weights patched and unpatched
+        torch.testing.assert_close(logits[("HF + pf.patch", padding)], logits[("HF", padding)])
+    out, grads = by_name["HF + pf.patch"].prepare(padded, torch.float32, "cpu", True)()
+    assert out.shape == (2, 3) and grads[0].shape == (2, 3, 4, 4)  # the pixels' gradient first
+    rows = measure(tiny_model, "float32", "forward", "cpu", repeats=1)
+    assert {r["provider"] for r in rows} == {"HF", "HF + pf.patch"}
+    for row in rows:
+        assert row["ms"] > 0 and row["outputs_mib"] == 2 * 3 * 4 / 2**20  # the logits
+
+
+def test_flops_are_the_attention_matmuls_and_the_backward_counts_two_and_a_half_forwards():
+    forward = 2 * 1 * 2 * 8 * 32 * (16 + 8)
+    assert TINY.attention_flops("forward") == forward
+    assert TINY.attention_flops("forward+backward") == 3.5 * forward == PASS_FLOP_FACTOR["forward+backward"] * forward
     causal = replace(TINY, kind="causal", N=4, M=6)
-    assert causal.attention_flops() == 2 * 2 * (3 + 4 + 5 + 6) * 24
+    assert causal.attention_flops("forward") == 2 * 2 * (3 + 4 + 5 + 6) * 24
+    assert replace(TINY, level="layer").attention_flops("forward") == forward  # layers: the attention only
+    assert model_case("hf-vision-fourier", 50176).attention_flops("forward") is None
+    with pytest.raises(KeyError):
+        TINY.attention_flops("sideways")
 
 
-def test_providers_say_why_they_cannot_run():
+def test_providers_say_why_they_cannot_run(monkeypatch):
     names = {p.name: p for p in op_providers()}
     assert {"perceiver_fast[cpu]", "perceiver_fast[triton]", "eager", "sdpa", "flex_attention",
             "flash_attn"} <= set(names)
     assert "CUDA" in names["flash_attn"].refusal(TINY, torch.float32, "cpu")
     assert "--full" in names["flex_attention"].full_set_only_on_cpu
-    huge = replace(TINY, N=2**20, M=2**24)
-    assert "out of memory" in score_matrix_refusal(huge, torch.float32, "cpu", 2)
-    assert "out of memory" in names["eager"].refusal(huge, torch.float32, "cpu")
-    assert names["sdpa"].refusal(TINY, torch.float32, "cpu") is None
+    assert "--full" in why_not(names["flex_attention"], TINY, torch.float32, "cpu", False, full=False)
+    # Eager attention stores scores and probabilities; its backward twice that.
+    scores = 1 * 2 * 8 * 32 * 4
+    assert names["eager"].predicted_bytes(TINY, torch.float32, False) == 2 * scores
+    assert names["eager"].predicted_bytes(TINY, torch.float32, True) == 4 * scores
+    monkeypatch.setattr(providers, "free_bytes", lambda device: 10 * GiB)
+    huge = replace(TINY, N=2**16, M=2**16)  # 32 GiB of scores in float32
+    assert "out of memory predicted: needs about 64.0 GiB, 10.0 GiB free" in why_not(
+        names["eager"], huge, torch.float32, "cpu", False, False)
+    assert why_not(names["sdpa"], huge, torch.float32, "cpu", True, False) is None
     lucidrains = {p.name: p for p in layer_providers()}["lucidrains"]
     assert "one head dim" in lucidrains.refusal(replace(TINY, level="layer", C=12, latent_dim=16), torch.float32, "cpu")
 
@@ -79,6 +214,8 @@ def test_measure_gives_a_row_per_provider_with_time_memory_or_reason():
     assert set(by_name) == {"sdpa", "perceiver_fast[cpu]", "flash_attn"}
     for name in ("sdpa", "perceiver_fast[cpu]"):
         assert by_name[name]["ms"] > 0 and by_name[name]["peak_extra_mib"] >= 0
+        # out (1x2x8x8) and the gradients of q (1x2x8x16), k (1x2x32x16) and v (1x2x32x8), float32
+        assert by_name[name]["outputs_mib"] == (128 + 256 + 1024 + 512) * 4 / 2**20
     assert "CUDA" in by_name["flash_attn"]["not_run"]
 
 
@@ -92,11 +229,12 @@ def test_full_set_only_providers_run_in_the_full_set():
 def test_run_cases_runs_each_case_in_a_subprocess_and_reports_progress():
     lines = []
     layer = Case(name="tiny-layer", level="layer", kind="cross", B=1, H=1, N=4, M=16, dqk=8, dv=8, C=6, latent_dim=8)
-    rows = run_cases([TINY, layer], ["float32"], ["forward"], "cpu", 1, progress=lines.append)
+    rows = run_cases([TINY, layer], ["float32"], ["forward"], "cpu", 1, progress=lines.append,
+                     only=["sdpa", "HF", "HF + pf.patch"])
     assert len(lines) == 2 and lines[0].startswith("[1/2")
-    assert {r["case"]["level"] for r in rows} == {"op", "layer"}
-    assert {r["provider"] for r in rows if r["case"]["level"] == "layer"} == {p.name for p in layer_providers()}
-    assert all(("ms" in r) != ("not_run" in r) for r in rows)
+    assert {(r["case"]["level"], r["provider"]) for r in rows} == {("op", "sdpa"), ("layer", "HF"),
+                                                                  ("layer", "HF + pf.patch")}
+    assert all("ms" in r for r in rows), rows
 
 
 def test_report_tables_plots_and_json(tmp_path):
@@ -104,29 +242,62 @@ def test_report_tables_plots_and_json(tmp_path):
     for m, scale in ((1000, 1.0), (4000, 4.0)):
         case = replace(TINY, M=m)
         rows += fake_rows(case, {"perceiver_fast[cpu]": 2 * scale, "sdpa": 4 * scale, "eager": 0})
-    info = {"cpu": "test CPU", "cpu_threads": 2, "torch": "x", "triton": "y", "python": "3", "device": "cpu"}
-    written = write_report(tmp_path, info, rows)
+    written = write_report(tmp_path, SETS["quick"], INFO, rows)
     text = (tmp_path / "report-cpu.md").read_text()
+    assert text.startswith("# perceiver-fast benchmark report: the quick set")
     assert "| vs sdpa |" in text and "| 2.00x |" in text  # sdpa's time over ours
     assert "| eager | no reason |" in text
     assert len(written["plots"]) == 1 and (tmp_path / written["plots"][0].split("/")[-1]).stat().st_size > 1000
     assert "![plot-cpu-op-tiny-float32-forward](plot-cpu-op-tiny-float32-forward.png)" in text
     machine, loaded = load_json(tmp_path / "results-cpu.json")
-    assert machine == info and loaded == rows
+    assert machine == INFO and loaded == rows
+    assert json.loads((tmp_path / "results-cpu.json").read_text())["set"] == "quick"
     assert list(sweeps(rows)) == [("tiny", "op", "float32", "forward")]
     scaled = replace(TINY, scaled="B 8 -> 1")
-    assert "tiny: B 8 -> 1" in markdown(info, fake_rows(scaled, {"sdpa": 1.0}), [])
+    assert "tiny: B 8 -> 1" in markdown(SETS["quick"], INFO, fake_rows(scaled, {"sdpa": 1.0}), [])
+
+
+def test_report_rates_by_the_one_flop_convention_and_not_the_whole_model():
+    fused = fake_rows(TINY, {"sdpa": 1.0}, pass_name="forward+backward")
+    model = fake_rows(replace(model_case("hf-vision-fourier", 50176), padded_inputs=25088), {"HF": 2.0})
+    text = markdown(SETS["quick"], INFO, fused + model, [])
+    assert "forward+backward 3.5x that (FlashAttention's convention" in text
+    assert "model level: no GFLOP/s" in text
+    rate = 3.5 * 2 * 1 * 2 * 8 * 32 * (16 + 8) / 1e9 / 1e-3
+    assert f"| sdpa | 1.00 | {rate:.1f} | 0.1 | 0.5 |" in text
+    model_table = text[text.index("## Model level"):]
+    assert "| case | dtype | pass | provider | ms | peak extra MiB | outputs MiB |" in model_table
+    assert "| hf-vision-fourier (B=1 M=50176, last 25088 inputs masked as padding) | float32 | forward | HF | 2.00 " \
+           "| 0.2 | 0.5 | 1.00x |" in model_table
+
+
+def test_each_set_writes_its_own_files(tmp_path):
+    rows = fake_rows(TINY, {"sdpa": 1.0}) + fake_rows(replace(TINY, M=64), {"sdpa": 2.0})
+    names = {}
+    for name in ("quick", "full", "layer", "model", "cpu-backend"):
+        written = write_report(tmp_path, SETS[name], INFO, rows)
+        names[name] = (written["report"].split("/")[-1], written["results"].split("/")[-1],
+                       [p.split("/")[-1] for p in written["plots"]])
+    assert names["quick"] == ("report-cpu.md", "results-cpu.json", ["plot-cpu-op-tiny-float32-forward.png"])
+    assert names["full"] == ("report-full-cpu.md", "results-full-cpu.json",
+                             ["plot-full-cpu-op-tiny-float32-forward.png"])
+    assert names["cpu-backend"][:2] == ("report-cpu-backend-cpu.md", "results-cpu-backend-cpu.json")
+    assert len({file for written in names.values() for file in written[:2]}) == 10  # none overwrites another
+    assert json.loads((tmp_path / "results-layer-cpu.json").read_text())["set"] == "layer"
 
 
 def test_compare_matches_rows_and_reports_changes():
     old = fake_rows(TINY, {"perceiver_fast[cpu]": 4.0, "sdpa": 8.0, "eager": 10.0})
     new = fake_rows(TINY, {"perceiver_fast[cpu]": 2.0, "sdpa": 8.0, "eager": 0}) + fake_rows(replace(TINY, M=64),
                                                                                              {"sdpa": 1.0})
-    changes = {c["key"][-1] + str(c["key"][5]): c for c in compare(old, new)}
-    assert changes["perceiver_fast[cpu]32"]["speedup"] == 2.0
-    assert changes["sdpa32"]["speedup"] == 1.0
-    assert changes["eager32"]["status"].startswith("ran before, not now")
-    assert changes["sdpa64"]["status"] == "only in the new run"
+    changes = {(c["key"][-1], c["key"][1]): c for c in compare(old, new)}
+    label, longer = TINY.label(), replace(TINY, M=64).label()
+    assert changes[("perceiver_fast[cpu]", label)]["speedup"] == 2.0
+    assert changes[("sdpa", label)]["speedup"] == 1.0
+    assert changes[("eager", label)]["status"].startswith("ran before, not now")
+    assert changes[("sdpa", longer)]["status"] == "only in the new run"
+    masked = fake_rows(replace(TINY, padded_inputs=4), {"sdpa": 8.0})
+    assert [c["status"] for c in compare(masked, old[1:2])] == ["only in the old run", "only in the new run"]
     text = format_changes(compare(old, new))
     assert "2.00x" in text and "geometric mean of the speed ratios old/new 1.41x" in text
 
@@ -142,9 +313,25 @@ def test_cli_compares_two_files_and_rejects_bad_arguments(tmp_path, capsys):
     bad.write_text("[]")
     for argv, message in ((["--compare", str(bad), "--against", str(new)], "not a perceiver-fast bench result"),
                           (["--against", str(new)], "--against needs --compare"),
+                          (["--set", "nope"], "argument --set: invalid choice: 'nope'"),
+                          (["--full", "--set", "layer"], "--full is --set full: it cannot go with --set layer"),
+                          (["--set", "cpu-backend", "--device", "cuda"], "--device cuda: the cpu-backend set runs on "
+                                                                         "cpu only"),
+                          (["--set", "model", "--levels", "op"], "--levels op: the model set has no case"),
                           (["--dtypes", "float8"], "--dtypes: float8"),
                           (["--passes", "sideways"], "--passes: sideways"),
                           (["--repeats", "0"], "--repeats must be at least 1")):
         with pytest.raises(SystemExit):
             cli(["bench", *argv])
         assert message in capsys.readouterr().err
+
+
+def test_cli_full_is_the_full_set_and_writes_its_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(SETS, "full", replace(SETS["full"], cases=lambda device: [TINY], providers=("sdpa",)))
+    assert cli(["bench", "--full", "--device", "cpu", "--dtypes", "float32", "--passes", "forward", "--repeats", "1",
+                "--no-plots", "--out", str(tmp_path)]) == 0
+    assert "1 cases x 1 dtypes x 1 passes on cpu, full set" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-full-cpu.md", "results-full-cpu.json"]
+    machine, rows = load_json(tmp_path / "results-full-cpu.json")
+    assert [r["provider"] for r in rows] == ["sdpa"] and rows[0]["ms"] > 0
+    assert set(machine["matmul_gflops"]) == {"float32"} and machine["transformers"]

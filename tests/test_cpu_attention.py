@@ -8,11 +8,10 @@ cut by causal masking, split heads and the merge of their partial results are al
 import pytest
 import torch
 from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
-                    random_inputs, random_key_mask, reference_with_grads)
+                    kernel_runner, random_inputs, random_key_mask, reference_with_grads)
 
 import perceiver_fast as pf
-from perceiver_fast import _C
-from perceiver_fast.autograd.cpu_attention import cpu_attention
+from perceiver_fast.extension import compiled as _C
 
 # (key_tile, row_block, workers); 0 = the kernel's default.
 TILINGS = {"default": (0, 0, 0), "small-tiles": (16, 8, 3), "odd-tiles": (7, 5, 4)}
@@ -20,10 +19,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def cpu(key_tile=0, row_block=0, workers=0):
-    def run(q, k, v, key_mask, causal):
-        return cpu_attention(q, k, v, key_mask=key_mask, causal=causal, key_tile=key_tile, row_block=row_block,
-                             workers=workers)
-    return run
+    return kernel_runner("cpu", tiling=(key_tile, row_block, workers))
 
 
 @pytest.mark.parametrize("tiling", TILINGS.values(), ids=TILINGS.keys())
@@ -86,7 +82,7 @@ def test_every_key_masked_gives_zeros_and_zero_grads():
 
 
 def test_binding_rejects_bad_inputs():
-    ops = torch.ops.perceiver_fast
+    ops = _C
     q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
     with pytest.raises(RuntimeError, match="k must be \\(B, H, M, Dqk\\)"):
         ops.cpu_attention_forward(q, k[..., :4], v, None, False, 1.0)

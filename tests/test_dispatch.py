@@ -4,13 +4,20 @@ import pytest
 import torch
 
 import perceiver_fast as pf
-from perceiver_fast.backends import BACKENDS, select_backend
-from perceiver_fast.validation import validate
+from perceiver_fast.backends import TritonBackend
+from perceiver_fast.dispatch import BACKENDS, select_backend
+from perceiver_fast.validation import validate_attention as validate
 
 
 def problem(dtype=torch.float32, **kw):
     q, k, v = torch.randn(1, 2, 3, 8, dtype=dtype), torch.randn(1, 2, 5, 8, dtype=dtype), torch.randn(1, 2, 5, 4, dtype=dtype)
     return validate(q, k, v, **kw)
+
+
+@pytest.fixture
+def interpreting(monkeypatch):
+    """Sets whether the Triton backend takes CPU tensors (as TRITON_INTERPRET=1 at import does)."""
+    return lambda on: monkeypatch.setattr(TritonBackend, "interpreting", on)
 
 
 def test_every_backend_declares_its_capabilities():
@@ -23,21 +30,21 @@ def test_every_backend_declares_its_capabilities():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_auto_on_cpu_picks_the_cpu_backend(monkeypatch, dtype):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_auto_on_cpu_picks_the_cpu_backend(interpreting, dtype):
+    interpreting(False)
     assert select_backend(problem(dtype), None).name == "cpu"
     assert select_backend(problem(dtype), "auto").name == "cpu"
 
 
-def test_auto_on_cpu_falls_back_to_reference_for_float16(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_auto_on_cpu_falls_back_to_reference_for_float16(interpreting):
+    interpreting(False)
     assert select_backend(problem(torch.float16), None).name == "reference"
     with pytest.raises(pf.BackendUnsupportedError, match="dtype float16 not supported"):
         select_backend(problem(torch.float16), "cpu")
 
 
-def test_auto_never_picks_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_auto_never_picks_the_interpreter(interpreting):
+    interpreting(True)
     assert select_backend(problem(), None).name == "cpu"
     assert select_backend(problem(), "triton").name == "triton"
 
@@ -48,19 +55,19 @@ def test_cpu_backend_refuses_other_devices():
     assert cpu.refusals(validate(q, k, v), explicit=True) == ["device meta not supported (supports cpu)"]
 
 
-def test_explicit_backend_refusal_lists_reasons(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_explicit_backend_refusal_lists_reasons(interpreting):
+    interpreting(False)
     with pytest.raises(pf.BackendUnsupportedError) as info:
         select_backend(problem(torch.float64), "triton")
     message = str(info.value)
-    assert "backend 'triton' cannot run cross attention B=1 H=2 N=3 M=5 Dqk=8 Dv=4 float64 on cpu" in message
+    assert "backend 'triton' cannot run attention (cross) B=1 H=2 N=3 M=5 Dqk=8 Dv=4 float64 on cpu" in message
     assert "dtype float64 not supported" in message
     assert "TRITON_INTERPRET=1" in message
     assert isinstance(info.value, ValueError)
 
 
-def test_public_function_raises_for_explicit_refusal(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_public_function_raises_for_explicit_refusal(interpreting):
+    interpreting(False)
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     with pytest.raises(pf.BackendUnsupportedError, match="Triton interpreter"):
         pf.cross_attention(q, k, v, backend="triton")
@@ -73,8 +80,8 @@ def test_unknown_backend_name():
         select_backend(problem(), 3)
 
 
-def test_explain_reports_each_backend(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_explain_reports_each_backend(interpreting):
+    interpreting(False)
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     reasons = pf.explain(q, k, v)
     assert list(reasons) == ["triton", "cuda", "cpu", "reference"]

@@ -9,16 +9,18 @@ import torch
 import torch.nn.functional as F
 
 import perceiver_fast as pf
-from perceiver_fast.autograd.cpu_input_attention import cpu_input_attention
-from perceiver_fast.backends.cpu import extension_error
-from perceiver_fast.input_attention import (_fused_kernel, choose_method, fused_input_attention, method_flops,
-                                            visible_pairs)
+from perceiver_fast import fused_input_attention
+from perceiver_fast.dispatch import select_backend
+from perceiver_fast.extension import LOAD_ERROR
+from perceiver_fast.flops import choose_method, method_flops, visible_pairs
+from perceiver_fast.ops import input_attention
 from perceiver_fast.reference import input_attention_reference
+from perceiver_fast.validation import validate_input_attention
 
 from checks import FP32_RTOL, assert_matches, random_key_mask, rel_error
 from model_checks import largest_tensor_in
 
-pytestmark = pytest.mark.skipif(extension_error() is not None, reason=str(extension_error()))
+pytestmark = pytest.mark.skipif(LOAD_ERROR is not None, reason=str(LOAD_ERROR))
 
 LEAVES = ("q", "x", "k_weight", "k_bias", "v_weight", "v_bias", "norm_weight", "norm_bias")
 
@@ -87,8 +89,9 @@ def test_fused_matches_float64_unfused(method, shape, masking):
 
 def check_triton_shortcut(device, dtype, shape, masking):
     B, H, N, M, C, dqk, dv = shape
-    assert _fused_kernel("triton", torch.device(device), dtype, "shortcut") == "triton"
     t, eps = random_layer(*shape, dtype=dtype, device=device)
+    problem = validate_input_attention(**t, norm_eps=eps, method="shortcut")
+    assert select_backend(problem, "triton").unfused_reason(problem) is None, "Triton fuses the shortcut"
     key_mask = random_key_mask(B, M, device=device) if masking in ("key_mask", "both") else None
     causal = masking in ("causal", "both")
     dout = torch.randn(B, H, N, dv, device=device, dtype=dtype)
@@ -156,8 +159,8 @@ def test_kernel_tile_edges_and_split_batches(shortcut, tiling):
         k = F.linear(normed, weights["k_weight"], weights["k_bias"]).view(B, M, H, dqk).transpose(1, 2)
         v = F.linear(normed, weights["v_weight"], weights["v_bias"]).view(B, M, H, dv).transpose(1, 2)
     expected, expected_lse = pf.attention_reference(q, k, v, key_mask=key_mask, causal=True, scale=0.3)
-    out, lse = cpu_input_attention(q, x, normalize=True, eps=1e-5, **weights, key_mask=key_mask, causal=True,
-                                   scale=0.3, key_tile=key_tile, row_block=row_block, workers=workers)
+    projection = [weights.get(name) for name in ("k_weight", "k_bias", "v_weight", "v_bias")]
+    out, lse = input_attention(q, x, True, 1e-5, *projection, key_mask, True, 0.3, "cpu", list(tiling))
     assert rel_error(out, expected) <= 1e-12
     finite = torch.isfinite(expected_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -240,7 +243,7 @@ def test_method_flops_and_choice():
 
 
 def test_auto_uses_the_cheaper_method(monkeypatch):
-    import perceiver_fast.input_attention as module
+    import perceiver_fast.validation as module
 
     chosen = []
     real = module.choose_method
@@ -283,14 +286,14 @@ def test_unfused_backends_give_the_same_result():
 def test_bad_arguments_name_the_argument():
     t, eps = random_layer(2, 2, 6, 40, 16, 8, 8)
     cases = [
-        ({"x": t["x"][0]}, ValueError, "x must be a 3-D"),
+        ({"x": t["x"][0]}, ValueError, "x must be 3-D"),
         ({"x": t["x"][:1]}, ValueError, "batch size"),
         ({"k_weight": t["k_weight"][:, :5]}, ValueError, "k_weight must have shape"),
-        ({"v_weight": t["v_weight"][:5]}, ValueError, "v_weight must be"),
+        ({"v_weight": t["v_weight"][:5]}, ValueError, "v_weight must have shape"),
         ({"k_bias": t["k_bias"][:3]}, ValueError, "k_bias must have shape"),
         ({"norm_weight": t["norm_weight"][:3]}, ValueError, "norm_weight must have shape"),
         ({"norm_eps": -1.0}, ValueError, "norm_eps"),
-        ({"key_mask": torch.ones(2, 40)}, TypeError, "key_mask must be a bool"),
+        ({"key_mask": torch.ones(2, 40)}, TypeError, "key_mask must have dtype torch.bool"),
         ({"key_mask": torch.ones(2, 39, dtype=torch.bool)}, ValueError, "key_mask must have shape"),
         ({"method": "fast"}, ValueError, "method must be one of"),
         ({"backend": "gpu"}, ValueError, "backend must be"),
@@ -299,5 +302,5 @@ def test_bad_arguments_name_the_argument():
         with pytest.raises(error, match=message):
             fused_input_attention(**{**t, "norm_eps": eps, **change})
     half = {k: v.detach().half() for k, v in t.items()}
-    with pytest.raises(pf.BackendUnsupportedError, match="float16 not supported by the fused input kernel"):
+    with pytest.raises(pf.BackendUnsupportedError, match="backend 'cpu' cannot run input attention.*dtype float16 not supported"):
         fused_input_attention(**half, norm_eps=eps, backend="cpu")

@@ -9,19 +9,16 @@ import os
 import pytest
 import torch
 from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_lse_matches, assert_matches, check_attention,
-                    check_non_contiguous, random_inputs, random_key_mask)
+                    check_non_contiguous, kernel_runner, random_inputs, random_key_mask)
 
 import perceiver_fast as pf
-from perceiver_fast.autograd.triton_attention import triton_attention
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
 
 
 def cross(num_splits=None):
-    def run(q, k, v, key_mask, causal):
-        return triton_attention(q, k, v, key_mask=key_mask, causal=causal, kind="cross", num_splits=num_splits)
-    return run
+    return kernel_runner("triton", "cross", (num_splits,) if num_splits else ())
 
 
 @interpreted
@@ -53,9 +50,7 @@ def test_cross_attention_half(shape, dtype, num_splits):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", LATENT_SHAPES.values(), ids=LATENT_SHAPES.keys())
 def test_latent_attention(shape, causal, dtype):
-    def run(q, k, v, key_mask, causal):
-        return triton_attention(q, k, v, causal=causal, kind="latent")
-    check_attention(run, shape, dtype, key_mask=False, causal=causal)
+    check_attention(kernel_runner("triton", "latent"), shape, dtype, key_mask=False, causal=causal)
 
 
 @interpreted
@@ -99,6 +94,4 @@ def test_cross_attention_gpu(shape, key_mask, causal, dtype):
 @pytest.mark.parametrize("shape", [(4, 8, 512, 512, 128, 128), (2, 16, 2048, 2048, 32, 32),
                                    (2, 8, 256, 256, 32, 160)])
 def test_latent_attention_gpu(shape, dtype):
-    def run(q, k, v, key_mask, causal):
-        return triton_attention(q, k, v, causal=causal, kind="latent")
-    check_attention(run, shape, dtype, key_mask=False, causal=False)
+    check_attention(kernel_runner("triton", "latent"), shape, dtype, key_mask=False, causal=False)

@@ -1,4 +1,9 @@
-"""What a backend declares, and the generic checks made from that declaration."""
+"""What a backend declares, the generic checks made from that declaration, and how it runs each op.
+
+A backend declares the `Capabilities` of its attention kernels and the input-attention methods it
+fuses. It runs an attention problem on its kernels; an input-attention problem fused where it
+fuses the method, else composed: LayerNorm and the projections in torch, then its attention.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import Problem
+from ..validation import ATTENTION, AttentionProblem, InputAttentionProblem, Problem
+from .input_methods import composed, run_fused
+
+
+def _names(dtypes) -> str:
+    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,8 @@ class Capabilities:
         if problem.device.type not in self.devices:
             reasons.append(f"device {problem.device.type} not supported (supports {', '.join(sorted(self.devices))})")
         if problem.dtype not in self.dtypes:
-            names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
-            reasons.append(f"dtype {str(problem.dtype).replace('torch.', '')} not supported (supports {names})")
+            reasons.append(f"dtype {str(problem.dtype).replace('torch.', '')} not supported "
+                           f"(supports {_names(self.dtypes)})")
         if problem.dim_qk > self.max_dim_qk:
             reasons.append(f"Dqk={problem.dim_qk} above this backend's maximum {self.max_dim_qk}")
         if problem.dim_v > self.max_dim_v:
@@ -41,18 +51,18 @@ class Capabilities:
 
 
 class Backend(abc.ABC):
-    """One implementation of cross/latent attention.
+    """One implementation of the ops.
 
-    Subclasses set `name` and `capabilities`, may add input-specific refusals in
-    `extra_refusals`, and implement `run`, which returns (out, lse).
+    Subclasses set `name`, `capabilities` and `fused_input_methods`, set `unavailable` (why it
+    cannot run at all on this installation, settled at import) where it applies, may add
+    input-specific refusals in `extra_refusals`, and implement `run_attention` and, when they fuse
+    a method, `run_fused_input`.
     """
 
     name: str
     capabilities: Capabilities
-
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run at all on this installation (None if it can)."""
-        return None
+    fused_input_methods: frozenset[str] = frozenset()
+    unavailable: str | None = None
 
     def extra_refusals(self, problem: Problem, explicit: bool) -> list[str]:
         return []
@@ -62,11 +72,30 @@ class Backend(abc.ABC):
 
         `explicit` is True when the caller named this backend rather than asking for auto.
         """
-        unavailable = self.unavailable_reason()
-        if unavailable:
-            return [unavailable]
+        if self.unavailable:
+            return [self.unavailable]
         return self.capabilities.refusals(problem) + self.extra_refusals(problem, explicit)
 
+    def unfused_reason(self, problem: Problem) -> str | None:
+        """Why an input-attention problem would run composed rather than fused here (None: fused)."""
+        if problem.op == ATTENTION or problem.method in self.fused_input_methods:
+            return None
+        if not self.fused_input_methods:
+            return "has no fused input attention"
+        return f"fuses only the {', '.join(sorted(self.fused_input_methods))} method, not {problem.method}"
+
+    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, lse) of a problem this backend accepted; lse is None for the input attention."""
+        if isinstance(problem, AttentionProblem):
+            return self.run_attention(problem)
+        if self.unfused_reason(problem) is None:
+            return self.run_fused_input(problem), None
+        return self.run_attention(composed(problem))[0], None
+
     @abc.abstractmethod
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        """Computes (out, lse) for a problem this backend accepted."""
+    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of an attention problem this backend accepted."""
+
+    def run_fused_input(self, problem: InputAttentionProblem) -> torch.Tensor:
+        """The fused input attention of a backend with fused methods: its kernel's registered op."""
+        return run_fused(problem, self.name)

@@ -1,21 +1,18 @@
 """The cuda backend: hand-written CUDA forward kernels (csrc/cuda/), float16/bfloat16, forward only.
 
 Built only where torch has CUDA. The kernels compile for sm_90a in `make test` but have not yet
-run on a GPU, so auto dispatch does not choose them: name backend="cuda" to use them.
+run on a GPU, so auto dispatch does not choose them: name backend="cuda" to use them. It has no
+fused input attention: that op runs composed on its attention kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..validation import MAX_HEAD_DIM, Problem
+from .. import extension
+from ..ops import attention
+from ..validation import MAX_HEAD_DIM, AttentionProblem, Problem
 from .base import Backend, Capabilities
-from .cpu import extension_error
-
-
-def cuda_kernels_built() -> bool:
-    return extension_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "perceiver_fast::cuda_attention_forward", "CUDA")
 
 
 class CudaBackend(Backend):
@@ -24,20 +21,15 @@ class CudaBackend(Backend):
         devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=False,
     )
-
-    def unavailable_reason(self) -> str | None:
-        error = extension_error()
-        if error:
-            return error
-        if not cuda_kernels_built():
-            return "the CUDA kernels are not built (perceiver_fast._C was compiled against a torch without CUDA)"
-        return None
+    unavailable = extension.LOAD_ERROR or (
+        None if extension.HAS_CUDA_KERNELS
+        else "the CUDA kernels are not built (perceiver_fast._C was compiled against a torch without CUDA)")
 
     def extra_refusals(self, problem: Problem, explicit: bool) -> list[str]:
         if not explicit:
             return ["not yet run on a GPU: auto dispatch does not choose it (name backend='cuda')"]
         return []
 
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.perceiver_fast.cuda_attention_forward(problem.q, problem.k, problem.v, problem.key_mask,
-                                                               problem.causal, problem.scale)
+    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        p = problem
+        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])

@@ -1,11 +1,12 @@
-"""The reference backend: plain PyTorch, every device and dtype, the whole contract."""
+"""The reference backend: plain PyTorch, every device and dtype, the whole contract. It fuses nothing:
+the input attention runs composed on the reference attention."""
 
 from __future__ import annotations
 
 import torch
 
 from ..reference import attention_reference
-from ..validation import FLOAT_DTYPES, MAX_HEAD_DIM, Problem
+from ..validation import FLOAT_DTYPES, MAX_HEAD_DIM, AttentionProblem
 from .base import Backend, Capabilities
 
 
@@ -16,8 +17,8 @@ class ReferenceBackend(Backend):
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
     )
 
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
         # Half-precision inputs are computed in float32, as the fused kernels accumulate.
-        compute = torch.promote_types(problem.dtype, torch.float32)
-        return attention_reference(problem.q, problem.k, problem.v, key_mask=problem.key_mask,
-                                   causal=problem.causal, scale=problem.scale, compute_dtype=compute)
+        p = problem
+        return attention_reference(p.q, p.k, p.v, key_mask=p.key_mask, causal=p.causal, scale=p.scale,
+                                   compute_dtype=torch.promote_types(p.dtype, torch.float32))

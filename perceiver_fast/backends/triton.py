@@ -1,4 +1,5 @@
-"""The Triton backend: fused kernels on CUDA, or on the CPU under the Triton interpreter."""
+"""The Triton backend: fused kernels (perceiver_fast/kernels/) on CUDA, or on the CPU under the Triton
+interpreter; it fuses the shortcut input-attention method."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import os
 
 import torch
 
-from ..validation import MAX_HEAD_DIM, Problem
+from ..ops import attention
+from ..validation import MAX_HEAD_DIM, AttentionProblem, Problem
 from .base import Backend, Capabilities
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton reads this when its kernels are decorated, at import: a later change would not take effect.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class TritonBackend(Backend):
@@ -21,23 +22,19 @@ class TritonBackend(Backend):
         devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
     )
-
-    def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        return None
+    fused_input_methods = frozenset({"shortcut"})
+    unavailable = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+    interpreting = INTERPRETING
 
     def extra_refusals(self, problem: Problem, explicit: bool) -> list[str]:
         if problem.device.type != "cpu":
             return []
-        if not interpreting():
+        if not self.interpreting:
             return ["CPU tensors run only under the Triton interpreter (set TRITON_INTERPRET=1)"]
         if not explicit:
             return ["the Triton interpreter is a testing aid: it runs CPU tensors only when asked for by name"]
         return []
 
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..autograd.triton_attention import triton_attention
-
-        return triton_attention(problem.q, problem.k, problem.v, key_mask=problem.key_mask, causal=problem.causal,
-                                scale=problem.scale, kind=problem.kind)
+    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        p = problem
+        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])

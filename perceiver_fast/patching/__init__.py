@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..backends import BACKEND_NAMES
+from ..dispatch import BACKEND_NAMES
 from .registry import FastModule, log, original_class
 
 # module-name prefix of a library's classes -> our adapter for it

@@ -52,8 +52,6 @@ class FastPerceiverModel(FastModule, hf.PerceiverModel):
     builds, as a stride-0 expansion of one row per batch item (HF passes 4-D masks through)."""
 
     def forward(self, inputs, attention_mask=None, *args, **kwargs):
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all()):
-            attention_mask = None  # as HF itself does for a batch without padding
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             dtype = self.embeddings.latents.dtype
             batch, keys = attention_mask.shape

@@ -1,5 +1,10 @@
 """Translating each library's attention mask into the bool key mask (B, M) of the contract, and
-telling when a call must keep the library's own computation."""
+telling when a call must keep the library's own computation.
+
+Some of those checks read tensor values. Eagerly they are read and the call falls back when they
+fail. Under torch.compile a read would break the graph, so they are asserted instead (`holds`):
+the graph stays whole, and a call for which a check fails raises rather than giving another result.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,20 @@ import torch
 
 class NotPerKey(Exception):
     """The mask is not one bool per key (it varies by query or head, or holds other additive values)."""
+
+
+def holds(condition: torch.Tensor, reason: str) -> bool:
+    """Whether the bool tensor `condition` holds; `reason` says what it means when it does not.
+
+    Eagerly the value is read (the caller keeps the library's computation when False). Under
+    torch.compile it is asserted on the device, so a failing call raises RuntimeError naming the
+    reason: falling back there would need a graph break.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, f"pf.patch under torch.compile cannot fall back to the library's "
+                                       f"computation for this call ({reason}): run it eagerly")
+        return True
+    return bool(condition)
 
 
 def additive_to_key_mask(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
@@ -23,13 +42,15 @@ def additive_to_key_mask(mask: torch.Tensor | None, batch: int, keys: int) -> to
         raise NotPerKey(f"mask of shape {tuple(mask.shape)}")
     row = mask[:, :1, :1, :]
     for dim in (1, 2):
-        if mask.shape[dim] > 1 and mask.stride(dim) != 0 and not torch.equal(mask, row.expand_as(mask)):
+        if mask.shape[dim] > 1 and mask.stride(dim) != 0 and not holds(
+                (mask == row.expand_as(mask)).all(), "the mask differs between queries or heads"):
             raise NotPerKey("mask differs between queries or heads")
     row = row[:, 0, 0, :]
     # exp(value - row max) must be exactly 1 or 0: only 0 and the dtype's most negative values qualify.
     floor = torch.finfo(row.dtype).min / 2 if row.is_floating_point() else None
     keep = row == 0
-    if floor is None or not bool(((row <= floor) | keep).all()):
+    if floor is None or not holds(((row <= floor) | keep).all(),
+                                  "the mask holds values other than 0 and a large negative number"):
         raise NotPerKey("mask holds values other than 0 and a large negative number")
     return keep.expand(batch, keys)
 
@@ -56,4 +77,4 @@ def has_rows_without_keys(key_mask: torch.Tensor | None, queries: int, keys: int
         return True
     if key_mask is None:
         return False
-    return not bool(key_mask[:, :visible].any(dim=1).all())
+    return not holds(key_mask[:, :visible].any(dim=1).all(), "a query has no key to attend")

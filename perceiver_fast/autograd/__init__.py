@@ -1,1 +1,0 @@
-"""torch.autograd.Functions over the fused kernels, one module per kernel family."""

@@ -1,0 +1,63 @@
+"""Backend dispatch, the same for every op.
+
+Auto dispatch walks BACKENDS in priority order (fastest first) and takes the first that accepts
+the problem, preferring one that runs it fused; an explicitly named backend that cannot run it
+raises BackendUnsupportedError listing every reason. Everything here reads shapes, dtypes,
+devices and settings fixed at import, so torch.compile traces it without a graph break.
+"""
+
+from __future__ import annotations
+
+from .backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
+from .validation import Problem
+
+BACKENDS: tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())
+BACKEND_NAMES = tuple(b.name for b in BACKENDS)
+
+
+class BackendUnsupportedError(ValueError):
+    """No backend (or not the requested one) can run these inputs; the message says why."""
+
+
+def get_backend(name) -> Backend:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    raise ValueError(f"backend must be None, 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
+
+
+def select_backend(problem: Problem, requested: str | None) -> Backend:
+    """The backend that runs `problem`: the one named, or under auto (None or "auto") the first in
+    priority order that runs it fused, else the first that runs it at all."""
+    if requested is not None and requested != "auto":
+        backend = get_backend(requested)
+        reasons = backend.refusals(problem, explicit=True)
+        if reasons:
+            raise BackendUnsupportedError(f"backend {backend.name!r} cannot run {problem.describe()}: "
+                                          + "; ".join(reasons))
+        return backend
+    accepting, refused = [], []
+    for backend in BACKENDS:
+        reasons = backend.refusals(problem, explicit=False)
+        if reasons:
+            refused.append(f"{backend.name}: {'; '.join(reasons)}")
+        elif backend.unfused_reason(problem) is None:
+            return backend
+        else:
+            accepting.append(backend)
+    if accepting:
+        return accepting[0]
+    raise BackendUnsupportedError(f"no backend can run {problem.describe()}:\n  " + "\n  ".join(refused))
+
+
+def refusals_by_backend(problem: Problem) -> dict[str, list[str]]:
+    """For each backend in priority order, why auto dispatch would not run `problem` on it (empty: it
+    would), with "runs unfused: ..." where it would run an input attention composed, not fused."""
+    verdicts = {}
+    for backend in BACKENDS:
+        reasons = backend.refusals(problem, explicit=False)
+        unfused = backend.unfused_reason(problem)
+        verdicts[backend.name] = reasons or ([f"runs unfused: {unfused}"] if unfused else [])
+    return verdicts

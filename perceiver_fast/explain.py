@@ -1,0 +1,35 @@
+"""`pf.explain`: what auto dispatch would do with a call of any op, backend by backend."""
+
+from __future__ import annotations
+
+from .attention import cross_attention, latent_attention
+from .dispatch import refusals_by_backend
+from .input_attention import fused_input_attention
+from .validation import validate_attention, validate_input_attention
+
+_VALIDATORS = {
+    cross_attention: lambda *a, **kw: validate_attention(*a, **kw, kind="cross"),
+    latent_attention: lambda *a, **kw: validate_attention(*a, **kw, kind="latent"),
+    fused_input_attention: validate_input_attention,
+}
+
+
+def explain(op, *args, **kwargs) -> dict[str, list[str]]:
+    """For each backend in auto-dispatch priority order, why it would not run a call (empty: it would, fused).
+
+        pf.explain(pf.cross_attention, q, k, v, key_mask=mask, causal=True)
+        pf.explain(pf.latent_attention, q, k, v)
+        pf.explain(pf.fused_input_attention, q, x, k_weight=wk, v_weight=wv, method="projection")
+
+    The arguments are those of the op (`backend` and `return_lse` are ignored). An entry
+    "runs unfused: ..." means the backend would run an input attention composed (LayerNorm and
+    projections in torch, then its attention kernel) rather than fused. `pf.explain(q, k, v, ...)`
+    is short for `pf.explain(pf.cross_attention, q, k, v, ...)`.
+    """
+    if op not in _VALIDATORS:
+        if not callable(op):
+            return explain(cross_attention, op, *args, **kwargs)
+        names = ", ".join(f"pf.{f.__name__}" for f in _VALIDATORS)
+        raise TypeError(f"op must be one of {names} (or q, for pf.cross_attention), got {op!r}")
+    kwargs = {name: value for name, value in kwargs.items() if name not in ("backend", "return_lse")}
+    return refusals_by_backend(_VALIDATORS[op](*args, **kwargs))

@@ -1,0 +1,7 @@
+"""Triton kernels and their launchers: tensors in, tensors out, no nn, no dispatch. Importing it needs triton."""
+
+from .attention_backward import attention_backward
+from .attention_forward import attention_forward
+from .input_attention import input_attention_backward, input_attention_forward
+
+__all__ = ["attention_forward", "attention_backward", "input_attention_forward", "input_attention_backward"]

@@ -1,0 +1,49 @@
+"""Launchers of the Triton fused input attention (the shortcut: K = V = LayerNorm(x) without affine,
+shared by every head): q (B, H, N, C) attends over x (B, M, C).
+
+The forward stores nothing of size M x C: the attention kernels normalise x's tiles as they load
+them, from two (B, M) vectors of row statistics. The backward runs the attention backward kernel
+the same way, which writes dK and dV per head; their sum over heads and the LayerNorm backward
+then run in torch, so it holds tensors of M x C per head (the C++ kernel fuses those steps too).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention_backward import attention_backward
+from .attention_forward import attention_forward
+from .layer_norm_stats import layer_norm_stats
+
+
+def _shared_input(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x (B, M, C) as K and V (B, H, M, C) of every head: a stride-0 view, not a copy."""
+    return x.unsqueeze(1).expand(x.shape[0], heads, x.shape[1], x.shape[2])
+
+
+def _row_stats(x: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) (B, M) float32 of x's rows; zeros and ones when x is used as it is."""
+    if normalize:
+        return layer_norm_stats(x, eps)
+    shape = (x.shape[0], x.shape[1])
+    return (torch.zeros(shape, device=x.device, dtype=torch.float32),
+            torch.ones(shape, device=x.device, dtype=torch.float32))
+
+
+def input_attention_forward(q, x, normalize: bool, eps: float, key_mask, causal: bool, scale: float):
+    """(out (B, H, N, C), lse (B, H, N) float32)."""
+    kv = _shared_input(x, q.shape[1])
+    return attention_forward(q, kv, kv, key_mask, causal, scale, "cross", stats=_row_stats(x, normalize, eps))
+
+
+def input_attention_backward(dout, q, x, normalize: bool, eps: float, out, lse, key_mask, causal: bool, scale: float):
+    """(dq, dx). The row statistics are recomputed: two length-M vectors, cheaper to remake than to keep."""
+    mean, rstd = _row_stats(x, normalize, eps)
+    kv = _shared_input(x, q.shape[1])
+    dq, dk, dv = attention_backward(dout, q, kv, kv, out, lse, key_mask, causal, scale, "cross", stats=(mean, rstd))
+    dxn = (dk.float() + dv.float()).sum(1)
+    if normalize:
+        # LayerNorm backward: dx = rstd (dxn - mean(dxn) - xn mean(dxn xn)).
+        xn = (x.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        dxn = rstd.unsqueeze(-1) * (dxn - dxn.mean(-1, keepdim=True) - xn * (dxn * xn).mean(-1, keepdim=True))
+    return dq, dxn.to(x.dtype)

@@ -1,0 +1,80 @@
+"""`perceiver_fast::attention` and `perceiver_fast::attention_backward`: the attention kernels as
+registered ops, with their fake implementations and the autograd formula that ties them together.
+
+    attention(q, k, v, key_mask, causal, scale, kernel, kind, tiling) -> (out, lse)
+
+Layout and contract as `perceiver_fast.cross_attention` (inputs already validated). `kernel`
+picks the kernel family: "cpu" (C++, csrc/cpu), "triton" (perceiver_fast/kernels, CUDA tensors,
+or CPU tensors under TRITON_INTERPRET=1) or "cuda" (CUDA C++, forward only). `kind` ("cross" or
+"latent") picks the Triton tile set. `tiling` overrides a kernel's loop sizes, for tests that
+reach tile edges with small inputs: (key_tile, row_block, workers) for "cpu", (splits,) for
+"triton" and "cuda"; empty for the kernel's own choice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import extension
+
+KERNELS = ("cpu", "triton", "cuda")
+
+
+def _splits(tiling: list[int]) -> int | None:
+    return tiling[0] if tiling and tiling[0] > 0 else None
+
+
+@torch.library.custom_op("perceiver_fast::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float, kernel: str,
+              kind: str, tiling: list[int]) -> tuple[Tensor, Tensor]:
+    if kernel == "cpu":
+        return extension.require().cpu_attention_forward(q, k, v, key_mask, causal, scale, *tiling)
+    if kernel == "triton":
+        from ..kernels import attention_forward
+
+        return attention_forward(q, k, v, key_mask, causal, scale, kind, _splits(tiling))
+    if kernel == "cuda":
+        return extension.require().cuda_attention_forward(q, k, v, key_mask, causal, scale, _splits(tiling) or 0)
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+@attention.register_fake
+def _(q, k, v, key_mask, causal, scale, kernel, kind, tiling):
+    batch, heads, queries, _ = q.shape
+    return q.new_empty(batch, heads, queries, v.shape[3]), q.new_empty(batch, heads, queries, dtype=torch.float32)
+
+
+@torch.library.custom_op("perceiver_fast::attention_backward", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       key_mask: Tensor | None, causal: bool, scale: float, kernel: str, kind: str,
+                       tiling: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    if kernel == "cpu":
+        return extension.require().cpu_attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, *tiling)
+    if kernel == "triton":
+        from ..kernels import attention_backward as triton_backward
+
+        return triton_backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind)
+    raise ValueError(f"kernel {kernel!r} has no backward (kernels with one: 'cpu', 'triton')")
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, key_mask, causal, scale, kernel, kind, tiling):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, causal, scale, kernel, kind, tiling = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
+    ctx.settings = (causal, scale, kernel, kind, tiling)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, key_mask, *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

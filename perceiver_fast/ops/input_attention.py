@@ -1,0 +1,94 @@
+"""`perceiver_fast::input_attention` and `perceiver_fast::input_attention_backward`: attention over
+an input x normalised (LayerNorm without affine) and, with k_weight, projected tile by tile inside
+the kernel, as registered ops with their fake implementations and autograd formula.
+
+    input_attention(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal,
+                    scale, kernel, tiling) -> (out, lse)
+
+With k_weight (the projection method) K = xn Wk^T + bk and V = xn Wv^T + bv split over heads;
+without it (the shortcut) K = V = xn for every head and q's last dimension is x's C. The
+backward returns (dq, dx, dk_weight, dk_bias, dv_weight, dv_bias), the last four empty for the
+shortcut. `kernel`: "cpu" (C++, both methods) or "triton" (the shortcut); `tiling` as in
+`perceiver_fast.ops.attention`, for the C++ kernel only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import extension
+
+
+@torch.library.custom_op("perceiver_fast::input_attention", mutates_args=())
+def input_attention(q: Tensor, x: Tensor, normalize: bool, eps: float, k_weight: Tensor | None,
+                    k_bias: Tensor | None, v_weight: Tensor | None, v_bias: Tensor | None, key_mask: Tensor | None,
+                    causal: bool, scale: float, kernel: str, tiling: list[int]) -> tuple[Tensor, Tensor]:
+    if kernel == "cpu":
+        return extension.require().cpu_input_attention_forward(q, x, normalize, eps, k_weight, k_bias, v_weight,
+                                                               v_bias, key_mask, causal, scale, *tiling)
+    if kernel == "triton" and k_weight is None:
+        from ..kernels import input_attention_forward
+
+        return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale)
+    raise ValueError(f"kernel {kernel!r} does not fuse the {'projection' if k_weight is not None else 'shortcut'} "
+                     "method (the 'cpu' kernel fuses both, 'triton' the shortcut)")
+
+
+def _dim_v(q, heads, v_weight):
+    return q.shape[3] if v_weight is None else v_weight.shape[0] // heads
+
+
+@input_attention.register_fake
+def _(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, kernel, tiling):
+    batch, heads, queries, _ = q.shape
+    return (q.new_empty(batch, heads, queries, _dim_v(q, heads, v_weight)),
+            q.new_empty(batch, heads, queries, dtype=torch.float32))
+
+
+@torch.library.custom_op("perceiver_fast::input_attention_backward", mutates_args=())
+def input_attention_backward(dout: Tensor, q: Tensor, x: Tensor, normalize: bool, eps: float,
+                             k_weight: Tensor | None, k_bias: Tensor | None, v_weight: Tensor | None,
+                             v_bias: Tensor | None, out: Tensor, lse: Tensor, key_mask: Tensor | None, causal: bool,
+                             scale: float, kernel: str, tiling: list[int]) -> list[Tensor]:
+    if kernel == "cpu":
+        return extension.require().cpu_input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias,
+                                                                v_weight, v_bias, out, lse, key_mask, causal, scale,
+                                                                *tiling)
+    if kernel == "triton" and k_weight is None:
+        from ..kernels import input_attention_backward as triton_backward
+
+        # Four distinct empty tensors: the outputs of a registered op may not alias each other.
+        return [*triton_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale),
+                *(q.new_empty(0) for _ in range(4))]
+    raise ValueError(f"kernel {kernel!r} has no backward of the "
+                     f"{'projection' if k_weight is not None else 'shortcut'} method")
+
+
+@input_attention_backward.register_fake
+def _(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale, kernel,
+      tiling):
+    weights = (k_weight, k_bias, v_weight, v_bias)
+    return [q.new_empty(q.shape), x.new_empty(x.shape)] + [
+        q.new_empty(0) if t is None else t.new_empty(t.shape) for t in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, kernel, tiling = inputs
+    out, lse = output
+    ctx.save_for_backward(q, x, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask)
+    ctx.settings = (normalize, eps, causal, scale, kernel, tiling)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, x, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask = ctx.saved_tensors
+    normalize, eps, causal, scale, kernel, tiling = ctx.settings
+    dq, dx, *weight_grads = input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias,
+                                                     out, lse, key_mask, causal, scale, kernel, tiling)
+    if k_weight is None:
+        weight_grads = [None] * 4
+    return (dq, dx, None, None, *weight_grads) + (None,) * 5
+
+
+input_attention.register_autograd(_backward, setup_context=_setup_context)
