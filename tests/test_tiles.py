@@ -45,3 +45,29 @@ def test_choose_num_splits(programs, keys, sms, want):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="kind must be one of"):
         tiles.forward_config("decoder", 64, 64, False)
+
+
+def test_compile_check_jobs_come_from_the_launchers():
+    """The AOT check's jobs are dry runs of the launchers: every config they can pick appears, with
+    every kernel parameter in order and the types Triton gives the launch's values."""
+    import inspect
+
+    from perceiver_fast.kernels import compile_check
+
+    jobs = compile_check.launch_jobs()
+    assert len(jobs) == len(set(jobs))
+    fwd, bwd = tiles.all_configs()
+    for kernel, configs in (("_attention_forward_kernel", fwd), ("_attention_backward_kernel", bwd)):
+        seen = {(dict(j.constexprs)["BLOCK_N"], dict(j.constexprs)["BLOCK_M"], dict(j.constexprs)["BLOCK_DQK"],
+                 dict(j.constexprs)["BLOCK_DV"], j.num_warps, j.num_stages) for j in jobs if j.kernel == kernel}
+        wanted = {(c.block_n, c.block_m, c.block_dqk, c.block_dv, c.num_warps, c.num_stages) for _, _, c in configs}
+        assert wanted <= seen, f"{kernel}: configs never launched in the dry run: {wanted - seen}"
+    for job in jobs:
+        params = list(inspect.signature(compile_check._kernel(job.kernel).fn).parameters)
+        assert [name for name, _ in job.signature] == params
+        types = dict(job.signature)
+        assert types["KeyMask" if "KeyMask" in types else params[0]].startswith("*")
+        assert all(dict(job.constexprs)[name] is not None for name, t in job.signature if t == "constexpr")
+    forward = next(j for j in jobs if j.kernel == "_attention_forward_kernel" and dict(j.constexprs)["HAS_KEY_MASK"])
+    assert dict(forward.signature)["KeyMask"] == "*i1" and dict(forward.signature)["stride_qd"] == "constexpr"
+    assert dict(forward.constexprs)["INTERPRETED_BF16"] is False

@@ -4,12 +4,18 @@ The Triton interpreter accepts programs the GPU compiler rejects (dot operands u
 too much shared memory), so this check compiles each (kernel, tiles, dtype, flags) for
 an NVIDIA target without needing a GPU, prints registers / shared memory / spill bytes
 per configuration, and fails on a compile error or on shared memory above the target's
-limit. Run: `python -m perceiver_fast.kernels.compile_check` (or `perceiver-fast check`).
+limit. The jobs are not written out by hand: dry runs of the launchers, with recorders standing in
+for the kernels, give each launch's arguments, from which its signature follows as Triton forms it.
+Run: `python -m perceiver_fast.kernels.compile_check` (or `perceiver-fast check`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import inspect
+import itertools
 import os
 import re
 import shutil
@@ -19,9 +25,11 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import torch
+import triton.language as tl
+
 # Opt-in shared memory per block (bytes) by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-HALF_DTYPES = ("fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -34,102 +42,112 @@ class Job:
     num_stages: int
 
 
-def _strides(prefix: str, dims: str, last_unit: bool) -> list[tuple[str, str]]:
-    names = [f"stride_{prefix}{d}" for d in dims]
-    # Unit strides are specialised to constants at launch; mirror that here.
-    return [(n, "constexpr" if last_unit and i == len(names) - 1 else "i32") for i, n in enumerate(names)]
+# Kernel modules and the kernels their launchers call, looked up by name in the module.
+KERNELS = {"attention_forward": ("_attention_forward_kernel", "_merge_splits_kernel"),
+           "attention_backward": ("_row_dot_kernel", "_attention_backward_kernel"),
+           "layer_norm_stats": ("_layer_norm_stats_kernel",)}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1"}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs, for launches that do not choose
+# A launch's signature as Triton forms it: tensors are pointers, floats fp32, integers i32 except
+# those equal to 1, which Triton specialises to the constant 1 (unit strides, one block).
 
 
-def _unit(names):
-    return [(n, 1) for n, t in names if t == "constexpr"]
+def _job(kernel, values: dict, num_warps: int, num_stages: int) -> Job:
+    """The compile job of one recorded launch: kernel parameter names with their values' types."""
+    params = inspect.signature(kernel.fn).parameters
+    signature, constexprs = [], []
+    for name, param in params.items():
+        value = values[name]
+        if param.annotation is tl.constexpr or "constexpr" in str(param.annotation):
+            # The GPU build never runs under the interpreter: its bfloat16 workaround is off.
+            value = False if name == "INTERPRETED_BF16" else value
+            signature.append((name, "constexpr"))
+            constexprs.append((name, value))
+        elif isinstance(value, torch.Tensor):
+            signature.append((name, POINTER_TYPES[value.dtype]))
+        elif isinstance(value, float):
+            signature.append((name, "fp32"))
+        elif value == 1:
+            signature.append((name, "constexpr"))
+            constexprs.append((name, 1))
+        else:
+            signature.append((name, "i32"))
+    dtype = next(t for n, t in signature if t.startswith("*"))[1:]
+    blocks = " ".join(f"{n}={v}" for n, v in constexprs if v is not False and v is not True and v != 1)
+    flags = " ".join(f"{n.lower()}={int(v)}" for n, v in constexprs if isinstance(v, bool) and n != "INTERPRETED_BF16")
+    label = f"{dtype:4s} {flags} {blocks}".replace("  ", " ")
+    return Job(kernel.fn.__name__, label, tuple(signature), tuple(constexprs), num_warps, num_stages)
 
 
-def _attention_jobs(kernel, configs, pointers, strides, scalars, variants):
-    """Jobs for one attention kernel: each config, each of its dtypes, each (flags, out dtype) variant.
+class _Recorder:
+    """Stands in for a kernel during a dry run of its launcher: `kernel[grid](...)` records the launch."""
 
-    `pointers(dtype, out_dtype)` lists the pointer arguments; `variants(dtype)` yields
-    ((HAS_KEY_MASK, CAUSAL, NORMALIZE), out_dtype) pairs.
+    def __init__(self, kernel, jobs: list):
+        self.kernel, self.jobs = kernel, jobs
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=DEFAULT_NUM_STAGES, **kwargs):
+            values = dict(zip(inspect.signature(self.kernel.fn).parameters, args), **kwargs)
+            self.jobs.append(_job(self.kernel, values, num_warps, num_stages))
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(jobs: list):
+    modules = {name: importlib.import_module(f"{__package__}.{name}") for name in KERNELS}
+    originals = {(m, k): getattr(modules[m], k) for m, names in KERNELS.items() for k in names}
+    try:
+        for (module, name), kernel in originals.items():
+            setattr(modules[module], name, _Recorder(kernel, jobs))
+        yield modules
+    finally:
+        for (module, name), kernel in originals.items():
+            setattr(modules[module], name, kernel)
+
+
+def _dims_hitting_every_tile() -> list[int]:
+    """Head dims that give every head tile once (the configs depend on dims only through it), none
+    equal to 1 (which Triton would specialise), and 261: several head-dim blocks per program."""
+    from . import tiles
+
+    return sorted({min(d for d in range(2, 1025) if tiles.head_tile(d) == t) for t in tiles.HEAD_TILES} | {261})
+
+
+def launch_jobs() -> list[Job]:
+    """Every distinct launch the launchers make, found by dry runs of them on small CPU tensors.
+
+    Per kind, dtype and pair of head dims: the forward with every flag on and one key split, and
+    with every flag off and two splits (fp32 partials and the merge), each followed by its backward;
+    the LayerNorm statistics per dtype. Nothing runs: recorders stand in for the kernels.
     """
-    stride_sig = sum((_strides(prefix, dims, True) for prefix, dims in strides), [])
-    jobs = []
-    for kind, fp32, cfg in configs:
-        for dtype in (("fp32",) if fp32 else HALF_DTYPES):
-            for flags, out_dtype in variants(dtype):
-                const = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk,
-                             BLOCK_DV=cfg.block_dv, HAS_KEY_MASK=flags[0], CAUSAL=flags[1], NORMALIZE=flags[2],
-                             INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=False)
-                sig = (pointers(dtype, out_dtype) + stride_sig + [(n, "i32") for n in ("H", "N", "M", "DQK", "DV")]
-                       + scalars + [(k, "constexpr") for k in const])
-                label = (f"{kind:6s} {dtype:4s} mask={int(flags[0])} causal={int(flags[1])} norm={int(flags[2])} out={out_dtype:4s} "
-                         f"N{cfg.block_n} M{cfg.block_m} Dqk{cfg.block_dqk} Dv{cfg.block_dv}")
-                jobs.append(Job(kernel, label, tuple(sig), tuple(_unit(stride_sig)) + tuple(const.items()),
-                                cfg.num_warps, cfg.num_stages))
-    return jobs
-
-
-def forward_jobs():
     from . import tiles
 
-    return _attention_jobs(
-        "_attention_forward_kernel", tiles.all_configs()[0],
-        lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"),
-                         ("Out", f"*{out}"), ("Lse", "*fp32"), ("Mean", "*fp32"), ("Rstd", "*fp32")],
-        [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("o", "sbhnd"), ("l", "sbhn")],
-        [("qk_scale_log2", "fp32"), ("keys_per_split", "i32"), ("num_dv_blocks", "i32")],
-        # Without splits the kernel writes the output dtype, with splits fp32 partials.
-        lambda dt: [((True, True, True), dt), ((False, False, False), "fp32")])
-
-
-def backward_jobs():
-    from . import tiles
-
-    return _attention_jobs(
-        "_attention_backward_kernel", tiles.all_configs()[1],
-        lambda dt, out: [("Q", f"*{dt}"), ("K", f"*{dt}"), ("V", f"*{dt}"), ("KeyMask", "*i1"), ("DOut", f"*{dt}"),
-                         ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", "*fp32"), ("DK", f"*{out}"),
-                         ("DV_", f"*{out}"), ("Mean", "*fp32"), ("Rstd", "*fp32")],
-        [("q", "bhnd"), ("k", "bhmd"), ("v", "bhmd"), ("mask", "bm"), ("do", "bhnd"), ("dq", "bhnd"),
-         ("dk", "bhmd"), ("dv", "bhmd")],
-        [("scale", "fp32"), ("qk_scale_log2", "fp32"), ("num_d_blocks", "i32")],
-        lambda dt: [((True, True, True), dt), ((False, False, False), dt)])
-
-
-def small_kernel_jobs():
-    from . import tiles
-    from .layer_norm_stats import BLOCK_C, BLOCK_ROWS
-
-    jobs = []
-    for block_dv in tiles.HEAD_TILES:
-        for dtype in ("fp32",) + HALF_DTYPES:
-            strides = _strides("p", "sbhnd", True) + [(f"stride_pl{d}", "i32") for d in "sbh"] \
-                + _strides("o", "bhnd", True) + [("stride_lb", "i32"), ("stride_lh", "i32")]
-            sig = [("PartOut", "*fp32"), ("PartLse", "*fp32"), ("Out", f"*{dtype}"), ("Lse", "*fp32")] + strides \
-                + [(n, "i32") for n in ("H", "N", "DV", "num_splits", "num_dv_blocks")] \
-                + [("BLOCK_N", "constexpr"), ("BLOCK_DV", "constexpr"), ("INTERPRETED_BF16", "constexpr")]
-            const = dict(BLOCK_N=tiles.ROW_BLOCK, BLOCK_DV=block_dv, INTERPRETED_BF16=False)
-            jobs.append(Job("_merge_splits_kernel", f"{dtype:4s} Dv{block_dv}", tuple(sig),
-                            tuple(_unit(strides)) + tuple(const.items()), 4, 1))
-            strides = _strides("o", "bhnd", True) + _strides("do", "bhnd", True)
-            sig = [("Out", f"*{dtype}"), ("DOut", f"*{dtype}"), ("Delta", "*fp32")] + strides \
-                + [(n, "i32") for n in ("H", "N", "DV")] + [("BLOCK_N", "constexpr"), ("BLOCK_DV", "constexpr")]
-            jobs.append(Job("_row_dot_kernel", f"{dtype:4s} Dv{block_dv}", tuple(sig),
-                            tuple(_unit(strides)) + (("BLOCK_N", const["BLOCK_N"]), ("BLOCK_DV", block_dv)), 4, 1))
-    for dtype in ("fp32",) + HALF_DTYPES:
-        strides = _strides("x", "bmc", True)
-        sig = [("X", f"*{dtype}"), ("Mean", "*fp32"), ("Rstd", "*fp32")] + strides \
-            + [("M", "i32"), ("C", "i32"), ("eps", "fp32"), ("BLOCK_ROWS", "constexpr"), ("BLOCK_C", "constexpr")]
-        jobs.append(Job("_layer_norm_stats_kernel", dtype, tuple(sig),
-                        tuple(_unit(strides)) + (("BLOCK_ROWS", BLOCK_ROWS), ("BLOCK_C", BLOCK_C)), 4, 1))
-    return jobs
+    jobs: list[Job] = []
+    B, H, N = 2, 2, 20
+    with _recording(jobs) as modules:
+        forward, backward = modules["attention_forward"].attention_forward, modules["attention_backward"].attention_backward
+        for kind, dtype, dqk, dv in itertools.product(tiles.KINDS, FLOAT_DTYPES, _dims_hitting_every_tile(),
+                                                      _dims_hitting_every_tile()):
+            M = 8 * tiles.forward_config(kind, dqk, dv, dtype == torch.float32).block_m
+            q, k, v, dout = (torch.empty(B, H, rows, dim, dtype=dtype)
+                             for rows, dim in ((N, dqk), (M, dqk), (M, dv), (N, dv)))
+            stats = (torch.empty(B, M), torch.empty(B, M))
+            for flags, splits in (((True, True, True), 1), ((False, False, False), 2)):
+                mask = torch.ones(B, M, dtype=torch.bool) if flags[0] else None
+                run_stats = stats if flags[2] else None
+                out, lse = forward(q, k, v, mask, flags[1], 0.5, kind, splits, stats=run_stats)
+                backward(dout, q, k, v, out, lse, mask, flags[1], 0.5, kind, stats=run_stats)
+        for dtype in FLOAT_DTYPES:
+            modules["layer_norm_stats"].layer_norm_stats(torch.empty(B, 40, 30, dtype=dtype), 1e-5)
+    return list(dict.fromkeys(jobs))
 
 
 def _kernel(name: str):
-    from .attention_backward import _attention_backward_kernel, _row_dot_kernel
-    from .attention_forward import _attention_forward_kernel, _merge_splits_kernel
-    from .layer_norm_stats import _layer_norm_stats_kernel
-
-    return {k.__name__: k for k in (_attention_forward_kernel, _merge_splits_kernel, _attention_backward_kernel,
-                                     _row_dot_kernel, _layer_norm_stats_kernel)}[name]
+    for module, names in KERNELS.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    raise KeyError(name)
 
 
 def _cuobjdump() -> str | None:
@@ -166,7 +184,7 @@ def compile_job(job: Job, arch: int) -> dict:
 
 
 def run_check(arch: int = 90, workers: int | None = None) -> int:
-    jobs = forward_jobs() + backward_jobs() + small_kernel_jobs()
+    jobs = launch_jobs()
     limit = SHARED_MEMORY_LIMIT.get(arch)
     print(f"compiling {len(jobs)} kernel configurations for sm_{arch} "
           f"(shared memory limit {limit if limit else 'unknown'} bytes)", flush=True)
