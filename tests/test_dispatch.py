@@ -7,6 +7,7 @@ import perceiver_fast as pf
 from perceiver_fast.backends import TritonBackend
 from perceiver_fast.dispatch import BACKENDS, select_backend
 from perceiver_fast.validation import validate_attention as validate
+from perceiver_fast.validation import validate_input_attention
 
 
 def problem(dtype=torch.float32, **kw):
@@ -95,3 +96,48 @@ def test_reference_backend_output_dtype_and_lse(dtype):
     out, lse = pf.cross_attention(q, k, v, return_lse=True, backend="reference")
     assert out.dtype == dtype and out.shape == (2, 1, 3, 6)
     assert lse.dtype == torch.float32 and lse.shape == (2, 1, 3)
+
+
+def input_problem(dtype=torch.float32, method="auto", **kw):
+    q, x = torch.randn(1, 2, 3, 4, dtype=dtype), torch.randn(1, 6, 5, dtype=dtype)
+    weights = dict(k_weight=torch.randn(8, 5, dtype=dtype), v_weight=torch.randn(6, 5, dtype=dtype))
+    return (q, x), weights, validate_input_attention(q, x, **weights, method=method, **kw)
+
+
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
+def test_auto_runs_the_input_attention_fused_on_the_cpu(interpreting, method):
+    interpreting(False)
+    _, _, problem = input_problem(method=method)
+    backend = select_backend(problem, None)
+    assert backend.name == "cpu" and backend.unfused_reason(problem) is None
+
+
+def test_input_attention_the_cpu_kernel_cannot_run_goes_composed_or_raises(interpreting):
+    interpreting(False)
+    args, weights, problem = input_problem(torch.float16)
+    assert select_backend(problem, None).name == "reference"  # composed on the reference attention
+    with pytest.raises(pf.BackendUnsupportedError, match="backend 'cpu' cannot run input attention .*float16"):
+        select_backend(problem, "cpu")
+    verdicts = pf.explain(pf.fused_input_attention, *args, **weights)
+    assert verdicts["reference"] == ["runs unfused: has no fused input attention"]
+    assert any("dtype float16 not supported" in r for r in verdicts["cpu"])
+
+
+def test_a_named_backend_that_fuses_another_method_runs_composed(interpreting):
+    interpreting(True)
+    _, _, problem = input_problem(method="projection")
+    triton = select_backend(problem, "triton")
+    assert triton.unfused_reason(problem) == "fuses only the shortcut method, not projection"
+    shortcut = input_problem(method="shortcut")[2]
+    assert select_backend(shortcut, "triton").unfused_reason(shortcut) is None
+
+
+def test_explain_takes_any_op_and_names_bad_ones(interpreting):
+    interpreting(False)
+    q = torch.randn(1, 2, 4, 8)
+    assert pf.explain(pf.latent_attention, q, q, q)["cpu"] == []
+    assert pf.explain(pf.cross_attention, q, q, q, backend="reference", return_lse=True)["cpu"] == []
+    with pytest.raises(TypeError, match="op must be one of pf.cross_attention"):
+        pf.explain(print, q, q, q)
+    with pytest.raises(ValueError, match="latent_attention is self-attention"):
+        pf.explain(pf.latent_attention, q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..attention import cross_attention, latent_attention
 from ..input_attention import fused_input_attention
+from ..validation import attention_kind
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
               causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """(B, H, N, D) attention: `latent_attention` when N == M without a mask, else `cross_attention`.
+    """(B, H, N, D) attention: `latent_attention` or `cross_attention` as `validation.attention_kind` decides.
 
     q, k and v are first brought to one dtype as a matmul of them would be: autocast's dtype
     where autocast is on, else the promoted dtype (a rotary embedding in float32, say, promotes
@@ -45,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: to
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    if key_mask is None and q.shape[2] == k.shape[2]:
+    if attention_kind(q.shape[2], k.shape[2], key_mask) == "latent":
         return latent_attention(q, k, v, causal=causal, scale=scale, backend=backend)
     return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
 
