@@ -1,7 +1,7 @@
 """The `perceiver-fast` command.
 
   check   compile every Triton kernel configuration for a GPU target (no GPU needed)
-  bench   run the benchmark set and write the report (tables, plots, JSON); --compare an earlier run
+  bench   run a benchmark case set (--set) and write its report (tables, plots, JSON); --compare an earlier run
   profile where time and memory go in a named Perceiver, with and without pf.patch
 """
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: up to 2)")
     from .bench.command import add_arguments, bench_command
 
-    bench = sub.add_parser("bench", help="run the benchmark set and write the report")
+    bench = sub.add_parser("bench", help="run a benchmark case set and write its report")
     add_arguments(bench)
     from .profiler.command import add_arguments as add_profile_arguments
     from .profiler.command import profile_command

@@ -1,4 +1,4 @@
-"""Comparison helpers: every backend is judged against the float64 reference (DESIGN.md)."""
+"""Comparison helpers: every backend is judged against the float64 reference (docs/design.md)."""
 
 from __future__ import annotations
 

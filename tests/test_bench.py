@@ -16,7 +16,8 @@ from perceiver_fast.bench import providers
 from perceiver_fast.bench.cases import PASS_FLOP_FACTOR, Case, case_from_shape, load_shapes, model_case, sweep
 from perceiver_fast.bench.compare import compare, format_changes
 from perceiver_fast.bench.model_providers import model_providers
-from perceiver_fast.bench.providers import layer_providers, op_providers, providers_for, why_not
+from perceiver_fast.bench.levels import providers_for
+from perceiver_fast.bench.providers import layer_providers, op_providers, why_not
 from perceiver_fast.bench.report import load_json, markdown, sweeps, write_report
 from perceiver_fast.bench.run import measure, run_cases
 from perceiver_fast.bench.sets import SETS, full_cases, quick_cases
@@ -60,7 +61,7 @@ def test_full_set_covers_every_published_shape():
 
 
 def test_sets_are_named_and_quick_and_full_keep_their_cases():
-    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "model"]
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "model"]
     assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
@@ -107,6 +108,19 @@ def test_layer_set_is_the_old_scripts_shapes_and_refuses_hf_at_a_million_inputs(
         assert why_not(by_name["HF on SDPA"], million, dtype, "cpu", True, False) is None
         assert why_not(by_name["HF + pf.patch"], million, dtype, "cpu", True, False) is None
     assert why_not(by_name["HF"], cases[0], torch.float32, "cpu", True, False) is None
+
+
+def test_overhead_set_times_loops_of_a_tiny_call_below_and_through_the_python_layer():
+    overhead = SETS["overhead"]
+    (case,) = overhead.cases("cpu")
+    assert case.calls > 1 and case.M * case.N <= 64
+    rows = measure(case, "float32", "forward+backward", "cpu", repeats=1, only=list(overhead.providers))
+    assert [r["provider"] for r in rows] == ["perceiver_fast[cpu]", "registered op[cpu]", "C++ kernel[cpu]"]
+    assert all(0 < r["ms"] < 1 for r in rows), rows  # per call, not per loop
+    # Outside the overhead set (one call per timing) the providers below the Python layer refuse.
+    one_call = Case(name="one", level="op", kind="cross", B=1, H=1, N=4, M=8, dqk=16, dv=16)
+    refused = measure(one_call, "float32", "forward", "cpu", repeats=1, only=["C++ kernel[cpu]"])
+    assert "overhead set only" in refused[0]["not_run"]
 
 
 def test_model_set_is_the_old_scripts_runs():
@@ -309,9 +323,11 @@ def test_cli_compares_two_files_and_rejects_bad_arguments(tmp_path, capsys):
     new.write_text(json.dumps({"machine": info, "results": fake_rows(TINY, {"sdpa": 1.0})}))
     assert cli(["bench", "--compare", str(old), "--against", str(new)]) == 0
     assert "3.00x" in capsys.readouterr().out
-    bad = tmp_path / "bad.json"
+    bad, script = tmp_path / "bad.json", tmp_path / "script.json"
     bad.write_text("[]")
+    script.write_text(json.dumps({"machine": info, "results": [{"case": "b1-h1-m50k-d64", "ms": 1.0}]}))
     for argv, message in ((["--compare", str(bad), "--against", str(new)], "not a perceiver-fast bench result"),
+                          (["--compare", str(script), "--against", str(new)], "rows without a case record"),
                           (["--against", str(new)], "--against needs --compare"),
                           (["--set", "nope"], "argument --set: invalid choice: 'nope'"),
                           (["--full", "--set", "layer"], "--full is --set full: it cannot go with --set layer"),

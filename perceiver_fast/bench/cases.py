@@ -1,6 +1,7 @@
 """Benchmark cases: the published Perceiver shapes (perceiver_fast/shapes.json), at op level
-(cross_attention, latent_attention) and layer level (a full cross-attention or latent
-self-attention layer), with input-length sweeps for the plots."""
+(cross_attention, latent_attention), layer level (a full cross-attention or latent self-attention
+layer) and model level (a whole named Perceiver), with input-length sweeps for the plots; and the
+FLOP count every report rate uses."""
 
 from __future__ import annotations
 
@@ -8,14 +9,27 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
+import torch
+
+from ..flops import visible_pairs
+from ..profiler.models import NAMED_MODELS
+
+PASSES = ("forward", "forward+backward")
+# FLOPs of each pass per forward FLOP, FlashAttention's convention: the backward's five matmuls
+# (the scores recomputed, dP, dV, dQ, dK) are 2.5x the forward's two.
+PASS_FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
+
 
 @dataclass(frozen=True)
 class Case:
-    """One problem. level "op": q, k, v given; "layer": a full layer with LayerNorms and projections.
+    """One problem. level "op": q, k, v given; "layer": a full layer with LayerNorms and projections;
+    "model": a whole named model (perceiver_fast.profiler.models), `name` naming it.
 
     kind: "cross", "causal" (bottom-right, Perceiver AR) or "latent" (N == M). C is the input's
-    channels (layer level, cross); latent_dim the latents' width (layer level). `scaled` says how
-    the published shape was reduced to fit the run, empty when it was not.
+    channels (layer level, cross); latent_dim the latents' width (layer level). At model level the
+    dims are those of the model's input cross-attention. padded_inputs: inputs at the end of every
+    item masked out as padding (model level). `scaled` says how the published shape was reduced to
+    fit the run, empty when it was not.
     """
 
     name: str
@@ -29,6 +43,8 @@ class Case:
     dv: int
     C: int = 0
     latent_dim: int = 0
+    padded_inputs: int = 0
+    calls: int = 1  # calls per timed run: a tiny case times a loop, so the clock's resolution does not count
     scaled: str = ""
     sweep: str = field(default="", compare=False)  # cases of one sweep differ only in M
 
@@ -36,17 +52,25 @@ class Case:
     def causal(self) -> bool:
         return self.kind == "causal"
 
-    def attention_flops(self) -> int:
-        """Matmul FLOPs of the attention forward: 2 B H P (dqk + dv), P the scored query-key pairs."""
-        pairs = self.N * self.M
-        if self.causal:
-            pairs = sum(min(self.M, max(0, i + self.M - self.N + 1)) for i in range(self.N))
-        return 2 * self.B * self.H * pairs * (self.dqk + self.dv)
+    def attention_flops(self, pass_name: str) -> float | None:
+        """The FLOPs every rate of this case counts, the same for every provider: the attention's
+        matmuls, 2 B H P (dqk + dv) forward with P the scored query-key pairs, times PASS_FLOP_FACTOR.
+        Layers: the attention only, not the projections. Model level: None, not counted (the
+        attention is a small part of a whole model's work)."""
+        if self.level == "model":
+            return None
+        pairs = visible_pairs(self.N, self.M, self.causal)
+        return 2 * self.B * self.H * pairs * (self.dqk + self.dv) * PASS_FLOP_FACTOR[pass_name]
 
     def label(self) -> str:
-        dims = f"B={self.B} H={self.H} N={self.N} M={self.M} D={self.dqk}" + (
-            f"/{self.dv}" if self.dv != self.dqk else "")
-        return f"{self.name} ({dims}{', causal' if self.causal else ''})"
+        if self.level == "model":
+            dims = f"B={self.B} M={self.M}"  # the model's configuration fixes the rest
+        else:
+            dims = f"B={self.B} H={self.H} N={self.N} M={self.M} D={self.dqk}" + (
+                f"/{self.dv}" if self.dv != self.dqk else "")
+        notes = (", causal" if self.causal else "") + (
+            f", last {self.padded_inputs} inputs masked as padding" if self.padded_inputs else "")
+        return f"{self.name} ({dims}{notes})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,28 +117,8 @@ def sweep(base: Case, lengths: list[int]) -> list[Case]:
     return cases
 
 
-def quick_cases(device: str) -> list[Case]:
-    """The default set: minutes on a 2-core CPU. Batch 1; one sweep of input length for the plots."""
-    big = device == "cuda"
-    cases = sweep(case_from_shape("hf-vision-fourier-cross", "op"), [3136, 12544, 50176] + ([200704] if big else []))
-    cases += [case_from_shape("krasserm-clm-ar", "op", batch=1), case_from_shape("hf-vision-self", "op"),
-              case_from_shape("hf-language-cross", "op")]
-    cases += sweep(case_from_shape("hf-vision-fourier-cross", "layer"), [3136, 12544, 50176])
-    cases += [case_from_shape("hf-vision-self", "layer")]
-    return cases
-
-
-def full_cases(device: str) -> list[Case]:
-    """Every cross, causal and latent shape of shapes.json, at published batch sizes where they fit."""
-    op = []
-    for name, shape in load_shapes().items():
-        if shape["kind"] not in KINDS:
-            continue
-        op.append(case_from_shape(name, "op", batch=None if device == "cuda" else 1))
-    lengths = [3136, 12544, 50176, 200704] + ([802816] if device == "cuda" else [])
-    cases = sweep(case_from_shape("hf-vision-fourier-cross", "op"), lengths)
-    cases += [c for c in op if c.name != "hf-vision-fourier-cross"]
-    cases += sweep(case_from_shape("hf-vision-fourier-cross", "layer"), lengths[:4])
-    cases += [case_from_shape("hf-vision-self", "layer"), case_from_shape("hf-language-cross", "layer"),
-              case_from_shape("long-input-1m", "layer")]
-    return cases
+def model_case(model: str, inputs: int, batch: int = 1, padded_inputs: int = 0) -> Case:
+    """The named model `model` (perceiver_fast.profiler.models) on `inputs` input elements."""
+    s = NAMED_MODELS[model].shape(batch, inputs, torch.float32)
+    return Case(name=model, level="model", kind="cross", B=batch, H=s.cross_heads, N=s.latents, M=inputs,
+                dqk=s.cross_qk, dv=s.cross_v, C=s.channels, latent_dim=s.latent_dim, padded_inputs=padded_inputs)

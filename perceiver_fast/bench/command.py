@@ -1,24 +1,33 @@
-"""`perceiver-fast bench`: run the benchmark set, write the report, compare with an earlier run."""
+"""`perceiver-fast bench`: run a named case set, write its report, compare with an earlier run."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .run import DTYPES, PASSES
-
-LEVELS = ("op", "layer")
+from .cases import PASSES
+from .levels import LEVELS
+from .run import DTYPES
+from .sets import SETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--full", action="store_true",
-                        help="every published shape and longer input sweeps (default: the quick set, minutes)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    parser.add_argument("--set", choices=list(SETS), default=None, metavar="NAME",
+                        help="the case set (default: quick): "
+                             + "; ".join(f"{s.name}: {s.about}" for s in SETS.values()))
+    parser.add_argument("--full", action="store_true", help="the same as --set full")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when present and the set runs there")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated from " + ", ".join(DTYPES))
-    parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated from " + ", ".join(PASSES))
-    parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated from " + ", ".join(LEVELS))
+    other_passes = "".join(f"; the {s.name} set: {','.join(s.passes)}" for s in SETS.values() if s.passes != PASSES)
+    parser.add_argument("--passes", default=None,
+                        help=f"comma-separated from {', '.join(PASSES)} (default: both{other_passes})")
+    parser.add_argument("--levels", default=",".join(LEVELS),
+                        help="comma-separated from " + ", ".join(LEVELS) + ": run only the set's cases of these")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider (median)")
-    parser.add_argument("--out", default="bench-results", help="folder for report-<device>.md, results-<device>.json, plots")
+    parser.add_argument("--out", default="bench-results",
+                        help="folder for report-<set>-<device>.md, results-<set>-<device>.json and the plots "
+                             "(the quick set: report-<device>.md, results-<device>.json)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument("--compare", metavar="OLD.json", help="print the change against an earlier results file")
     parser.add_argument("--against", metavar="NEW.json",
@@ -52,28 +61,35 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--against: {error}")
         print(format_changes(compare(old_rows, new_rows)))
         return 0
+    if args.full and args.set not in (None, "full"):
+        parser.error(f"--full is --set full: it cannot go with --set {args.set}")
+    case_set = SETS["full" if args.full else (args.set or "quick")]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     dtypes = _split(parser, "dtypes", args.dtypes, DTYPES)
-    passes = _split(parser, "passes", args.passes, PASSES)
+    passes = _split(parser, "passes", args.passes, PASSES) if args.passes else list(case_set.passes)
     levels = _split(parser, "levels", args.levels, LEVELS)
 
     import torch
 
-    from .cases import full_cases, quick_cases
     from .report import write_report
     from .run import run_cases
     from .timing import machine
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() and "cuda" in case_set.devices else "cpu")
+    if device not in case_set.devices:
+        parser.error(f"--device {device}: the {case_set.name} set runs on {', '.join(case_set.devices)} only")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    cases = [c for c in (full_cases if args.full else quick_cases)(device) if c.level in levels]
+    cases = [c for c in case_set.cases(device) if c.level in levels]
+    if not cases:
+        parser.error(f"--levels {args.levels}: the {case_set.name} set has no case at these levels")
     print(f"perceiver-fast bench: {len(cases)} cases x {len(dtypes)} dtypes x {len(passes)} passes on {device}, "
-          f"{'full' if args.full else 'quick'} set", flush=True)
+          f"{case_set.name} set", flush=True)
     rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True),
-                     full=args.full)
-    written = write_report(args.out, machine(device), rows, plots=not args.no_plots)
+                     only=list(case_set.providers) or None, full=case_set.name == "full")
+    info = machine(device, {name: DTYPES[name] for name in dtypes})
+    written = write_report(args.out, case_set, info, rows, plots=not args.no_plots)
     print(f"wrote {written['report']}, {written['results']} and {len(written['plots'])} plots")
     if old_rows is not None:
         print(format_changes(compare(old_rows, rows)))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from .report import group_key
+
 
 def row_key(row: dict) -> tuple:
-    c = row["case"]
-    return (c["level"], c["name"], c["B"], c["H"], c["N"], c["M"], row["dtype"], row["pass"], row["provider"])
+    """(level, case label, dtype, pass, provider): the label names every dimension that tells cases apart."""
+    return group_key(row) + (row["provider"],)
 
 
 def compare(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
@@ -32,15 +34,15 @@ def compare(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
 
 
 def format_changes(changes: list[dict]) -> str:
-    lines = [f"{'case':58s} {'dtype':8s} {'pass':16s} {'provider':24s} {'old ms':>9s} {'new ms':>9s} "
+    lines = [f"{'case':72s} {'dtype':8s} {'pass':16s} {'provider':24s} {'old ms':>9s} {'new ms':>9s} "
              f"{'speed':>7s} {'old MiB':>8s} {'new MiB':>8s}"]
     for e in changes:
-        level, name, B, H, N, M, dtype, pass_name, provider = e["key"]
-        case = f"{level} {name} B={B} H={H} N={N} M={M}"
+        level, label, dtype, pass_name, provider = e["key"]
+        case = f"{level} {label}"
         if e["status"] != "both":
-            lines.append(f"{case:58s} {dtype:8s} {pass_name:16s} {provider:24s} {e['status']}")
+            lines.append(f"{case:72s} {dtype:8s} {pass_name:16s} {provider:24s} {e['status']}")
             continue
-        lines.append(f"{case:58s} {dtype:8s} {pass_name:16s} {provider:24s} {e['old_ms']:9.2f} {e['new_ms']:9.2f} "
+        lines.append(f"{case:72s} {dtype:8s} {pass_name:16s} {provider:24s} {e['old_ms']:9.2f} {e['new_ms']:9.2f} "
                      f"{e['speedup']:6.2f}x {e['old_mib']:8.1f} {e['new_mib']:8.1f}")
     both = [e["speedup"] for e in changes if e["status"] == "both"]
     if both:

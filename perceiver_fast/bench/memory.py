@@ -46,3 +46,12 @@ def peak_extra_mib(call, device: str = "cpu"):
     Path("/proc/self/clear_refs").write_text("5")
     result = call()
     return result, (memory_kib("VmHWM") - baseline) / 1024
+
+
+def tensors_mib(value) -> float:
+    """MiB of the tensors in value: a tensor, or lists and tuples of them (None counts nothing)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size() / 2**20
+    if isinstance(value, (list, tuple)):
+        return sum(tensors_mib(v) for v in value)
+    return 0.0

@@ -1,10 +1,12 @@
 """What a benchmark compares: our backends and the implementations people use today.
 
-A provider says why it cannot run a case (`refusal`, None when it can) or builds one call of it
-(`prepare`: inputs made once, the returned function runs forward, or forward and backward).
-Op level: q, k, v in SDPA layout. Layer level: a full Perceiver attention layer with LayerNorms
-and projections, built from HF transformers' `PerceiverAttention` (the module HF's
-`PerceiverLayer` wraps) or lucidrains' `PreNorm(Attention)`.
+A provider says why it cannot run a case (`refusal`, None when it can), may predict the memory
+its call needs (`predicted_bytes`, checked against the free memory before it starts) and builds
+one call of it (`prepare`: inputs made once, the returned function runs forward, or forward and
+backward). Op level: q, k, v in SDPA layout. Layer level: a full Perceiver attention layer with
+LayerNorms and projections, built from HF transformers' `PerceiverAttention` (the module HF's
+`PerceiverLayer` wraps) or lucidrains' `PreNorm(Attention)`. Model level: model_providers.py; each
+level's list: levels.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Provider:
     level: str
     refusal: Callable[[Case, torch.dtype, str], str | None]
     prepare: Callable[[Case, torch.dtype, str, bool], Callable[[], object]]
+    # Bytes its call holds at its peak above the inputs, given whether it runs the backward; None: small.
+    predicted_bytes: Callable[[Case, torch.dtype, bool], int] | None = None
     # Why it runs on the CPU in the --full set only (too slow to set up for the quick one); "" if it does not.
     full_set_only_on_cpu: str = ""
 
@@ -39,16 +43,38 @@ def free_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def score_matrix_refusal(case: Case, dtype: torch.dtype, device: str, copies: int) -> str | None:
-    """Refuses a provider that materialises `copies` B x H x N x M score tensors when they would not fit."""
-    size = copies * case.B * case.H * case.N * case.M * torch.finfo(dtype).bits // 8
-    if size > MEMORY_SHARE * free_bytes(device):
-        return (f"out of memory: its {copies} score tensors need {size / 2**30:.1f} GiB, "
-                f"{free_bytes(device) / 2**30:.1f} GiB free")
+def memory_refusal(needed: int, device: str) -> str | None:
+    free = free_bytes(device)
+    if needed > MEMORY_SHARE * free:
+        return (f"out of memory predicted: needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+                f"(a provider may take {MEMORY_SHARE:.0%})")
     return None
 
 
-def _run(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> Callable[[], object]:
+def why_not(provider: Provider, case: Case, dtype: torch.dtype, device: str, backward: bool,
+            full: bool) -> str | None:
+    """Why `provider` does not run `case` in this run, None when it does: its own refusal, a predicted
+    peak that does not fit, or a set-up too slow for a CPU run outside the full set (`full`)."""
+    reason = provider.refusal(case, dtype, device)
+    if not reason and provider.predicted_bytes:
+        reason = memory_refusal(provider.predicted_bytes(case, dtype, backward), device)
+    if not reason and device == "cpu" and not full:
+        reason = provider.full_set_only_on_cpu
+    return reason or None
+
+
+def with_backward(forward_bytes: Callable[[Case, torch.dtype], int]) -> Callable[[Case, torch.dtype, bool], int]:
+    """predicted_bytes from a forward's peak: a backward keeps the forward's tensors and makes gradients as
+    large, so twice it (measured on the 2-core CPU: 1.3x to 1.9x for eager attention and the unfused layers)."""
+    return lambda case, dtype, backward: forward_bytes(case, dtype) * (2 if backward else 1)
+
+
+def score_bytes(case: Case, dtype: torch.dtype) -> int:
+    """One B x H x N x M score tensor."""
+    return case.B * case.H * case.N * case.M * torch.finfo(dtype).bits // 8
+
+
+def make_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> Callable[[], object]:
     """One call: forward under no_grad, or forward and backward to every leaf (inputs and weights).
 
     The gradients are returned with the output and taken off the leaves, so that each call's
@@ -101,12 +127,13 @@ def sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _op_provider(name: str, fn, refusal=None, full_set_only_on_cpu: str = "") -> Provider:
+def _op_provider(name: str, fn, refusal=None, predicted_bytes=None, full_set_only_on_cpu: str = "") -> Provider:
     def prepare(case, dtype, device, backward):
         q, k, v = op_inputs(case, dtype, device, backward)
-        return _run(lambda: fn(q, k, v, case), [q, k, v], backward)
+        return make_call(lambda: fn(q, k, v, case), [q, k, v], backward)
 
-    return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare, full_set_only_on_cpu)
+    return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare,
+                    predicted_bytes=predicted_bytes, full_set_only_on_cpu=full_set_only_on_cpu)
 
 
 def _flex_refusal(case, dtype, device):
@@ -157,29 +184,85 @@ def _ours(backend: str | None) -> Provider:
         return pf.cross_attention(q, k, v, causal=case.causal, backend=backend)
 
     def refusal(case, dtype, device):
-        from ..backends import get_backend
-        from ..validation import validate
+        import perceiver_fast as pf
 
-        meta = [torch.empty(case.B, case.H, rows, dim, dtype=dtype, device=device)
-                for rows, dim in ((case.N, case.dqk), (case.M, case.dqk), (case.M, case.dv))]
-        problem = validate(*meta, causal=case.causal, kind="latent" if case.kind == "latent" else "cross")
+        op = pf.latent_attention if case.kind == "latent" else pf.cross_attention
         # As auto dispatch would judge it: the Triton interpreter is not timed.
-        return "; ".join(get_backend(backend).refusals(problem, explicit=False)) or None
+        return "; ".join(pf.explain(op, *meta_inputs(case, dtype, device), causal=case.causal)[backend]) or None
 
     return _op_provider(f"perceiver_fast[{backend}]", fn, refusal)
 
 
+def _below_the_python_layer(name: str, fn) -> Provider:
+    """The cpu backend's kernels reached past the public function, for the per-call overhead of the
+    layers above them: only on cases that time loops of calls (the overhead set)."""
+    def refusal(case, dtype, device):
+        if case.calls == 1:
+            return "measures the overhead of one call: in the overhead set only"
+        import perceiver_fast as pf
+
+        reasons = pf.explain(pf.cross_attention, *meta_inputs(case, dtype, device), causal=case.causal)["cpu"]
+        return "; ".join(reasons) or None
+
+    return _op_provider(name, fn, refusal)
+
+
+def meta_inputs(case: Case, dtype, device) -> list[torch.Tensor]:
+    """Stride-0 views: the shapes, dtype and device of the case's q, k, v without their memory."""
+    return [torch.empty(1, dtype=dtype, device=device).expand(case.B, case.H, rows, dim)
+            for rows, dim in ((case.N, case.dqk), (case.M, case.dqk), (case.M, case.dv))]
+
+
+def _registered_op(q, k, v, case):
+    from ..ops import attention
+
+    return attention(q, k, v, None, case.causal, case.dqk ** -0.5, "cpu", case.kind, [])[0]
+
+
+class _BareKernel(torch.autograd.Function):
+    """The C++ forward and backward with nothing between them and the caller but this Function."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        from ..extension import compiled
+
+        out, lse = compiled.cpu_attention_forward(q, k, v, None, causal, q.shape[-1] ** -0.5)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..extension import compiled
+
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*compiled.cpu_attention_backward(dout, q, k, v, out, lse, None, ctx.causal, q.shape[-1] ** -0.5),
+                None)
+
+
+def _bare_kernel(q, k, v, case):
+    if torch.is_grad_enabled() and q.requires_grad:
+        return _BareKernel.apply(q, k, v, case.causal)
+    from ..extension import compiled
+
+    return compiled.cpu_attention_forward(q, k, v, None, case.causal, case.dqk ** -0.5)[0]
+
+
 def op_providers() -> list[Provider]:
-    """Every fast backend of ours (the reference is for checking), then the references."""
-    from ..backends import BACKEND_NAMES
+    """Every fast backend of ours (the reference is for checking), then the references, then the cpu
+    backend's kernels below the Python layer (overhead set only)."""
+    from ..dispatch import BACKEND_NAMES
 
     return ([_ours(b) for b in BACKEND_NAMES if b != "reference"]
             + [_op_provider("eager", lambda q, k, v, case: eager(q, k, v, case.causal),
-                            lambda case, dtype, device: score_matrix_refusal(case, dtype, device, 3)),
+                            # scores and probabilities (2 GiB measured where they are 1 GiB each)
+                            predicted_bytes=with_backward(lambda case, dtype: 2 * score_bytes(case, dtype))),
                _op_provider("sdpa", lambda q, k, v, case: sdpa(q, k, v, case.causal)),
-               _op_provider("flex_attention", _flex, _flex_refusal,
-                            "compiled per shape (about 20 s each on the 2-core CPU): in the --full set only"),
-               _op_provider("flash_attn", _flash_attn, _flash_attn_refusal)])
+               _op_provider("flex_attention", _flex, _flex_refusal, full_set_only_on_cpu=(
+                   "compiled per shape (about 20 s each on the 2-core CPU): in the --full set only")),
+               _op_provider("flash_attn", _flash_attn, _flash_attn_refusal),
+               _below_the_python_layer("registered op[cpu]", _registered_op),
+               _below_the_python_layer("C++ kernel[cpu]", _bare_kernel)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,20 +300,27 @@ def _layer_inputs(case: Case, dtype, device, backward):
     return latents, torch.randn(case.B, case.M, case.C, device=device, dtype=dtype, requires_grad=backward)
 
 
-def _needs(module: str):
+def missing_module(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install perceiver-fast[test])"
+    return None
+
+
+def _layer_refusal(module: str):
     def refusal(case, dtype, device):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed (pip install perceiver-fast[test])"
         if case.causal:
             return "causal layers are not in this layer suite"
-        return None
+        return missing_module(module)
     return refusal
 
 
-def _with_memory_check(refusal, copies):
-    def check(case, dtype, device):
-        return refusal(case, dtype, device) or (score_matrix_refusal(case, dtype, device, copies) if copies else None)
-    return check
+def unfused_layer_bytes(score_copies: int):
+    """predicted_bytes of a layer that stores LayerNorm(x), K and V of every input and `score_copies`
+    score tensors (measured on the 2-core CPU: within 4% of the forward's peak for HF's layer and SDPA's)."""
+    def forward_bytes(case, dtype):
+        activations = case.B * case.M * (case.C + case.H * (case.dqk + case.dv)) * torch.finfo(dtype).bits // 8
+        return activations + score_copies * score_bytes(case, dtype)
+    return with_backward(forward_bytes)
 
 
 def _hf_provider(name: str, patched: bool, use_sdpa: bool) -> Provider:
@@ -246,10 +336,11 @@ def _hf_provider(name: str, patched: bool, use_sdpa: bool) -> Provider:
         else:
             forward = lambda: layer(latents, inputs=inputs)[0]  # noqa: E731
         leaves = [t for t in (latents, inputs) if t is not None] + list(layer.parameters())
-        return _run(forward, leaves, backward)
+        return make_call(forward, leaves, backward)
 
-    copies = 0 if patched or use_sdpa else 3  # HF keeps scores, probabilities and their dropout output
-    return Provider(name, "layer", _with_memory_check(_needs("transformers"), copies), prepare)
+    # HF keeps scores and probabilities (its dropout is the identity in eval mode); the fused layer neither.
+    predicted = None if patched else unfused_layer_bytes(0 if use_sdpa else 2)
+    return Provider(name, "layer", _layer_refusal("transformers"), prepare, predicted_bytes=predicted)
 
 
 def lucidrains_block(case: Case, dtype, device):
@@ -277,12 +368,11 @@ def _lucidrains_provider(name: str, patched: bool) -> Provider:
         latents, inputs = _layer_inputs(case, dtype, device, backward)
         kwargs = {} if inputs is None else {"context": inputs}
         leaves = [t for t in (latents, inputs) if t is not None] + list(block.parameters())
-        return _run(lambda: block(latents, **kwargs), leaves, backward)
+        return make_call(lambda: block(latents, **kwargs), leaves, backward)
 
-    needs = _needs("perceiver_pytorch")
-    return Provider(name, "layer",
-                    _with_memory_check(lambda c, d, dev: needs(c, d, dev) or refusal(c, d, dev), 0 if patched else 2),
-                    prepare)
+    needs = _layer_refusal("perceiver_pytorch")
+    return Provider(name, "layer", lambda c, d, dev: needs(c, d, dev) or refusal(c, d, dev), prepare,
+                    predicted_bytes=None if patched else unfused_layer_bytes(2))
 
 
 def layer_providers() -> list[Provider]:
@@ -291,7 +381,3 @@ def layer_providers() -> list[Provider]:
             _hf_provider("HF on SDPA", patched=False, use_sdpa=True),
             _lucidrains_provider("lucidrains + pf.patch", patched=True),
             _lucidrains_provider("lucidrains", patched=False)]
-
-
-def providers_for(level: str) -> list[Provider]:
-    return op_providers() if level == "op" else layer_providers()

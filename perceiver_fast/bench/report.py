@@ -1,5 +1,6 @@
-"""The benchmark report: Markdown tables, PNG plots of how each provider scales with the input
-length, and the raw results as JSON with the machine recorded."""
+"""The benchmark report of one case set: Markdown tables, PNG plots of how each provider scales
+with the input length where the set has sweeps, and the raw results as JSON with the machine
+recorded. Each set has its own file names, so that the reports of all sets sit side by side."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .cases import Case
+from .cases import PASS_FLOP_FACTOR, Case
 from .memory import CPU_METHOD, CUDA_METHOD
+from .sets import CaseSet
 
 OURS_PREFIXES = ("perceiver_fast[", "HF + pf.patch", "lucidrains + pf.patch")
+LEVEL_TITLES = {"op": "Op level: `cross_attention` / `latent_attention`",
+                "layer": "Layer level: a full attention layer (LayerNorms, projections, attention, output projection)",
+                "model": "Model level: a whole model"}
 
 
 def is_ours(provider: str) -> bool:
@@ -18,41 +23,63 @@ def is_ours(provider: str) -> bool:
 
 
 def group_key(row: dict) -> tuple:
-    c = row["case"]
-    return (c["level"], c["name"], c["B"], c["M"], row["dtype"], row["pass"])
+    """The rows that compare with each other: one case, dtype and pass."""
+    return (row["case"]["level"], Case(**row["case"]).label(), row["dtype"], row["pass"])
 
 
-def row_gflop(row: dict) -> float:
-    """The attention's matmul FLOPs (forward, x3 for forward+backward): the same count for every provider."""
-    flops = Case(**row["case"]).attention_flops()
-    return flops * (3 if row["pass"] == "forward+backward" else 1) / 1e9
+def file_stem(set_name: str, device: str) -> str:
+    # The quick set keeps the names report-<device>.md and results-<device>.json that links point to.
+    return device if set_name == "quick" else f"{set_name}-{device}"
 
 
-def write_json(path: Path, info: dict, rows: list[dict]) -> None:
-    path.write_text(json.dumps({"machine": info, "results": rows}, indent=1))
+def format_ms(ms: float) -> str:
+    """Two decimals, or four significant digits below a millisecond (the overhead set's calls)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.4g}"
+
+
+def write_json(path: Path, set_name: str, info: dict, rows: list[dict]) -> None:
+    path.write_text(json.dumps({"set": set_name, "machine": info, "results": rows}, indent=1))
 
 
 def load_json(path) -> tuple[dict, list[dict]]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or "results" not in data or "machine" not in data:
         raise ValueError(f"{path} is not a perceiver-fast bench result file (no 'machine' and 'results')")
+    if not all(isinstance(row.get("case"), dict) for row in data["results"]):
+        # The former benchmarks/ scripts wrote the same top level with the case as a name.
+        raise ValueError(f"{path} is not a perceiver-fast bench result file (rows without a case record)")
     return data["machine"], data["results"]
 
 
-def markdown(info: dict, rows: list[dict], plots: list[str]) -> str:
-    device = info["device"]
+def machine_line(info: dict) -> str:
     gpu = f", GPU {info['gpu']} (CUDA {info.get('cuda')})" if "gpu" in info else ""
+    versions = ", ".join(f"{name} {info[name]}" for name in ("torch", "triton", "transformers") if info.get(name))
+    line = (f"Machine: {info['cpu']} ({info['cpu_threads']} threads){gpu}; {versions}, Python {info['python']}; "
+            f"device {info['device']}.")
+    if info.get("cpu_kernel_paths"):
+        line += f" cpu backend kernel paths: {info['cpu_kernel_paths']}."
+    if info.get("matmul_gflops"):
+        line += " One torch matmul (2048^3): " + ", ".join(
+            f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in info["matmul_gflops"].items()) + "."
+    return line
+
+
+def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) -> str:
+    device = info["device"]
     lines = [
-        "# perceiver-fast benchmark report", "",
-        f"Machine: {info['cpu']} ({info['cpu_threads']} threads){gpu}; torch {info['torch']}, triton "
-        f"{info['triton']}, Python {info['python']}; device {device}.", "",
+        f"# perceiver-fast benchmark report: the {case_set.name} set", "",
+        f"`perceiver-fast bench --set {case_set.name}`: {case_set.about}.", "",
+        machine_line(info), "",
         "Every (case, dtype, pass) runs in its own process, its providers one after another on the same "
         "inputs: ms is the median of the timed calls after one untimed call. GFLOP/s: the attention's "
-        "matmul FLOPs, 2 B H P (dqk + dv) with P the scored query-key pairs (x3 for forward+backward), over the "
-        "time; the same count for every provider, layers included (their projections are not counted). "
-        f"Peak extra MiB: {CUDA_METHOD if device == 'cuda' else CPU_METHOD}; it includes the call's outputs "
-        "(and gradients). vs X: X's time over this row's (above 1: faster than X). A provider that cannot "
-        "run a case is listed with the reason.", "",
+        "matmul FLOPs over the time, forward 2 B H P (dqk + dv) with P the scored query-key pairs (causal-aware), "
+        f"forward+backward {PASS_FLOP_FACTOR['forward+backward']}x that (FlashAttention's convention: the backward, "
+        f"which recomputes the scores, counts {PASS_FLOP_FACTOR['forward+backward'] - 1}x the forward); the same "
+        "count for every provider, layers "
+        "included (their projections are not counted); model level: no GFLOP/s, the whole model's work is not "
+        f"counted. Peak extra MiB: {CUDA_METHOD if device == 'cuda' else CPU_METHOD}; it includes the call's "
+        "outputs (and gradients), whose size is outputs MiB: the rest is workspace. vs X: X's time over this "
+        "row's (above 1: faster than X). A provider that cannot run a case is listed with the reason.", "",
     ]
     scaled = sorted({f"{r['case']['name']}: {r['case']['scaled']}" for r in rows if r["case"]["scaled"]})
     if scaled:
@@ -60,28 +87,29 @@ def markdown(info: dict, rows: list[dict], plots: list[str]) -> str:
     groups = defaultdict(list)
     for r in rows:
         groups[group_key(r)].append(r)
-    for level, title in (("op", "Op level: `cross_attention` / `latent_attention`"),
-                         ("layer", "Layer level: a full attention layer (LayerNorms, projections, attention, "
-                                   "output projection)")):
+    for level, title in LEVEL_TITLES.items():
         keys = [k for k in groups if k[0] == level]
         if not keys:
             continue
+        rated = Case(**groups[keys[0]][0]["case"]).attention_flops("forward") is not None  # not at model level
         references = sorted({r["provider"] for k in keys for r in groups[k] if not is_ours(r["provider"])
                              and "ms" in r})
         lines += [f"## {title}", "",
-                  "| case | dtype | pass | provider | ms | GFLOP/s | peak extra MiB | "
-                  + " | ".join(f"vs {ref}" for ref in references) + " |",
-                  "|---|---|---|---|---:|---:|---:|" + "---:|" * len(references)]
+                  "| case | dtype | pass | provider | ms | " + ("GFLOP/s | " if rated else "")
+                  + "peak extra MiB | outputs MiB | " + " | ".join(f"vs {ref}" for ref in references) + " |",
+                  "|---|---|---|---|---:|" + "---:|" * (2 + rated + len(references))]
         for key in keys:
             found = groups[key]
             times = {r["provider"]: r["ms"] for r in found if "ms" in r}
             for r in found:
                 if "ms" not in r:
                     continue
-                head = f"| {Case(**r['case']).label()} | {r['dtype']} | {r['pass']} | {r['provider']} |"
+                case = Case(**r["case"])
+                rate = f"{case.attention_flops(r['pass']) / 1e9 / (r['ms'] / 1e3):.1f} | " if rated else ""
+                outputs = f"{r['outputs_mib']:.1f}" if "outputs_mib" in r else ""  # not in older result files
                 ratios = [f"{times[ref] / r['ms']:.2f}x" if ref in times else "" for ref in references]
-                lines.append(f"{head} {r['ms']:.2f} | {row_gflop(r) / (r['ms'] / 1e3):.1f} | "
-                             f"{r['peak_extra_mib']:.1f} | " + " | ".join(ratios) + " |")
+                lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {r['provider']} | {format_ms(r['ms'])} | "
+                             f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | " + " | ".join(ratios) + " |")
         lines.append("")
     lines += not_run_section(rows)
     if plots:
@@ -116,7 +144,7 @@ def sweeps(rows: list[dict]) -> dict[tuple, list[dict]]:
     return {k: v for k, v in found.items() if len({r["case"]["M"] for r in v}) > 1}
 
 
-def plot_sweeps(rows: list[dict], out_dir: Path, device: str) -> list[str]:
+def plot_sweeps(rows: list[dict], out_dir: Path, device: str, stem: str) -> list[str]:
     """One PNG per sweep: time vs M and peak memory vs M, log axes, one line per provider."""
     import matplotlib
 
@@ -148,20 +176,22 @@ def plot_sweeps(rows: list[dict], out_dir: Path, device: str) -> list[str]:
         ax_time.legend(fontsize=8)
         fig.suptitle(f"{name} ({level}), {dtype}, {pass_name}, {device}")
         fig.tight_layout()
-        path = out_dir / f"plot-{device}-{level}-{name}-{dtype}-{pass_name.replace('+', '-')}.png"
+        path = out_dir / f"plot-{stem}-{level}-{name}-{dtype}-{pass_name.replace('+', '-')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(str(path))
     return paths
 
 
-def write_report(out_dir, info: dict, rows: list[dict], plots: bool = True) -> dict[str, str]:
-    """report-<device>.md, results-<device>.json and the plots in out_dir; returns their paths."""
+def write_report(out_dir, case_set: CaseSet, info: dict, rows: list[dict], plots: bool = True) -> dict[str, str]:
+    """report-<set>-<device>.md, results-<set>-<device>.json and plot-<set>-<device>-*.png (the quick set:
+    without "<set>-") in out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = info["device"]
-    plot_paths = plot_sweeps(rows, out, device) if plots else []
-    report, results = out / f"report-{device}.md", out / f"results-{device}.json"
-    write_json(results, info, rows)
-    report.write_text(markdown(info, rows, plot_paths))
+    stem = file_stem(case_set.name, device)
+    plot_paths = plot_sweeps(rows, out, device, stem) if plots else []
+    report, results = out / f"report-{stem}.md", out / f"results-{stem}.json"
+    write_json(results, case_set.name, info, rows)
+    report.write_text(markdown(case_set, info, rows, plot_paths))
     return {"report": str(report), "results": str(results), "plots": plot_paths}

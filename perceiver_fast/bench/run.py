@@ -12,18 +12,20 @@ from dataclasses import asdict
 import torch
 
 from .cases import Case
-from .memory import peak_extra_mib
-from .providers import providers_for
+from .memory import peak_extra_mib, tensors_mib
+from .levels import providers_for
+from .providers import why_not
+from .report import format_ms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PASSES = ("forward", "forward+backward")
 
 
 def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: int,
             only: list[str] | None = None, full: bool = False) -> list[dict]:
-    """One row per provider of the case's level (or those named in `only`): time and peak memory, or why not.
+    """One row per provider of the case's level (or those named in `only`): time, peak memory and the
+    size of what the call returns (output, and gradients in forward+backward), or why it did not run.
 
-    full: the --full set, where providers too slow to set up for the quick set run on the CPU too."""
+    full: the full set, where providers too slow to set up for the others run on the CPU too."""
     from .timing import median_seconds
 
     dtype, backward = DTYPES[dtype_name], pass_name == "forward+backward"
@@ -32,22 +34,31 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
         if only and provider.name not in only:
             continue
         row = {"case": case.to_dict(), "dtype": dtype_name, "pass": pass_name, "provider": provider.name}
-        reason = provider.refusal(case, dtype, device)
-        if not reason and device == "cpu" and not full:
-            reason = provider.full_set_only_on_cpu
+        reason = why_not(provider, case, dtype, device, backward, full)
         if reason:
             rows.append({**row, "not_run": reason})
             continue
         try:
             torch.manual_seed(0)
             call = provider.prepare(case, dtype, device, backward)
-            seconds = median_seconds(call, repeats, device)
-            _, peak = peak_extra_mib(call, device)
-            del call
-            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak})
+            seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls
+            result, peak = peak_extra_mib(call, device)
+            outputs = tensors_mib(result)
+            del call, result
+            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
+
+
+def _loop(call, calls: int):
+    if calls == 1:
+        return call
+
+    def loop():
+        for _ in range(calls):
+            call()
+    return loop
 
 
 def run_job_in_subprocess(job: dict) -> list[dict]:
@@ -62,16 +73,17 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
 
 
 def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: str, repeats: int,
-              progress=print, full: bool = False) -> list[dict]:
-    """Every case x dtype x pass, one process each, with a progress line per process."""
+              progress=print, only: list[str] | None = None, full: bool = False) -> list[dict]:
+    """Every case x dtype x pass, one process each, with a progress line per process (measure's
+    `only` and `full` for all of them)."""
     jobs = [(case, d, p) for case in cases for d in dtypes for p in passes]
     rows, start = [], time.monotonic()
     for index, (case, dtype_name, pass_name) in enumerate(jobs, 1):
         job = {"case": asdict(case), "dtype_name": dtype_name, "pass_name": pass_name, "device": device,
-               "repeats": repeats, "full": full}
+               "repeats": repeats, "only": only, "full": full}
         found = run_job_in_subprocess(job)
         rows += found
-        timed = ", ".join(f"{r['provider']} {r['ms']:.1f} ms" for r in found if "ms" in r)
+        timed = ", ".join(f"{r['provider']} {format_ms(r['ms'])} ms" for r in found if "ms" in r)
         progress(f"[{index}/{len(jobs)} {time.monotonic() - start:5.0f} s] {case.level} {case.label()} "
                  f"{dtype_name} {pass_name}: {timed or 'nothing ran'}")
     return rows

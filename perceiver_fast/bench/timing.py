@@ -35,16 +35,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(device: str) -> dict:
+def matmul_gflops(dtype: torch.dtype, device: str) -> float:
+    """This machine's rate for one large torch matmul (2048^3), median of 5: a ceiling to read rates against."""
+    a = torch.randn(2048, 2048, dtype=dtype, device=device)
+    b = torch.randn(2048, 2048, dtype=dtype, device=device)
+    return 2 * 2048**3 / median_seconds(lambda: a @ b, 5, device) / 1e9
+
+
+def machine(device: str, dtypes: dict[str, torch.dtype]) -> dict:
+    """What the results depend on: versions, CPU (and its kernel paths), GPU, and the matmul rate of each dtype."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(), "device": device}
+    for module in ("triton", "transformers"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
     try:
-        import triton
+        from .. import _C
 
-        info["triton"] = triton.__version__
+        info["cpu_kernel_paths"] = _C.cpu_features()
     except ImportError:
-        info["triton"] = None
+        info["cpu_kernel_paths"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+    info["matmul_gflops"] = {name: matmul_gflops(dtype, device) for name, dtype in dtypes.items()}
     return info

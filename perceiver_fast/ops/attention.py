@@ -11,7 +11,7 @@ reach tile edges with small inputs: (key_tile, row_block, workers) for "cpu", (s
 "triton" and "cuda"; empty for the kernel's own choice.
 """
 
-from __future__ import annotations
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,13 +21,13 @@ from .. import extension
 KERNELS = ("cpu", "triton", "cuda")
 
 
-def _splits(tiling: list[int]) -> int | None:
+def _splits(tiling: List[int]) -> Optional[int]:
     return tiling[0] if tiling and tiling[0] > 0 else None
 
 
 @torch.library.custom_op("perceiver_fast::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool, scale: float, kernel: str,
-              kind: str, tiling: list[int]) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str,
+              kind: str, tiling: List[int]) -> Tuple[Tensor, Tensor]:
     if kernel == "cpu":
         return extension.require().cpu_attention_forward(q, k, v, key_mask, causal, scale, *tiling)
     if kernel == "triton":
@@ -47,8 +47,8 @@ def _(q, k, v, key_mask, causal, scale, kernel, kind, tiling):
 
 @torch.library.custom_op("perceiver_fast::attention_backward", mutates_args=())
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       key_mask: Tensor | None, causal: bool, scale: float, kernel: str, kind: str,
-                       tiling: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                       key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str, kind: str,
+                       tiling: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     if kernel == "cpu":
         return extension.require().cpu_attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, *tiling)
     if kernel == "triton":

@@ -12,7 +12,7 @@ shortcut. `kernel`: "cpu" (C++, both methods) or "triton" (the shortcut); `tilin
 `perceiver_fast.ops.attention`, for the C++ kernel only.
 """
 
-from __future__ import annotations
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,9 +21,10 @@ from .. import extension
 
 
 @torch.library.custom_op("perceiver_fast::input_attention", mutates_args=())
-def input_attention(q: Tensor, x: Tensor, normalize: bool, eps: float, k_weight: Tensor | None,
-                    k_bias: Tensor | None, v_weight: Tensor | None, v_bias: Tensor | None, key_mask: Tensor | None,
-                    causal: bool, scale: float, kernel: str, tiling: list[int]) -> tuple[Tensor, Tensor]:
+def input_attention(q: Tensor, x: Tensor, normalize: bool, eps: float, k_weight: Optional[Tensor],
+                    k_bias: Optional[Tensor], v_weight: Optional[Tensor], v_bias: Optional[Tensor],
+                    key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str,
+                    tiling: List[int]) -> Tuple[Tensor, Tensor]:
     if kernel == "cpu":
         return extension.require().cpu_input_attention_forward(q, x, normalize, eps, k_weight, k_bias, v_weight,
                                                                v_bias, key_mask, causal, scale, *tiling)
@@ -48,9 +49,9 @@ def _(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal
 
 @torch.library.custom_op("perceiver_fast::input_attention_backward", mutates_args=())
 def input_attention_backward(dout: Tensor, q: Tensor, x: Tensor, normalize: bool, eps: float,
-                             k_weight: Tensor | None, k_bias: Tensor | None, v_weight: Tensor | None,
-                             v_bias: Tensor | None, out: Tensor, lse: Tensor, key_mask: Tensor | None, causal: bool,
-                             scale: float, kernel: str, tiling: list[int]) -> list[Tensor]:
+                             k_weight: Optional[Tensor], k_bias: Optional[Tensor], v_weight: Optional[Tensor],
+                             v_bias: Optional[Tensor], out: Tensor, lse: Tensor, key_mask: Optional[Tensor],
+                             causal: bool, scale: float, kernel: str, tiling: List[int]) -> List[Tensor]:
     if kernel == "cpu":
         return extension.require().cpu_input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias,
                                                                 v_weight, v_bias, out, lse, key_mask, causal, scale,

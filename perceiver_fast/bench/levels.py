@@ -1,0 +1,12 @@
+"""The providers of each level a case can be at: op, layer, model."""
+
+from __future__ import annotations
+
+from .model_providers import model_providers
+from .providers import Provider, layer_providers, op_providers
+
+LEVELS = {"op": op_providers, "layer": layer_providers, "model": model_providers}
+
+
+def providers_for(level: str) -> list[Provider]:
+    return LEVELS[level]()

@@ -1,0 +1,90 @@
+"""The named case sets of `perceiver-fast bench --set NAME`: which cases each runs, with which
+providers and passes, on which devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from .cases import KINDS, PASSES, Case, case_from_shape, load_shapes, model_case, sweep
+
+
+@dataclass(frozen=True)
+class CaseSet:
+    name: str
+    about: str
+    cases: Callable[[str], list[Case]]  # for the device
+    providers: tuple[str, ...] = ()  # the providers it runs; empty: every provider of each case's level
+    passes: tuple[str, ...] = PASSES
+    devices: tuple[str, ...] = ("cuda", "cpu")
+
+
+def quick_cases(device: str) -> list[Case]:
+    """The default set: minutes on a 2-core CPU. Batch 1; one sweep of input length for the plots."""
+    big = device == "cuda"
+    cases = sweep(case_from_shape("hf-vision-fourier-cross", "op"), [3136, 12544, 50176] + ([200704] if big else []))
+    cases += [case_from_shape("krasserm-clm-ar", "op", batch=1), case_from_shape("hf-vision-self", "op"),
+              case_from_shape("hf-language-cross", "op")]
+    cases += sweep(case_from_shape("hf-vision-fourier-cross", "layer"), [3136, 12544, 50176])
+    cases += [case_from_shape("hf-vision-self", "layer")]
+    return cases
+
+
+def full_cases(device: str) -> list[Case]:
+    """Every cross, causal and latent shape of shapes.json, at published batch sizes where they fit."""
+    op = []
+    for name, shape in load_shapes().items():
+        if shape["kind"] not in KINDS:
+            continue
+        op.append(case_from_shape(name, "op", batch=None if device == "cuda" else 1))
+    lengths = [3136, 12544, 50176, 200704] + ([802816] if device == "cuda" else [])
+    cases = sweep(case_from_shape("hf-vision-fourier-cross", "op"), lengths)
+    cases += [c for c in op if c.name != "hf-vision-fourier-cross"]
+    cases += sweep(case_from_shape("hf-vision-fourier-cross", "layer"), lengths[:4])
+    cases += [case_from_shape("hf-vision-self", "layer"), case_from_shape("hf-language-cross", "layer"),
+              case_from_shape("long-input-1m", "layer")]
+    return cases
+
+
+def cpu_backend_cases(device: str) -> list[Case]:
+    """The cpu backend's target cases (issue 3): long inputs at head dims 64 and 261, and a latent self-attention."""
+    op = partial(Case, level="op", kind="cross", N=512, M=50176, dqk=64, dv=64)
+    return [op(name="b1-h1-m50k-d64", B=1, H=1),
+            op(name="b1-h8-m50k-d64", B=1, H=8),
+            op(name="b4-h1-m262k-d64", B=4, H=1, N=256, M=262144),
+            op(name="b1-h1-m50k-d261", B=1, H=1, dqk=261, dv=261),
+            op(name="latent-b8-h8-n512-d64", kind="latent", B=8, H=8, M=512)]
+
+
+def layer_cases(device: str) -> list[Case]:
+    """HF vision-fourier's cross-attention layer at batch 4, and the million-input stress shape."""
+    return [case_from_shape("hf-vision-fourier-cross", "layer", batch=4), case_from_shape("long-input-1m", "layer")]
+
+
+def model_cases(device: str) -> list[Case]:
+    """HF vision-fourier's 224 x 224 images, with no mask and with the second half of every item's inputs padded."""
+    pixels = 224 * 224
+    return [model_case("hf-vision-fourier", pixels), model_case("hf-vision-fourier", pixels, padded_inputs=pixels // 2)]
+
+
+def overhead_cases(device: str) -> list[Case]:
+    """A tiny cross-attention, timed over loops of 2000 calls: what the Python layer adds to a call."""
+    return [Case(name="tiny", level="op", kind="cross", B=1, H=1, N=4, M=8, dqk=16, dv=16, calls=2000)]
+
+
+SETS = {s.name: s for s in (
+    CaseSet("quick", "the default, minutes on a 2-core CPU: op and layer level, batch 1, input-length sweeps",
+            quick_cases),
+    CaseSet("full", "every published cross, causal and latent shape, published batch sizes where they fit, "
+                    "longer sweeps; providers too slow to set up for the quick set run on the CPU too", full_cases),
+    CaseSet("cpu-backend", "op level, the cpu backend against SDPA and eager attention on its target cases",
+            cpu_backend_cases, providers=("perceiver_fast[cpu]", "sdpa", "eager"), devices=("cpu",)),
+    CaseSet("layer", "HF's cross-attention layer, the same layer on SDPA and after pf.patch, at batch 4 and at a "
+                     "million inputs", layer_cases, providers=("HF", "HF on SDPA", "HF + pf.patch")),
+    CaseSet("overhead", "the per-call overhead of the Python layer: pf.cross_attention on a tiny input against "
+                        "the registered op and the C++ kernels it runs", overhead_cases,
+            providers=("perceiver_fast[cpu]", "registered op[cpu]", "C++ kernel[cpu]"), devices=("cpu",)),
+    CaseSet("model", "the whole HF vision-fourier classifier, unpatched and after pf.patch, inference",
+            model_cases, passes=("forward",)),
+)}
