@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from perceiver_fast import attention_reference
-from perceiver_fast.ops import attention
+from perceiver_fast.ops.attention import attention
 
 FP32_RTOL = 1e-4
 

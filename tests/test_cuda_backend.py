@@ -10,7 +10,7 @@ import torch
 
 import perceiver_fast as pf
 from perceiver_fast.extension import HAS_CUDA_KERNELS
-from perceiver_fast.ops import attention
+from perceiver_fast.ops.attention import attention
 
 from checks import assert_matches, random_inputs, random_key_mask, reference_with_grads
 

@@ -13,7 +13,7 @@ from perceiver_fast import fused_input_attention
 from perceiver_fast.dispatch import select_backend
 from perceiver_fast.extension import LOAD_ERROR
 from perceiver_fast.flops import choose_method, method_flops, visible_pairs
-from perceiver_fast.ops import input_attention
+from perceiver_fast.ops.input_attention import input_attention
 from perceiver_fast.reference import input_attention_reference
 from perceiver_fast.validation import validate_input_attention
 

@@ -7,11 +7,11 @@ fuses the method, else composed: LayerNorm and the projections in torch, then it
 
 from __future__ import annotations
 
-import abc
 from dataclasses import dataclass
 
 import torch
 
+from ..ops.attention import attention
 from ..validation import ATTENTION, AttentionProblem, InputAttentionProblem, Problem
 from .input_methods import composed, run_fused
 
@@ -50,13 +50,14 @@ class Capabilities:
         return reasons
 
 
-class Backend(abc.ABC):
+class Backend:
     """One implementation of the ops.
 
     Subclasses set `name`, `capabilities` and `fused_input_methods`, set `unavailable` (why it
-    cannot run at all on this installation, settled at import) where it applies, may add
-    input-specific refusals in `extra_refusals`, and implement `run_attention` and, when they fuse
-    a method, `run_fused_input`.
+    cannot run at all on this installation, settled at import) where it applies, and may add
+    input-specific refusals in `extra_refusals`. Their module registers the kernels under `name`
+    in the ops' kernel tables (perceiver_fast/ops/); a backend that runs no registered op (the
+    reference) overrides `run_attention`.
     """
 
     name: str
@@ -92,9 +93,10 @@ class Backend(abc.ABC):
             return self.run_fused_input(problem), None
         return self.run_attention(composed(problem))[0], None
 
-    @abc.abstractmethod
     def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of an attention problem this backend accepted."""
+        """(out, lse) of an attention problem this backend accepted: the registered op on its kernels."""
+        p = problem
+        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])
 
     def run_fused_input(self, problem: InputAttentionProblem) -> torch.Tensor:
         """The fused input attention of a backend with fused methods: its kernel's registered op."""

@@ -2,7 +2,8 @@
 
 Built only where torch has CUDA. The kernels compile for sm_90a in `make test` but have not yet
 run on a GPU, so auto dispatch does not choose them: name backend="cuda" to use them. It has no
-fused input attention: that op runs composed on its attention kernel.
+fused input attention: that op runs composed on its attention kernel. Its kernel is
+perceiver_fast._C.cuda_attention_forward, registered here as the "cuda" kernel of the attention op.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import extension
-from ..ops import attention
-from ..validation import MAX_HEAD_DIM, AttentionProblem, Problem
+from ..ops import attention  # the op module, whose KERNELS this fills
+from ..validation import MAX_HEAD_DIM, Problem
 from .base import Backend, Capabilities
 
 
@@ -30,6 +31,10 @@ class CudaBackend(Backend):
             return ["not yet run on a GPU: auto dispatch does not choose it (name backend='cuda')"]
         return []
 
-    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        p = problem
-        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])
+
+def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
+    return extension.require().cuda_attention_forward(q, k, v, key_mask, causal, scale,
+                                                      attention.forced_splits(tiling) or 0)
+
+
+attention.KERNELS.register(CudaBackend.name, _forward)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import input_attention
+from ..ops.input_attention import input_attention
 from ..validation import AttentionProblem, InputAttentionProblem, attention_kind
 
 

@@ -1,5 +1,6 @@
 """The Triton backend: fused kernels (perceiver_fast/kernels/) on CUDA, or on the CPU under the Triton
-interpreter; it fuses the shortcut input-attention method."""
+interpreter; it fuses the shortcut input-attention method. Its launchers are registered here as
+the "triton" kernels of the ops."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 
 import torch
 
-from ..ops import attention
-from ..validation import MAX_HEAD_DIM, AttentionProblem, Problem
+from ..ops import attention, input_attention  # the op modules, whose KERNELS this fills
+from ..validation import MAX_HEAD_DIM, Problem
 from .base import Backend, Capabilities
 
 # Triton reads this when its kernels are decorated, at import: a later change would not take effect.
@@ -35,6 +36,42 @@ class TritonBackend(Backend):
             return ["the Triton interpreter is a testing aid: it runs CPU tensors only when asked for by name"]
         return []
 
-    def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        p = problem
-        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])
+
+# The ops' arguments less the kernel name; `tiling` is (splits,) for the forward. The kernels are
+# imported when first run: importing them needs triton.
+def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
+    from ..kernels import attention_forward
+
+    return attention_forward(q, k, v, key_mask, causal, scale, kind, attention.forced_splits(tiling))
+
+
+def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind, tiling):
+    from ..kernels import attention_backward
+
+    return attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind)
+
+
+def _shortcut_only(k_weight) -> None:
+    if k_weight is not None:
+        raise ValueError("the 'triton' kernels fuse the shortcut method only, not the projection (k_weight given)")
+
+
+def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, tiling):
+    from ..kernels import input_attention_forward
+
+    _shortcut_only(k_weight)
+    return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale)
+
+
+def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale,
+                    tiling):
+    from ..kernels import input_attention_backward
+
+    _shortcut_only(k_weight)
+    dq, dx = input_attention_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale)
+    # Four distinct empty weight gradients: the outputs of a registered op may not alias each other.
+    return [dq, dx, *(q.new_empty(0) for _ in range(4))]
+
+
+attention.KERNELS.register(TritonBackend.name, _forward, _backward)
+input_attention.KERNELS.register(TritonBackend.name, _input_forward, _input_backward)

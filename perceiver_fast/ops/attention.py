@@ -4,11 +4,12 @@ registered ops, with their fake implementations and the autograd formula that ti
     attention(q, k, v, key_mask, causal, scale, kernel, kind, tiling) -> (out, lse)
 
 Layout and contract as `perceiver_fast.cross_attention` (inputs already validated). `kernel`
-picks the kernel family: "cpu" (C++, csrc/cpu), "triton" (perceiver_fast/kernels, CUDA tensors,
-or CPU tensors under TRITON_INTERPRET=1) or "cuda" (CUDA C++, forward only). `kind` ("cross" or
-"latent") picks the Triton tile set. `tiling` overrides a kernel's loop sizes, for tests that
-reach tile edges with small inputs: (key_tile, row_block, workers) for "cpu", (splits,) for
-"triton" and "cuda"; empty for the kernel's own choice.
+names the kernel family that runs it, as its backend registered it in KERNELS: "cpu" (C++,
+csrc/cpu), "triton" (perceiver_fast/kernels, CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1) or "cuda" (CUDA C++, forward only). `kind` ("cross" or "latent") picks the
+Triton tile set. `tiling` overrides a kernel's loop sizes, for tests that reach tile edges with
+small inputs: (key_tile, row_block, workers) for "cpu", (splits,) for "triton" and "cuda"; empty
+for the kernel's own choice.
 """
 
 from typing import List, Optional, Tuple
@@ -16,27 +17,21 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import extension
+from .kernel_table import KernelTable
 
-KERNELS = ("cpu", "triton", "cuda")
+# Filled by the backends (perceiver_fast/backends/): kernel name -> its forward and backward.
+KERNELS = KernelTable("attention")
 
 
-def _splits(tiling: List[int]) -> Optional[int]:
+def forced_splits(tiling: List[int]) -> Optional[int]:
+    """The key-axis splits a (splits,) tiling forces on the GPU kernels; None: their own choice."""
     return tiling[0] if tiling and tiling[0] > 0 else None
 
 
 @torch.library.custom_op("perceiver_fast::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str,
               kind: str, tiling: List[int]) -> Tuple[Tensor, Tensor]:
-    if kernel == "cpu":
-        return extension.require().cpu_attention_forward(q, k, v, key_mask, causal, scale, *tiling)
-    if kernel == "triton":
-        from ..kernels import attention_forward
-
-        return attention_forward(q, k, v, key_mask, causal, scale, kind, _splits(tiling))
-    if kernel == "cuda":
-        return extension.require().cuda_attention_forward(q, k, v, key_mask, causal, scale, _splits(tiling) or 0)
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return KERNELS.forward(kernel)(q, k, v, key_mask, causal, scale, kind, tiling)
 
 
 @attention.register_fake
@@ -49,13 +44,7 @@ def _(q, k, v, key_mask, causal, scale, kernel, kind, tiling):
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str, kind: str,
                        tiling: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    if kernel == "cpu":
-        return extension.require().cpu_attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, *tiling)
-    if kernel == "triton":
-        from ..kernels import attention_backward as triton_backward
-
-        return triton_backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind)
-    raise ValueError(f"kernel {kernel!r} has no backward (kernels with one: 'cpu', 'triton')")
+    return KERNELS.backward(kernel)(dout, q, k, v, out, lse, key_mask, causal, scale, kind, tiling)
 
 
 @attention_backward.register_fake

@@ -8,8 +8,9 @@ the kernel, as registered ops with their fake implementations and autograd formu
 With k_weight (the projection method) K = xn Wk^T + bk and V = xn Wv^T + bv split over heads;
 without it (the shortcut) K = V = xn for every head and q's last dimension is x's C. The
 backward returns (dq, dx, dk_weight, dk_bias, dv_weight, dv_bias), the last four empty for the
-shortcut. `kernel`: "cpu" (C++, both methods) or "triton" (the shortcut); `tiling` as in
-`perceiver_fast.ops.attention`, for the C++ kernel only.
+shortcut. `kernel`: as registered in KERNELS by the backends that fuse a method, "cpu" (C++,
+both methods) and "triton" (the shortcut); `tiling` as in `perceiver_fast.ops.attention`, for
+the C++ kernel only.
 """
 
 from typing import List, Optional, Tuple
@@ -17,7 +18,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import extension
+from .kernel_table import KernelTable
+
+# Filled by the backends (perceiver_fast/backends/) that fuse a method: kernel name -> forward, backward.
+KERNELS = KernelTable("fused input attention")
 
 
 @torch.library.custom_op("perceiver_fast::input_attention", mutates_args=())
@@ -25,15 +29,8 @@ def input_attention(q: Tensor, x: Tensor, normalize: bool, eps: float, k_weight:
                     k_bias: Optional[Tensor], v_weight: Optional[Tensor], v_bias: Optional[Tensor],
                     key_mask: Optional[Tensor], causal: bool, scale: float, kernel: str,
                     tiling: List[int]) -> Tuple[Tensor, Tensor]:
-    if kernel == "cpu":
-        return extension.require().cpu_input_attention_forward(q, x, normalize, eps, k_weight, k_bias, v_weight,
-                                                               v_bias, key_mask, causal, scale, *tiling)
-    if kernel == "triton" and k_weight is None:
-        from ..kernels import input_attention_forward
-
-        return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale)
-    raise ValueError(f"kernel {kernel!r} does not fuse the {'projection' if k_weight is not None else 'shortcut'} "
-                     "method (the 'cpu' kernel fuses both, 'triton' the shortcut)")
+    return KERNELS.forward(kernel)(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale,
+                                   tiling)
 
 
 def _dim_v(q, heads, v_weight):
@@ -52,18 +49,8 @@ def input_attention_backward(dout: Tensor, q: Tensor, x: Tensor, normalize: bool
                              k_weight: Optional[Tensor], k_bias: Optional[Tensor], v_weight: Optional[Tensor],
                              v_bias: Optional[Tensor], out: Tensor, lse: Tensor, key_mask: Optional[Tensor],
                              causal: bool, scale: float, kernel: str, tiling: List[int]) -> List[Tensor]:
-    if kernel == "cpu":
-        return extension.require().cpu_input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias,
-                                                                v_weight, v_bias, out, lse, key_mask, causal, scale,
-                                                                *tiling)
-    if kernel == "triton" and k_weight is None:
-        from ..kernels import input_attention_backward as triton_backward
-
-        # Four distinct empty tensors: the outputs of a registered op may not alias each other.
-        return [*triton_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale),
-                *(q.new_empty(0) for _ in range(4))]
-    raise ValueError(f"kernel {kernel!r} has no backward of the "
-                     f"{'projection' if k_weight is not None else 'shortcut'} method")
+    return KERNELS.backward(kernel)(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse,
+                                    key_mask, causal, scale, tiling)
 
 
 @input_attention_backward.register_fake
