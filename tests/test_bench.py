@@ -67,7 +67,7 @@ def test_sets_are_named_and_quick_and_full_keep_their_cases():
 
 
 def test_cpu_backend_set_is_the_old_scripts_cases():
-    # benchmarks/cpu_backend.py's CASES: name -> (B, H, N, M, Dqk, Dv), the last a latent self-attention.
+    # The former benchmarks/cpu_backend.py's CASES: name -> (B, H, N, M, Dqk, Dv), the last a latent self-attention.
     old = {"b1-h1-m50k-d64": (1, 1, 512, 50176, 64, 64), "b1-h8-m50k-d64": (1, 8, 512, 50176, 64, 64),
            "b4-h1-m262k-d64": (4, 1, 256, 262144, 64, 64), "b1-h1-m50k-d261": (1, 1, 512, 50176, 261, 261),
            "latent-b8-h8-n512-d64": (8, 8, 512, 512, 64, 64)}
@@ -81,7 +81,7 @@ def test_cpu_backend_set_is_the_old_scripts_cases():
 
 
 def test_layer_set_is_the_old_scripts_shapes_and_refuses_hf_at_a_million_inputs(monkeypatch):
-    # benchmarks/cross_attention_layer.py's SHAPES: (B, M, C, N, latent dim, heads, qk = v channels).
+    # The former benchmarks/cross_attention_layer.py's SHAPES: (B, M, C, N, latent dim, heads, qk = v channels).
     old = [(4, 50176, 261, 512, 1024, 1, 261), (1, 1048576, 64, 512, 512, 8, 512)]
     layer = SETS["layer"]
     cases = layer.cases("cpu")
@@ -124,7 +124,7 @@ def test_overhead_set_times_loops_of_a_tiny_call_below_and_through_the_python_la
 
 
 def test_model_set_is_the_old_scripts_runs():
-    # benchmarks/hf_drop_in.py: HF vision-fourier at 224 x 224, batch 1, no mask and the second half of the
+    # The former benchmarks/hf_drop_in.py: HF vision-fourier at 224 x 224, batch 1, no mask and the second half of the
     # inputs masked, "HF" and "HF + pf.patch", inference forward.
     model = SETS["model"]
     cases = model.cases("cpu")

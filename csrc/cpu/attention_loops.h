@@ -19,7 +19,7 @@ struct LoopSizes {
 enum class Pass { forward, backward };
 
 // Default tiles, measured on a 2-core AMD EPYC (Zen 5, 1 MiB L2 per core) over the Perceiver
-// shapes of benchmarks/cpu_backend.py: float32 streams 128 keys per tile (its score
+// shapes of the cpu-backend benchmark set: float32 streams 128 keys per tile (its score
 // block and K/V tiles then stay in L2 beside the queries and accumulator) with all rows of a head
 // per GEMM in the forward and 128 in the backward (five GEMMs share the tile there); bfloat16
 // halves the bytes and prefers 256 x 256.
