@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test report check cuda-check clean
+.PHONY: install test report check cuda-check gpu clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
@@ -59,6 +59,18 @@ check: install
 # results-<device>.json and the plots in benchmarks/results. `perceiver-fast bench --help` for more.
 report: install
 	$(VENV)/bin/perceiver-fast bench --out benchmarks/results
+
+# Everything a GPU machine runs, in order, each step logged under GPU_OUT; a failed step does not stop
+# the rest (tools/gpu_run.py). It uses PYTHON as it is and installs nothing: a GPU machine may reach
+# no package index. GPU_STEPS picks steps (build,tests,memcheck,racecheck,bench,table), for runs
+# that must be split. Without CUDA it prints a dry run of its steps and exits 0.
+GPU_OUT ?= gpu-results
+GPU_STEPS ?= build,tests,memcheck,racecheck,bench,table
+# The project's venv where there is one (a dry run on a developer's machine), else PYTHON (the GPU
+# machine's own Python, which holds torch).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu:
+	$(GPU_PYTHON) tools/gpu_run.py --out $(GPU_OUT) --steps $(GPU_STEPS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so

@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="the same as --set full")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when present and the set runs there")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated from " + ", ".join(DTYPES))
+    other_dtypes = "".join(f"; the {s.name} set: {','.join(s.dtypes)}" for s in SETS.values()
+                           if s.dtypes != ("float32", "bfloat16"))
+    parser.add_argument("--dtypes", default=None,
+                        help=f"comma-separated from {', '.join(DTYPES)} (default: float32,bfloat16{other_dtypes})")
     other_passes = "".join(f"; the {s.name} set: {','.join(s.passes)}" for s in SETS.values() if s.passes != PASSES)
     parser.add_argument("--passes", default=None,
                         help=f"comma-separated from {', '.join(PASSES)} (default: both{other_passes})")
@@ -66,7 +69,7 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     case_set = SETS["full" if args.full else (args.set or "quick")]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    dtypes = _split(parser, "dtypes", args.dtypes, DTYPES)
+    dtypes = _split(parser, "dtypes", args.dtypes, DTYPES) if args.dtypes else list(case_set.dtypes)
     passes = _split(parser, "passes", args.passes, PASSES) if args.passes else list(case_set.passes)
     levels = _split(parser, "levels", args.levels, LEVELS)
 

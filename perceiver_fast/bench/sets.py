@@ -18,6 +18,7 @@ class CaseSet:
     providers: tuple[str, ...] = ()  # the providers it runs; empty: every provider of each case's level
     passes: tuple[str, ...] = PASSES
     devices: tuple[str, ...] = ("cuda", "cpu")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # the default of --dtypes
 
 
 def quick_cases(device: str) -> list[Case]:
@@ -73,6 +74,21 @@ def overhead_cases(device: str) -> list[Case]:
     return [Case(name="tiny", level="op", kind="cross", B=1, H=1, N=4, M=8, dqk=16, dv=16, calls=2000)]
 
 
+def gpu_cases(device: str) -> list[Case]:
+    """The GPU targets: six op-level cases (long inputs, head dims SDPA's flash path cannot take, Perceiver
+    AR's causal shape, a latent self-attention), HF vision-fourier's cross-attention layer at batch 8, and
+    the whole HF vision-fourier model (forward, and forward+backward: a training step's work)."""
+    op = partial(Case, level="op", kind="cross", B=1, H=1, N=512)
+    return [op(name="gpu-1-h8-m262k-d64", H=8, M=262144, dqk=64, dv=64),
+            op(name="gpu-2-m1m-d128", M=1048576, dqk=128, dv=128),
+            op(name="gpu-3-b8-m50k-d261", B=8, M=50176, dqk=261, dv=261),
+            op(name="gpu-4-n2048-m182k-d322", N=2048, M=182528, dqk=322, dv=322),
+            op(name="gpu-5-ar-h16-n1024-m131k-d64", kind="causal", H=16, N=1024, M=131072, dqk=64, dv=64),
+            op(name="gpu-6-latent-b64-h8-n512-d128", kind="latent", B=64, H=8, M=512, dqk=128, dv=128),
+            case_from_shape("hf-vision-fourier-cross", "layer", batch=8),
+            model_case("hf-vision-fourier", 224 * 224)]
+
+
 SETS = {s.name: s for s in (
     CaseSet("quick", "the default, minutes on a 2-core CPU: op and layer level, batch 1, input-length sweeps",
             quick_cases),
@@ -85,6 +101,10 @@ SETS = {s.name: s for s in (
     CaseSet("overhead", "the per-call overhead of the Python layer: pf.cross_attention on a tiny input against "
                         "the registered op and the C++ kernels it runs", overhead_cases,
             providers=("perceiver_fast[cpu]", "registered op[cpu]", "C++ kernel[cpu]"), devices=("cpu",)),
+    CaseSet("gpu", "the GPU targets in bfloat16: six op-level cases against SDPA, FlexAttention and flash-attn, "
+                   "the vision-fourier layer at batch 8 and the whole model", gpu_cases,
+            providers=("perceiver_fast[triton]", "perceiver_fast[cuda]", "sdpa", "flex_attention", "flash_attn",
+                       "HF", "HF on SDPA", "HF + pf.patch"), devices=("cuda",), dtypes=("bfloat16",)),
     CaseSet("model", "the whole HF vision-fourier classifier, unpatched and after pf.patch, inference",
             model_cases, passes=("forward",)),
 )}

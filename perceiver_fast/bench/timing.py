@@ -11,7 +11,12 @@ import torch
 
 
 def median_seconds(call, repeats: int, device: str) -> float:
-    """Median wall time of `repeats` calls after one untimed call (compilation, caches)."""
+    """Median time of a call. CPU: the wall time of `repeats` calls after one untimed call (compilation,
+    caches). CUDA: triton.testing.do_bench's median, timed by CUDA events after its warm-up."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(call, return_mode="median") / 1e3
     call()
     times = []
     for _ in range(repeats):
