@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test report check cuda-check gpu clean
+.PHONY: install test test-oldest-triton report check cuda-check gpu clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
@@ -40,6 +40,27 @@ test: install cuda-check
 	$(VENV)/bin/pytest tests -q -m gpu
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest tests -q -m "not gpu"
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
+
+# The oldest triton setup.py admits is the GPU machine's (3.6): its Triton tests under the
+# interpreter and the ahead-of-time compile check run in a second environment with it, against this
+# tree and the extension `make install` built in it, so that an API that triton lacks fails here,
+# not on the GPU. triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.3
+# refuses: that environment keeps an older NumPy.
+OLDEST_TRITON ?= triton==3.6.0
+OLDEST_VENV ?= .venv-oldest-triton
+OLDEST_STAMP := $(OLDEST_VENV)/.perceiver-fast-deps
+$(OLDEST_STAMP): Makefile
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH)" "$(OLDEST_TRITON)" "numpy<2.3" pytest
+	touch $(OLDEST_STAMP)
+
+test-oldest-triton: install $(OLDEST_STAMP)
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
+	  tests/test_triton_attention.py tests/test_tiles.py tests/test_input_attention.py tests/test_compile.py \
+	  -m "not gpu" -k "triton or Triton or tiles or compile_check"
+	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m perceiver_fast.kernels.compile_check --arch 90
 
 # Every CUDA source compiled for the H100 (sm_90a) with nvcc, on any machine: they include only
 # CUDA headers. Fails on a compile error; skipped, saying so, where nvcc is missing.
@@ -73,4 +94,4 @@ gpu:
 	$(GPU_PYTHON) tools/gpu_run.py --out $(GPU_OUT) --steps $(GPU_STEPS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so

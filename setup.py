@@ -49,7 +49,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["perceiver_fast", "perceiver_fast.*"]),
     package_data={"perceiver_fast": ["shapes.json"]},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    # Tested: torch 2.13 (CI); triton 3.9 and 3.6, the GPU machine's (make test-oldest-triton).
+    install_requires=["torch>=2.13", "triton>=3.6", "numpy"],
     # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0
     # declares Python < 3.11; install it with `pip install --no-deps --ignore-requires-python
     # perceiver-io==0.11.0` (the Makefile does).
