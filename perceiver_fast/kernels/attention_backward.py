@@ -158,26 +158,29 @@ def _attention_backward_kernel(
 
     dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
                + offs_m[:, None].to(tl.int64) * stride_dkm + own_dqk[None, :] * stride_dkd)
-    tl.store(dk_ptrs, cast(dk * scale, DK.dtype.element_ty, INTERPRETED_BF16), mask=key_in[:, None] & (own_dqk[None, :] < DQK))
     dv_ptrs = (DV_ + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
                + offs_m[:, None].to(tl.int64) * stride_dvm + own_dv[None, :] * stride_dvd)
-    tl.store(dv_ptrs, cast(dv, DV_.dtype.element_ty, INTERPRETED_BF16), mask=key_in[:, None] & (own_dv[None, :] < DV))
+    dk_in = key_in[:, None] & (own_dqk[None, :] < DQK)
+    dv_in = key_in[:, None] & (own_dv[None, :] < DV)
+    if NORMALIZE:
+        # K and V are one input seen by every head: DK and DV_ are one fp32 buffer that every head's
+        # program adds its dK and dV into (head stride 0).
+        tl.atomic_add(dk_ptrs, dk * scale, mask=dk_in, sem="relaxed")
+        tl.atomic_add(dv_ptrs, dv, mask=dv_in, sem="relaxed")
+    else:
+        tl.store(dk_ptrs, cast(dk * scale, DK.dtype.element_ty, INTERPRETED_BF16), mask=dk_in)
+        tl.store(dv_ptrs, cast(dv, DV_.dtype.element_ty, INTERPRETED_BF16), mask=dv_in)
 
 
-def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str,
-                       stats: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Returns dq, dk, dv in the dtypes of q, k, v (dk, dv contiguous).
-
-    `stats` as in `attention_forward`; dk and dv are then the gradients of the normalised K and V.
-    """
+def _launch(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str, dk, dv,
+            stats: tuple[torch.Tensor, torch.Tensor] | None):
+    """Runs the backward kernels, writing dk and dv (or, with stats, adding into them); returns dq."""
     B, H, N, DQK = q.shape
     M, DV = k.shape[2], v.shape[3]
     cfg = tiles.backward_config(kind, DQK, DV, fp32=q.dtype == torch.float32)
 
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dq = torch.zeros((B, H, N, DQK), device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     num_d_blocks = max(triton.cdiv(DQK, cfg.block_dqk), triton.cdiv(DV, cfg.block_dv))
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
@@ -197,4 +200,25 @@ def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: f
             HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, **dot_options(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return dq.to(q.dtype), dk, dv
+    return dq.to(q.dtype)
+
+
+def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str):
+    """Returns dq, dk, dv in the dtypes of q, k, v (dk, dv contiguous)."""
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dq = _launch(dout, q, k, v, out, lse, key_mask, causal, scale, kind, dk, dv, None)
+    return dq, dk, dv
+
+
+def shared_input_backward(dout, q, kv, out, lse, key_mask, causal: bool, scale: float,
+                          stats: tuple[torch.Tensor, torch.Tensor]):
+    """The backward of attention whose K and V are one input kv (B, H, M, C), the same for every head
+    (head stride 0), normalised by `stats` (mean, rstd as in `attention_forward`): (dq, dxn) with dxn
+    (B, M, C) float32 the gradient of the normalised input, dK + dV summed over heads inside the
+    kernel (no M x C tensor per head)."""
+    B, H, M, C = kv.shape
+    dxn = torch.zeros((B, M, C), device=kv.device, dtype=torch.float32)
+    every_head = dxn.unsqueeze(1).expand(B, H, M, C)
+    dq = _launch(dout, q, kv, kv, out, lse, key_mask, causal, scale, "cross", every_head, every_head, stats)
+    return dq, dxn

@@ -45,7 +45,8 @@ class Job:
 # Kernel modules and the kernels their launchers call, looked up by name in the module.
 KERNELS = {"attention_forward": ("_attention_forward_kernel", "_merge_splits_kernel"),
            "attention_backward": ("_row_dot_kernel", "_attention_backward_kernel"),
-           "layer_norm_stats": ("_layer_norm_stats_kernel",)}
+           "layer_norm": ("_layer_norm_stats_kernel", "_layer_norm_backward_kernel")}
+H100_SMS = 132  # the dry runs take the launchers' split decisions as on an H100
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs, for launches that do not choose
@@ -95,15 +96,20 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(jobs: list):
-    modules = {name: importlib.import_module(f"{__package__}.{name}") for name in KERNELS}
+    """The kernel modules (and the input attention's launchers) with recorders in place of the kernels."""
+    modules = {name: importlib.import_module(f"{__package__}.{name}") for name in (*KERNELS, "input_attention")}
     originals = {(m, k): getattr(modules[m], k) for m, names in KERNELS.items() for k in names}
+    forward = modules["attention_forward"]
+    num_sms = forward.num_sms
     try:
         for (module, name), kernel in originals.items():
             setattr(modules[module], name, _Recorder(kernel, jobs))
+        forward.num_sms = lambda device: H100_SMS
         yield modules
     finally:
         for (module, name), kernel in originals.items():
             setattr(modules[module], name, kernel)
+        forward.num_sms = num_sms
 
 
 def _dims_hitting_every_tile() -> list[int]:
@@ -115,11 +121,14 @@ def _dims_hitting_every_tile() -> list[int]:
 
 
 def launch_jobs() -> list[Job]:
-    """Every distinct launch the launchers make, found by dry runs of them on small CPU tensors.
+    """Every distinct launch the launchers make, found by dry runs of them on small CPU tensors, as on
+    an H100 (132 SMs: the split heuristic decides as there). Nothing runs: recorders stand in for the
+    kernels.
 
-    Per kind, dtype and pair of head dims: the forward with every flag on and one key split, and
-    with every flag off and two splits (fp32 partials and the merge), each followed by its backward;
-    the LayerNorm statistics per dtype. Nothing runs: recorders stand in for the kernels.
+    The attention op's launchers, per kind, dtype and pair of head dims: forward with mask and causal
+    on and one key split, and with both off and two splits (fp32 partials and the merge), each with its
+    backward. The input attention's (cross, the shortcut: K = V = x), per dtype and channel count, with
+    and without LayerNorm, mask and causal both on or off: its row statistics, forward and backward.
     """
     from . import tiles
 
@@ -132,14 +141,18 @@ def launch_jobs() -> list[Job]:
             M = 8 * tiles.forward_config(kind, dqk, dv, dtype == torch.float32).block_m
             q, k, v, dout = (torch.empty(B, H, rows, dim, dtype=dtype)
                              for rows, dim in ((N, dqk), (M, dqk), (M, dv), (N, dv)))
-            stats = (torch.empty(B, M), torch.empty(B, M))
-            for flags, splits in (((True, True, True), 1), ((False, False, False), 2)):
-                mask = torch.ones(B, M, dtype=torch.bool) if flags[0] else None
-                run_stats = stats if flags[2] else None
-                out, lse = forward(q, k, v, mask, flags[1], 0.5, kind, splits, stats=run_stats)
-                backward(dout, q, k, v, out, lse, mask, flags[1], 0.5, kind, stats=run_stats)
-        for dtype in FLOAT_DTYPES:
-            modules["layer_norm_stats"].layer_norm_stats(torch.empty(B, 40, 30, dtype=dtype), 1e-5)
+            for flags_on, splits in ((True, 1), (False, 2)):
+                mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
+                out, lse = forward(q, k, v, mask, flags_on, 0.5, kind, splits)
+                backward(dout, q, k, v, out, lse, mask, flags_on, 0.5, kind)
+        inputs = modules["input_attention"]
+        for dtype, channels, normalize, flags_on in itertools.product(FLOAT_DTYPES, _dims_hitting_every_tile(),
+                                                                      (True, False), (True, False)):
+            M = 8 * tiles.forward_config("cross", channels, channels, dtype == torch.float32).block_m
+            q, x = torch.empty(B, H, N, channels, dtype=dtype), torch.empty(B, M, channels, dtype=dtype)
+            mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
+            out, lse = inputs.input_attention_forward(q, x, normalize, 1e-5, mask, flags_on, 0.5)
+            inputs.input_attention_backward(torch.empty_like(out), q, x, normalize, 1e-5, out, lse, mask, flags_on, 0.5)
     return list(dict.fromkeys(jobs))
 
 

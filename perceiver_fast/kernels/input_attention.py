@@ -3,17 +3,18 @@ shared by every head): q (B, H, N, C) attends over x (B, M, C).
 
 The forward stores nothing of size M x C: the attention kernels normalise x's tiles as they load
 them, from two (B, M) vectors of row statistics. The backward runs the attention backward kernel
-the same way, which writes dK and dV per head; their sum over heads and the LayerNorm backward
-then run in torch, so it holds tensors of M x C per head (the C++ kernel fuses those steps too).
+the same way; it adds dK + dV of every head into one float32 (B, M, C) gradient of the normalised
+input, and a row kernel takes it back through the LayerNorm. Nothing of size M x C per head is made:
+one float32 buffer the size of x, and dx.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention_backward import attention_backward
+from .attention_backward import shared_input_backward
 from .attention_forward import attention_forward
-from .layer_norm_stats import layer_norm_stats
+from .layer_norm import layer_norm_backward, layer_norm_stats
 
 
 def _shared_input(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -39,11 +40,6 @@ def input_attention_forward(q, x, normalize: bool, eps: float, key_mask, causal:
 def input_attention_backward(dout, q, x, normalize: bool, eps: float, out, lse, key_mask, causal: bool, scale: float):
     """(dq, dx). The row statistics are recomputed: two length-M vectors, cheaper to remake than to keep."""
     mean, rstd = _row_stats(x, normalize, eps)
-    kv = _shared_input(x, q.shape[1])
-    dq, dk, dv = attention_backward(dout, q, kv, kv, out, lse, key_mask, causal, scale, "cross", stats=(mean, rstd))
-    dxn = (dk.float() + dv.float()).sum(1)
-    if normalize:
-        # LayerNorm backward: dx = rstd (dxn - mean(dxn) - xn mean(dxn xn)).
-        xn = (x.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-        dxn = rstd.unsqueeze(-1) * (dxn - dxn.mean(-1, keepdim=True) - xn * (dxn * xn).mean(-1, keepdim=True))
-    return dq, dxn.to(x.dtype)
+    dq, dxn = shared_input_backward(dout, q, _shared_input(x, q.shape[1]), out, lse, key_mask, causal, scale,
+                                    (mean, rstd))
+    return dq, layer_norm_backward(x, dxn, mean, rstd) if normalize else dxn.to(x.dtype)
