@@ -136,6 +136,7 @@ def test_state_dict_is_unchanged_and_unpatch_restores():
     pf.patch(model)
     assert list(model.state_dict()) == list(checkpoint)
     model.load_state_dict(checkpoint)
-    assert type(model.cross_attention[0].module).__name__ == "FastCrossAttention"
+    patched = type(model.cross_attention[0].module)
+    assert patched is not km.CrossAttention and patched.__name__ == "CrossAttention"
     assert pf.unpatch(model).replaced == {"CrossAttention": 1, "SelfAttention": 2}
     assert type(model.cross_attention[0].module) is km.CrossAttention

@@ -8,21 +8,14 @@ An adapter is imported only when the model holds a module of its library.
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..dispatch import BACKEND_NAMES
-from .registry import FastModule, log, original_class
+from .registry import FastModule, library_of, log, original_class, swaps_of
 
-# module-name prefix of a library's classes -> our adapter for it
-LIBRARIES = {
-    "transformers.models.perceiver": "hf",
-    "perceiver_pytorch": "lucidrains",
-    "perceiver.model.core": "krasserm",
-}
 SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver), lucidrains perceiver-pytorch "
              "(Perceiver, PerceiverIO, PerceiverLM), krasserm perceiver-io (perceiver.model.core)")
 
@@ -46,17 +39,6 @@ class PatchReport:
         return text
 
 
-def _library_of(cls: type) -> str | None:
-    for prefix, adapter in LIBRARIES.items():
-        if cls.__module__.startswith(prefix):
-            return adapter
-    return None
-
-
-def _swaps(adapter: str):
-    return importlib.import_module(f"{__name__}.{adapter}").SWAPS
-
-
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -76,7 +58,7 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
     taken_over = set()  # modules whose computation a swapped parent does; modules() visits parents first
     for module in model.modules():
         original = original_class(type(module))
-        adapter = _library_of(original)
+        adapter = library_of(original)
         if adapter is None or id(module) in taken_over:
             continue
         if "forward" in module.__dict__:
@@ -84,7 +66,7 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
             log.warning("patch leaves %s as it is: its forward is replaced on the instance", original.__name__)
             report.skipped[original.__name__] += 1
             continue
-        for swap in _swaps(adapter):
+        for swap in swaps_of(adapter):
             if original is swap.original and swap.applies(module):
                 module.__class__ = swap.fast
                 module.pf_backend = backend
@@ -106,7 +88,7 @@ def unpatch(model: nn.Module) -> PatchReport:
     for module in model.modules():
         if isinstance(module, FastModule):
             fast, original = type(module), original_class(type(module))
-            swap = next(s for s in _swaps(_library_of(original)) if s.fast is fast)
+            swap = next(s for s in swaps_of(library_of(original)) if s.fast is fast)
             module.__class__ = original
             module.__dict__.pop("pf_backend", None)
             report.replaced[swap.label or original.__name__] += 1

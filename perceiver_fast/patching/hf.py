@@ -62,14 +62,6 @@ class FastPerceiverModel(FastModule, hf.PerceiverModel):
             attention_mask = row.expand(batch, 1, self.embeddings.latents.shape[0], keys)
         return super().forward(inputs, attention_mask, *args, **kwargs)
 
-    def save_pretrained(self, *args, **kwargs):
-        # HF writes the class name into config.architectures: save as the model it stands for.
-        self.__class__ = hf.PerceiverModel
-        try:
-            return self.save_pretrained(*args, **kwargs)
-        finally:
-            self.__class__ = FastPerceiverModel
-
 
 SWAPS = (Swap(hf.PerceiverSelfAttention, FastPerceiverSelfAttention),
          Swap(hf.PerceiverModel, FastPerceiverModel))

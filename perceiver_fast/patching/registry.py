@@ -1,7 +1,9 @@
-"""What a library adapter declares: which of its classes are swapped for which fast subclass."""
+"""What a library adapter declares (which of its classes are swapped for which fast subclass), and the
+table of the adapters by library."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,20 +28,65 @@ class Swap:
     label: str | None = None
 
 
+# module-name prefix of a library's classes -> our adapter for it (a module of this package)
+LIBRARIES = {
+    "transformers.models.perceiver": "hf",
+    "perceiver_pytorch": "lucidrains",
+    "perceiver.model.core": "krasserm",
+}
+
+
+def library_of(cls: type) -> str | None:
+    for prefix, adapter in LIBRARIES.items():
+        if cls.__module__.startswith(prefix):
+            return adapter
+    return None
+
+
+def swaps_of(adapter: str):
+    """The adapter's SWAPS; an adapter is imported only when a model holds a module of its library."""
+    return importlib.import_module(f"{__package__}.{adapter}").SWAPS
+
+
 class FastModule:
     """Mixin of every fast subclass. Patching changes only an instance's class and sets `pf_backend`,
-    so parameters, buffers, hooks and state_dict keys stay as they were."""
+    so parameters, buffers, hooks and state_dict keys stay as they were.
+
+    A fast subclass carries its original's name (`type(m).__name__`, repr, HF's
+    config.architectures see the model they stand for); pickle and deepcopy, which would look the
+    class up by that name, find it from the original class instead.
+    """
 
     pf_backend: str | None = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        original = original_class(cls)
+        if original is not object:  # not a mixin of several fast classes
+            cls.__name__, cls.__qualname__ = original.__name__, original.__qualname__
+
+    def __reduce_ex__(self, protocol):
+        _, _, *state = super().__reduce_ex__(protocol)
+        return (fast_instance_of, (original_class(type(self)),), *state)
+
     def pf_keep_original(self, reason: str) -> None:
         # Called right before a forward falls back to the library's own computation.
-        log.debug("%s keeps the original computation: %s", type(self).__name__, reason)
+        log.debug("patched %s keeps the original computation: %s", type(self).__name__, reason)
 
 
 def original_class(cls: type) -> type:
     """The library class a (possibly fast) class stands for: the first in its MRO that is not ours."""
     return next(c for c in cls.__mro__ if not issubclass(c, FastModule))
+
+
+def fast_class_of(original: type) -> type:
+    return next(swap.fast for swap in swaps_of(library_of(original)) if swap.original is original)
+
+
+def fast_instance_of(original: type):
+    """An empty instance of the fast class standing for `original`, for pickle to fill in."""
+    fast = fast_class_of(original)
+    return fast.__new__(fast)
 
 
 def dropout_reason(module: nn.Module, dropout: nn.Module | float | None) -> str | None:
