@@ -7,7 +7,7 @@ there, else the CPU.
 
 A provider that cannot run a case is skipped with its reason. Each test's extra_info records the
 case, the attention FLOPs (the report's count; none at model level) and the call's peak extra
-memory (perceiver_fast.bench.memory). `perceiver-fast bench` runs the same (one process per case
+memory (perceiver_fast.peak_memory). `perceiver-fast bench` runs the same (one process per case
 there, for memory).
 """
 
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from perceiver_fast.bench.memory import peak_extra_mib
+from perceiver_fast.peak_memory import peak_extra_mib
 from perceiver_fast.bench.levels import providers_for
 from perceiver_fast.bench.providers import why_not
 from perceiver_fast.bench.run import DTYPES

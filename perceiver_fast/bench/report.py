@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .cases import PASS_FLOP_FACTOR, Case
-from .memory import CPU_METHOD, CUDA_METHOD
+from ..peak_memory import CPU_METHOD, CUDA_METHOD
 from .sets import CaseSet
 
 OURS_PREFIXES = ("perceiver_fast[", "HF + pf.patch", "lucidrains + pf.patch")

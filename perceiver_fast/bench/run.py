@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 from .cases import Case
-from .memory import peak_extra_mib, tensors_mib
+from ..peak_memory import peak_extra_mib, tensors_mib
 from .levels import providers_for
 from .providers import why_not
 from .report import format_ms

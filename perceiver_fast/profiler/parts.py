@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bench.memory import memory_kib, peak_extra_mib, release_freed_memory
+from ..peak_memory import memory_kib, peak_extra_mib, release_freed_memory
 
 PARTS = ("input preprocessing", "input cross-attention", "latent self-attention", "MLPs", "decoder")
 

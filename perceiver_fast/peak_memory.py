@@ -1,4 +1,4 @@
-"""Peak memory of one call. CUDA: torch.cuda.max_memory_allocated above what was allocated before.
+"""Peak memory of one call, as the benchmark engine and the profiler measure it. CUDA: torch.cuda.max_memory_allocated above what was allocated before.
 CPU: the process's resident-set peak above its resident set before the call (Linux /proc), with
 freed memory handed back to the system first so that it cannot hide this call's use."""
 
