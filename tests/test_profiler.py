@@ -3,6 +3,7 @@ peaks, the memory-budget search, size parsing and the `perceiver-fast profile` c
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -138,4 +139,67 @@ def test_profile_command_rejects_bad_arguments(capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["profile", "--model", "gpt", "--input-len", "4"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert "--model: 'gpt' is no named model" in capsys.readouterr().err
+
+
+USER_MODEL = """
+import torch
+from perceiver_pytorch import PerceiverIO
+
+
+def make_model():
+    model = PerceiverIO(dim=12, queries_dim=8, depth=1, num_latents=8, latent_dim=16, cross_heads=1,
+                        latent_heads=2, cross_dim_head=8, latent_dim_head=8).eval()
+
+    def make_inputs(batch, input_len, dtype, device):
+        return {"data": torch.randn(batch, input_len, 12, dtype=dtype, device=device),
+                "queries": torch.randn(batch, 3, 8, dtype=dtype, device=device)}
+
+    return model, make_inputs
+
+
+def not_a_pair():
+    return 3
+"""
+
+
+@pytest.fixture
+def user_model_file(tmp_path):
+    pytest.importorskip("perceiver_pytorch")
+    path = tmp_path / "my_perceiver.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def test_a_user_model_profiles_from_the_command_line_with_json(user_model_file, tmp_path, capfd):
+    out_json = tmp_path / "profile.json"
+    assert cli(["profile", "--model", f"{user_model_file}:make_model", "--input-len", "300", "--batch", "2",
+                "--json", str(out_json)]) == 0
+    out, err = capfd.readouterr()
+    assert "input cross-attention" in out and "whole model (measured)" in out
+    assert "the formula covers the named models only" in out
+    assert "profiler_start" not in out + err and "USDT" not in out + err, "the profiler's own log lines leaked"
+    figures = json.loads(out_json.read_text())
+    assert figures["model"] == f"{user_model_file}:make_model" and figures["batch"] == 2
+    assert figures["predicted_peak_mib"] is None and figures["longest_input"] is None
+    for side in ("unpatched", "patched"):
+        assert figures[side]["total_ms"] > 0 and "input cross-attention" in figures[side]["parts"]
+
+
+def test_a_user_model_by_module_name(user_model_file, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(user_model_file.parent))
+    assert cli(["profile", "--model", "my_perceiver:make_model", "--input-len", "100"]) == 0
+    assert "PerceiverIO from my_perceiver:make_model" in capsys.readouterr().out
+
+
+def test_user_model_errors_name_the_argument(user_model_file, capsys):
+    for spec, message in ((f"{user_model_file}:missing", "has no function 'missing'"),
+                          ("/no/such/file.py:make", "no file /no/such/file.py"),
+                          ("no_such_module_here:make", "cannot import module 'no_such_module_here'"),
+                          (f"{user_model_file}:not_a_pair", "must return (model, make_inputs)")):
+        with pytest.raises(SystemExit):
+            cli(["profile", "--model", spec, "--input-len", "10"])
+        assert "--model: " in (err := capsys.readouterr().err) and message in err, err
+    with pytest.raises(SystemExit):
+        cli(["profile", "--model", f"{user_model_file}:make_model", "--input-len", "10", "--memory-budget", "1GiB"])
+    assert "--memory-budget: the memory formula covers the named models only" in capsys.readouterr().err

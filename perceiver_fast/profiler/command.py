@@ -1,14 +1,16 @@
-"""`perceiver-fast profile`: a named Perceiver at a chosen input length and batch, with and without
-pf.patch: per-part time and memory, the whole-model peak, the predicted peak, and the longest
-input that fits a memory budget."""
+"""`perceiver-fast profile`: a named Perceiver, or a model of the user's own, at a chosen input length
+and batch, with and without pf.patch: per-part time and memory, the whole-model peak, the predicted
+peak and the longest input that fits a memory budget (named models), every figure as JSON on request."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import re
 import sys
+from pathlib import Path
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -59,7 +61,11 @@ def format_table(title: str, unpatched, patched, predicted: tuple[float, float] 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import NAMED_MODELS
 
-    parser.add_argument("--model", required=True, choices=sorted(NAMED_MODELS), help="a published configuration")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help=f"a published configuration ({', '.join(sorted(NAMED_MODELS))}), or a model of your own: "
+                             "FILE.py:FUNCTION or MODULE:FUNCTION, FUNCTION() returning (model, make_inputs) with "
+                             "make_inputs(batch, input_len, dtype, device) -> the model's inputs "
+                             "(perceiver_fast/profiler/user_models.py)")
     parser.add_argument("--input-len", type=int, required=True, help="input length M (hf-vision-fourier: pixels)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -67,22 +73,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backward", action="store_true", help="forward+backward (default: inference forward)")
     parser.add_argument("--memory-budget", metavar="SIZE", help="also print the longest input that fits, e.g. 24GiB")
     parser.add_argument("--trace", metavar="FILE", help="write the unpatched forward's Chrome trace here")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
+
+
+def _model(args, parser):
+    from .models import NAMED_MODELS
+    from .user_models import UserModelError, user_model
+
+    if args.model in NAMED_MODELS:
+        return NAMED_MODELS[args.model]
+    if ":" not in args.model:
+        parser.error(f"--model: {args.model!r} is no named model ({', '.join(sorted(NAMED_MODELS))}) and not "
+                     "FILE.py:FUNCTION or MODULE:FUNCTION")
+    try:
+        return user_model(args.model)
+    except UserModelError as error:
+        parser.error(f"--model: {error}")
+
+
+def _figures(profile) -> dict:
+    return {"total_ms": profile.total_ms, "peak_mib": profile.peak_mib, "other_ms": profile.other_ms(),
+            "parts": {name: {"ms": part.ms, "peak_mib": part.peak_mib} for name, part in profile.parts.items()}}
 
 
 def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .memory_model import largest_input, predicted_peak_bytes, with_inputs
-    from .models import NAMED_MODELS
     from .parts import profile_model
 
-    named = NAMED_MODELS[args.model]
+    named = _model(args, parser)
     if args.input_len < 1 or args.batch < 1:
         parser.error("--input-len and --batch must be at least 1")
     reason = named.valid_length(args.input_len)
     if reason:
         parser.error(f"--input-len: {reason}")
     budget = None
+    if args.memory_budget and named.shape is None:
+        parser.error("--memory-budget: the memory formula covers the named models only")
     if args.memory_budget:
         try:
             budget = parse_size(args.memory_budget)
@@ -107,13 +135,17 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         del model, inputs
 
-    shape = named.shape(args.batch, args.input_len, dtype)
-    predicted = None if args.backward else tuple(predicted_peak_bytes(shape, p) / 2**20 for p in (False, True))
+    shape = None if named.shape is None else named.shape(args.batch, args.input_len, dtype)
+    predicted = None if args.backward or shape is None else tuple(
+        predicted_peak_bytes(shape, p) / 2**20 for p in (False, True))
     title = (f"{named.name}: {named.description}; B={args.batch}, M={args.input_len}, {args.dtype}, "
              f"{'forward+backward' if args.backward else 'forward'}, {device}")
     print(format_table(title, *profiles, predicted))
-    if args.backward:
+    if shape is None:
+        print("predicted peak: the formula covers the named models only")
+    elif args.backward:
         print("predicted peak: the formula covers the inference forward only (perceiver_fast/profiler/memory_model.py)")
+    answers = {}
     if budget is not None:
         square = args.model == "hf-vision-fourier"
         for patched in (False, True):
@@ -123,6 +155,16 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 f"M = {longest}" + (f" ({math.isqrt(longest)}x{math.isqrt(longest)} pixels)" if square else ""))
             print(f"longest input within {args.memory_budget} at B={args.batch}, inference forward, "
                   f"{'patched' if patched else 'unpatched'} (predicted, weights included): {what}")
+            answers["patched" if patched else "unpatched"] = longest
+    if args.json:
+        figures = {"model": named.name, "description": named.description, "batch": args.batch,
+                   "input_len": args.input_len, "dtype": args.dtype, "device": device,
+                   "pass": "forward+backward" if args.backward else "forward",
+                   "unpatched": _figures(profiles[0]), "patched": _figures(profiles[1]),
+                   "predicted_peak_mib": None if predicted is None else dict(zip(("unpatched", "patched"), predicted)),
+                   "memory_budget": args.memory_budget, "longest_input": answers or None}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -4,6 +4,9 @@ the peak during each part above the memory in use when the call started."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -132,6 +135,21 @@ class _Tracker:
             handle.remove()
 
 
+@contextlib.contextmanager
+def _profiler_log_silenced():
+    """The profiler's C++ side logs its start and stop to the process's stderr ("USDT: ...
+    profiler_start"): file descriptor 2 goes to /dev/null for those two calls only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_model(model: nn.Module, run, *, device: str = "cpu", backward: bool = False,
                   parts: dict[str, list[nn.Module]] | None = None, trace: str | None = None) -> Profile:
     """Profiles run(model) (one untimed call first): per-part time from torch.profiler ranges, per-part
@@ -154,13 +172,19 @@ def profile_model(model: nn.Module, run, *, device: str = "cpu", backward: bool 
     tracker = _Tracker(parts, device, memory=False)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = torch.profiler.profile(activities=activities)
     try:
-        with torch.profiler.profile(activities=activities) as prof:
+        with _profiler_log_silenced():
+            prof.__enter__()
+        try:
             start = time.perf_counter()
             call()
             if device == "cuda":
                 torch.cuda.synchronize()
             profile.total_ms = (time.perf_counter() - start) * 1e3
+        finally:
+            with _profiler_log_silenced():
+                prof.__exit__(None, None, None)
     finally:
         tracker.remove()
     if trace:
