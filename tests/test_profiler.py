@@ -177,7 +177,7 @@ def test_a_user_model_profiles_from_the_command_line_with_json(user_model_file, 
                 "--json", str(out_json)]) == 0
     out, err = capfd.readouterr()
     assert "input cross-attention" in out and "whole model (measured)" in out
-    assert "the formula covers the named models only" in out
+    assert f"the memory formula does not cover {user_model_file}:make_model" in out
     assert "profiler_start" not in out + err and "USDT" not in out + err, "the profiler's own log lines leaked"
     figures = json.loads(out_json.read_text())
     assert figures["model"] == f"{user_model_file}:make_model" and figures["batch"] == 2
@@ -202,4 +202,18 @@ def test_user_model_errors_name_the_argument(user_model_file, capsys):
         assert "--model: " in (err := capsys.readouterr().err) and message in err, err
     with pytest.raises(SystemExit):
         cli(["profile", "--model", f"{user_model_file}:make_model", "--input-len", "10", "--memory-budget", "1GiB"])
-    assert "--memory-budget: the memory formula covers the named models only" in capsys.readouterr().err
+    assert "--memory-budget: the memory formula does not cover" in capsys.readouterr().err
+
+
+def test_hf_optical_flow_profiles_at_a_reduced_size(capsys):
+    """The published optical-flow configuration (2048 latents, 24 layers, a per-pixel decoder) on the
+    smallest frame of its aspect ratio, 23 x 31 pixels."""
+    pytest.importorskip("transformers")
+    assert cli(["profile", "--model", "hf-optical-flow", "--input-len", "713", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("input preprocessing", "input cross-attention", "latent self-attention", "decoder"):
+        assert part in out, part
+    assert "the memory formula does not cover hf-optical-flow" in out
+    with pytest.raises(SystemExit):
+        cli(["profile", "--model", "hf-optical-flow", "--input-len", "1000"])
+    assert "--input-len: hf-optical-flow takes 23:31 frames" in capsys.readouterr().err

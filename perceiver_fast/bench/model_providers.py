@@ -44,8 +44,10 @@ def _provider(name: str, patched: bool) -> Provider:
         return make_call(lambda: model(inputs=inputs, attention_mask=mask).logits, leaves, backward)
 
     def forward_bytes(case, dtype):
-        # The profiler's model of an inference forward's peak (perceiver_fast/profiler/memory_model.py).
-        return predicted_peak_bytes(NAMED_MODELS[case.name].shape(case.B, case.M, dtype), patched)
+        # The profiler's model of an inference forward's peak (perceiver_fast/profiler/memory_model.py);
+        # a model it does not cover is started unchecked.
+        shape = NAMED_MODELS[case.name].shape
+        return 0 if shape is None else predicted_peak_bytes(shape(case.B, case.M, dtype), patched)
 
     return Provider(name, "model", _refusal, prepare, predicted_bytes=with_backward(forward_bytes))
 

@@ -110,7 +110,7 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error(f"--input-len: {reason}")
     budget = None
     if args.memory_budget and named.shape is None:
-        parser.error("--memory-budget: the memory formula covers the named models only")
+        parser.error(f"--memory-budget: the memory formula does not cover {named.name}")
     if args.memory_budget:
         try:
             budget = parse_size(args.memory_budget)
@@ -142,7 +142,7 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
              f"{'forward+backward' if args.backward else 'forward'}, {device}")
     print(format_table(title, *profiles, predicted))
     if shape is None:
-        print("predicted peak: the formula covers the named models only")
+        print(f"predicted peak: the memory formula does not cover {named.name}")
     elif args.backward:
         print("predicted peak: the formula covers the inference forward only (perceiver_fast/profiler/memory_model.py)")
     answers = {}

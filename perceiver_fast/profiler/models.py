@@ -21,7 +21,7 @@ class NamedModel:
     build: Callable[[int, torch.dtype], nn.Module]
     inputs: Callable[[int, int, torch.dtype, str], object]
     run: Callable[[nn.Module, object], torch.Tensor]
-    shape: Callable[[int, int, torch.dtype], ModelShape]
+    shape: Callable[[int, int, torch.dtype], ModelShape] | None  # the memory formula's description; None: none
 
 
 def _square(length: int) -> str | None:
@@ -79,6 +79,40 @@ def _language_shape(batch, length, dtype):
                       decoder_heads=8, decoder_dim=262)
 
 
+# Optical flow frames keep the published 368 x 496 aspect ratio, 23:31: 713 s^2 pixels (s = 16 published).
+FLOW_ASPECT = (23, 31)
+
+
+def _flow_side(length: int) -> int:
+    return math.isqrt(length // (FLOW_ASPECT[0] * FLOW_ASPECT[1]))
+
+
+def _flow_length(length: int) -> str | None:
+    area = FLOW_ASPECT[0] * FLOW_ASPECT[1]
+    side = _flow_side(length)
+    if area * side * side != length or side == 0:
+        return (f"hf-optical-flow takes 23:31 frames (368x496 = 182528 pixels published): --input-len must be "
+                f"713 s^2 for a whole s, got {length}; nearest: {area * max(side, 1) ** 2} or {area * (side + 1) ** 2}")
+    return None
+
+
+def _flow_build(length, dtype):
+    from transformers import PerceiverConfig, PerceiverForOpticalFlow
+
+    side = _flow_side(length)
+    torch.manual_seed(0)
+    config = PerceiverConfig(num_latents=2048, d_latents=512, d_model=322, num_blocks=1,
+                             num_self_attends_per_block=24, num_self_attention_heads=16, num_cross_attention_heads=1,
+                             train_size=[FLOW_ASPECT[0] * side, FLOW_ASPECT[1] * side])
+    return PerceiverForOpticalFlow(config).eval().to(dtype)
+
+
+def _flow_inputs(batch, length, dtype, device):
+    side = _flow_side(length)
+    # Two frames of 3 x 3 patches around each pixel, 3 colours each: 27 values per pixel.
+    return torch.randn(batch, 2, 27, FLOW_ASPECT[0] * side, FLOW_ASPECT[1] * side, dtype=dtype, device=device)
+
+
 NAMED_MODELS = {
     "hf-vision-fourier": NamedModel(
         "hf-vision-fourier", "HF PerceiverForImageClassificationFourier (224x224 -> M = 50176 of C = 261)",
@@ -86,4 +120,8 @@ NAMED_MODELS = {
     "hf-language": NamedModel(
         "hf-language", "HF PerceiverForMaskedLM (M = 2048 bytes of C = 768, 256 latents, 26 layers)",
         lambda length: None, _language_build, _language_inputs, lambda m, x: m(inputs=x).logits, _language_shape),
+    "hf-optical-flow": NamedModel(
+        "hf-optical-flow", "HF PerceiverForOpticalFlow (368x496 -> M = 182528 of C = 322, 2048 latents, 24 layers, "
+        "a decoder with one query per pixel); no memory formula yet", _flow_length, _flow_build, _flow_inputs,
+        lambda m, x: m(inputs=x).logits, None),
 }
