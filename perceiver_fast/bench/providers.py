@@ -184,8 +184,6 @@ def _ours(backend: str | None) -> Provider:
         return pf.cross_attention(q, k, v, causal=case.causal, backend=backend)
 
     def refusal(case, dtype, device):
-        import perceiver_fast as pf
-
         op = pf.latent_attention if case.kind == "latent" else pf.cross_attention
         # As auto dispatch would judge it: the Triton interpreter is not timed.
         return "; ".join(pf.explain(op, *meta_inputs(case, dtype, device), causal=case.causal)[backend]) or None
