@@ -3,6 +3,6 @@ and peak memory, the whole-model peak, a predicted peak from a documented formul
 longest input that fits a memory budget. `perceiver-fast profile` is its command line."""
 
 from .memory_model import ModelShape, largest_input, predicted_peak_bytes, stage_bytes
-from .parts import PARTS, find_parts, profile_model
+from .parts import PARTS, find_parts, profile_model, profile_models
 
-__all__ = ["ModelShape", "PARTS", "find_parts", "largest_input", "predicted_peak_bytes", "profile_model", "stage_bytes"]
+__all__ = ["ModelShape", "PARTS", "find_parts", "largest_input", "predicted_peak_bytes", "profile_model", "profile_models", "stage_bytes"]

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -28,33 +29,71 @@ def compare_patched(model, run, **kwargs):
     """(unpatched, patched) profiles of run(model): the patched one on a deep copy after pf.patch."""
     import perceiver_fast as pf
 
-    from .parts import profile_model
+    from .parts import profile_models
 
     patched = copy.deepcopy(model)
     pf.patch(patched)
-    return profile_model(model, run, **kwargs), profile_model(patched, run, **kwargs)
+    return tuple(profile_models([model, patched], run, labels=["unpatched", "patched"], **kwargs))
 
 
 def format_table(title: str, unpatched, patched, predicted: tuple[float, float] | None) -> str:
+    """Per-part rows, forward only or forward and backward side by side, for both models."""
     from .parts import PARTS
 
-    lines = [title, f"{'part':26s} {'unpatched ms':>13s} {'peak MiB':>9s} {'patched ms':>11s} {'peak MiB':>9s}"]
+    backward = unpatched.backward
     names = [p for p in PARTS if p in unpatched.parts or p in patched.parts]
-    for name in names:
-        a, b = unpatched.parts.get(name), patched.parts.get(name)
-        cells = [f"{a.ms:13.1f} {a.peak_mib:9.1f}" if a else f"{'-':>13s} {'-':>9s}",
-                 f"{b.ms:11.1f} {b.peak_mib:9.1f}" if b else f"{'-':>11s} {'-':>9s}"]
-        lines.append(f"{name:26s} {cells[0]} {cells[1]}")
-    lines.append(f"{'other (outside the parts)':26s} {unpatched.other_ms():13.1f} {'':9s} {patched.other_ms():11.1f}")
-    lines.append(f"{'whole model (measured)':26s} {unpatched.total_ms:13.1f} {unpatched.peak_mib:9.1f} "
-                 f"{patched.total_ms:11.1f} {patched.peak_mib:9.1f}")
+    if backward:
+        header = (f"{'':26s} {'unpatched':>37s}   {'patched':>37s}\n{'part':26s}" +
+                  f" {'fwd ms':>8s} {'bwd ms':>8s} {'fwd MiB':>9s} {'bwd MiB':>9s}  " * 2).rstrip()
+
+        def cells(stats) -> str:
+            if stats is None:
+                return f"{'-':>8s} {'-':>8s} {'-':>9s} {'-':>9s}"
+            return f"{stats.ms:8.1f} {stats.backward_ms:8.1f} {stats.peak_mib:9.1f} {stats.backward_peak_mib:9.1f}"
+
+        def times(forward_ms, backward_ms) -> str:
+            return f"{forward_ms:8.1f} {backward_ms:8.1f}"
+
+        lines = [title, header]
+        lines += [f"{name:26s} {cells(unpatched.parts.get(name))}   {cells(patched.parts.get(name))}" for name in names]
+        if unpatched.optimizer_ms or patched.optimizer_ms:
+            lines.append(f"{'optimizer step':26s} {'':8s} {unpatched.optimizer_ms:8.1f} {'':9s} {'':9s}   "
+                         f"{'':8s} {patched.optimizer_ms:8.1f}")
+        lines.append(f"{'other (outside the parts)':26s} {times(unpatched.other_ms(), unpatched.other_backward_ms())} "
+                     f"{'':9s} {'':9s}   {times(patched.other_ms(), patched.other_backward_ms())}")
+        lines.append(f"{'whole model (measured)':26s} {unpatched.forward_ms:8.1f} "
+                     f"{unpatched.backward_ms + unpatched.optimizer_ms:8.1f} {'peak':>9s} {unpatched.peak_mib:9.1f}   "
+                     f"{patched.forward_ms:8.1f} {patched.backward_ms + patched.optimizer_ms:8.1f} {'peak':>9s} "
+                     f"{patched.peak_mib:9.1f}")
+    else:
+        lines = [title, f"{'part':26s} {'unpatched ms':>13s} {'peak MiB':>9s} {'patched ms':>11s} {'peak MiB':>9s}"]
+        for name in names:
+            a, b = unpatched.parts.get(name), patched.parts.get(name)
+            cells = [f"{a.ms:13.1f} {a.peak_mib:9.1f}" if a else f"{'-':>13s} {'-':>9s}",
+                     f"{b.ms:11.1f} {b.peak_mib:9.1f}" if b else f"{'-':>11s} {'-':>9s}"]
+            lines.append(f"{name:26s} {cells[0]} {cells[1]}")
+        lines.append(f"{'other (outside the parts)':26s} {unpatched.other_ms():13.1f} {'':9s} {patched.other_ms():11.1f}")
+        lines.append(f"{'whole model (measured)':26s} {unpatched.total_ms:13.1f} {unpatched.peak_mib:9.1f} "
+                     f"{patched.total_ms:11.1f} {patched.peak_mib:9.1f}")
     if predicted is not None:
         errors = [f"{100 * (p - m.peak_mib) / m.peak_mib:+.0f}%" for p, m in zip(predicted, (unpatched, patched))]
-        lines.append(f"{'whole model (predicted)':26s} {'':13s} {predicted[0]:9.1f} {'':11s} {predicted[1]:9.1f}"
-                     f"   (vs measured: {errors[0]} unpatched, {errors[1]} patched)")
-    lines.append("ms: wall time of the part's calls in one forward (torch.profiler ranges); peak MiB: the highest "
-                 "memory during the part above the memory in use when the forward started "
-                 "(CPU: resident set; CUDA: allocated).")
+        if backward:
+            lines.append(f"{'whole model (predicted)':26s} {'':8s} {'':8s} {'peak':>9s} {predicted[0]:9.1f}   {'':8s} "
+                         f"{'':8s} {'peak':>9s} {predicted[1]:9.1f}   (vs measured: {errors[0]} unpatched, "
+                         f"{errors[1]} patched)")
+        else:
+            lines.append(f"{'whole model (predicted)':26s} {'':13s} {predicted[0]:9.1f} {'':11s} {predicted[1]:9.1f}"
+                         f"   (vs measured: {errors[0]} unpatched, {errors[1]} patched)")
+    if backward:
+        lines.append("fwd/bwd ms: wall time of the part's forward calls, and of the backward nodes its forward created "
+                     "(with its parameters' gradient accumulation); other: forward and backward of the glue between "
+                     "the parts (residual adds, reshapes, the summed loss) and the autograd engine's own work between "
+                     "nodes. MiB: the highest memory during the part's forward (backward) above the memory in use when "
+                     "the step started (CPU: resident set; CUDA: allocated).")
+    else:
+        lines.append("ms: wall time of the part's calls in one forward (torch.profiler ranges); peak MiB: the highest "
+                     "memory during the part above the memory in use when the forward started "
+                     "(CPU: resident set; CUDA: allocated).")
     return "\n".join(lines)
 
 
@@ -70,7 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    parser.add_argument("--backward", action="store_true", help="forward+backward (default: inference forward)")
+    parser.add_argument("--backward", action="store_true",
+                        help="a training step: forward, backward and the optimizer's step (default: inference forward)")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd", "none"], default=None,
+                        help="the training step's optimizer: in the run (with --backward) and in the training memory plan (default: adamw; "
+                             "sgd: with momentum 0.9; none: forward and backward only)")
     parser.add_argument("--memory-budget", metavar="SIZE", help="also print the longest input that fits, e.g. 24GiB")
     parser.add_argument("--trace", metavar="FILE", help="write the unpatched forward's Chrome trace here")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
@@ -92,15 +135,49 @@ def _model(args, parser):
 
 
 def _figures(profile) -> dict:
-    return {"total_ms": profile.total_ms, "peak_mib": profile.peak_mib, "other_ms": profile.other_ms(),
-            "parts": {name: {"ms": part.ms, "peak_mib": part.peak_mib} for name, part in profile.parts.items()}}
+    return {"total_ms": profile.total_ms, "forward_ms": profile.forward_ms, "backward_ms": profile.backward_ms,
+            "optimizer_ms": profile.optimizer_ms, "peak_mib": profile.peak_mib, "other_ms": profile.other_ms(),
+            "other_backward_ms": profile.other_backward_ms(),
+            "parts": {name: {"ms": part.ms, "peak_mib": part.peak_mib, "backward_ms": part.backward_ms,
+                             "backward_peak_mib": part.backward_peak_mib} for name, part in profile.parts.items()}}
+
+
+def _budget_answers(args, shape, weight_bytes: int, parameter_bytes: list[dict[str, int]], optimizer) -> dict:
+    """The longest input and the largest batch within --memory-budget, inference and training, both models."""
+    from .memory_model import (largest_batch, largest_input, optimizer_state_bytes, predicted_peak_bytes,
+                               training_peak_bytes)
+
+    budget = parse_size(args.memory_budget)
+    square = args.model == "hf-vision-fourier"
+    answers = {}
+    for mode in ("inference", "training"):
+        state = optimizer_state_bytes(optimizer, weight_bytes) if mode == "training" else 0
+        for patched, parameters in zip((False, True), parameter_bytes):
+            if mode == "inference":
+                def peak(s, patched=patched):
+                    return predicted_peak_bytes(s, patched)
+            else:
+                def peak(s, patched=patched, parameters=parameters):
+                    return training_peak_bytes(s, patched, parameters, optimizer)
+            longest = largest_input(shape, weight_bytes + state, budget, peak,
+                                    length_of=(lambda k: k * k) if square else (lambda k: k))
+            batch = largest_batch(shape, weight_bytes + state, budget, peak)
+            side = "patched" if patched else "unpatched"
+            answers[f"{mode}, {side}"] = {"longest_input": longest, "largest_batch": batch}
+            what = "nothing fits" if longest is None else (
+                f"M = {longest}" + (f" ({math.isqrt(longest)}x{math.isqrt(longest)} pixels)" if square else ""))
+            extra = f", optimizer {optimizer or 'none'} (state {state / 2**20:.0f} MiB)" if mode == "training" else ""
+            print(f"within {args.memory_budget}, {mode}{extra}, {side} (predicted, weights included): "
+                  f"longest input at B={args.batch}: {what}; largest batch at M={args.input_len}: "
+                  f"{'none fits' if batch is None else batch}")
+    return answers
 
 
 def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .memory_model import largest_input, predicted_peak_bytes, with_inputs
-    from .parts import profile_model
+    from .memory_model import predicted_peak_bytes, training_peak_bytes
+    from .parts import find_parts, parameter_bytes_by_part, profile_models
 
     named = _model(args, parser)
     if args.input_len < 1 or args.batch < 1:
@@ -108,12 +185,16 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     reason = named.valid_length(args.input_len)
     if reason:
         parser.error(f"--input-len: {reason}")
-    budget = None
+    if args.optimizer is not None and not (args.backward or args.memory_budget):
+        parser.error("--optimizer: an optimizer steps in a training step; add --backward (or --memory-budget "
+                     "for the training plan alone)")
+    optimizer = None if args.optimizer == "none" else (args.optimizer or "adamw")  # the training plan's
+    run_optimizer = optimizer if args.backward else None
     if args.memory_budget and named.shape is None:
         parser.error(f"--memory-budget: the memory formula does not cover {named.name}")
     if args.memory_budget:
         try:
-            budget = parse_size(args.memory_budget)
+            parse_size(args.memory_budget)
         except ValueError as error:
             parser.error(f"--memory-budget: {error}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,46 +204,39 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
     import perceiver_fast as pf
 
-    profiles = []
-    for patched in (False, True):
-        model = named.build(args.input_len, dtype).to(device)
-        if patched:
-            pf.patch(model)
-        inputs = named.inputs(args.batch, args.input_len, dtype, device)
-        print(f"profiling {'patched' if patched else 'unpatched'} ...", flush=True)
-        profiles.append(profile_model(model, lambda m, x=inputs: named.run(m, x), device=device, backward=args.backward,
-                                      trace=None if patched else args.trace))
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        del model, inputs
+    started = time.monotonic()
+    models = [named.build(args.input_len, dtype).to(device) for _ in range(2)]
+    pf.patch(models[1])
+    inputs = named.inputs(args.batch, args.input_len, dtype, device)
+    profiles = profile_models(models, lambda m: named.run(m, inputs), device=device, backward=args.backward,
+                              optimizer=run_optimizer, labels=["unpatched", "patched"], trace=args.trace,
+                              progress=lambda line: print(f"[{time.monotonic() - started:5.0f} s] {line}", flush=True))
+    weight_bytes = sum(p.numel() * p.element_size() for p in models[0].parameters())
+    parameter_bytes = [parameter_bytes_by_part(model, find_parts(model)) for model in models]
+    del models, inputs
 
     shape = None if named.shape is None else named.shape(args.batch, args.input_len, dtype)
-    predicted = None if args.backward or shape is None else tuple(
-        predicted_peak_bytes(shape, p) / 2**20 for p in (False, True))
-    title = (f"{named.name}: {named.description}; B={args.batch}, M={args.input_len}, {args.dtype}, "
-             f"{'forward+backward' if args.backward else 'forward'}, {device}")
+    predicted = None
+    if shape is not None:
+        predicted = tuple((training_peak_bytes(shape, p, parameters, optimizer) if args.backward
+                           else predicted_peak_bytes(shape, p)) / 2**20
+                          for p, parameters in zip((False, True), parameter_bytes))
+    step = ("training step (forward, backward" + (f", {optimizer} step)" if optimizer else ")")
+            if args.backward else "forward")
+    title = f"{named.name}: {named.description}; B={args.batch}, M={args.input_len}, {args.dtype}, {step}, {device}"
     print(format_table(title, *profiles, predicted))
     if shape is None:
         print(f"predicted peak: the memory formula does not cover {named.name}")
-    elif args.backward:
-        print("predicted peak: the formula covers the inference forward only (perceiver_fast/profiler/memory_model.py)")
-    answers = {}
-    if budget is not None:
-        square = args.model == "hf-vision-fourier"
-        for patched in (False, True):
-            longest = largest_input(lambda m: with_inputs(shape, m), weight_bytes, budget, patched,
-                                    length_of=(lambda k: k * k) if square else (lambda k: k))
-            what = "nothing fits" if longest is None else (
-                f"M = {longest}" + (f" ({math.isqrt(longest)}x{math.isqrt(longest)} pixels)" if square else ""))
-            print(f"longest input within {args.memory_budget} at B={args.batch}, inference forward, "
-                  f"{'patched' if patched else 'unpatched'} (predicted, weights included): {what}")
-            answers["patched" if patched else "unpatched"] = longest
+    answers = None
+    if args.memory_budget:
+        answers = _budget_answers(args, shape, weight_bytes, parameter_bytes, optimizer)
     if args.json:
         figures = {"model": named.name, "description": named.description, "batch": args.batch,
                    "input_len": args.input_len, "dtype": args.dtype, "device": device,
-                   "pass": "forward+backward" if args.backward else "forward",
+                   "pass": step, "optimizer": optimizer,
                    "unpatched": _figures(profiles[0]), "patched": _figures(profiles[1]),
                    "predicted_peak_mib": None if predicted is None else dict(zip(("unpatched", "patched"), predicted)),
-                   "memory_budget": args.memory_budget, "longest_input": answers or None}
+                   "memory_budget": args.memory_budget, "fits_budget": answers}
         Path(args.json).write_text(json.dumps(figures, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -56,7 +56,7 @@ def _vision_inputs(batch, length, dtype, device):
 def _vision_shape(batch, length, dtype):
     # 3 pixel channels + 258 Fourier position channels (2 axes x 64 bands x sin/cos + 2 positions).
     return ModelShape(batch=batch, inputs=length, channels=261, raw_channels=3, latents=512, latent_dim=1024,
-                      cross_heads=1, cross_qk=261, cross_v=261, self_heads=8, self_layers=6,
+                      cross_heads=1, cross_qk=261, cross_v=261, self_heads=8, self_layers=8 * 6,
                       element_bytes=torch.finfo(dtype).bits // 8)
 
 
@@ -74,9 +74,9 @@ def _language_inputs(batch, length, dtype, device):
 
 def _language_shape(batch, length, dtype):
     return ModelShape(batch=batch, inputs=length, channels=768, raw_channels=768, latents=256, latent_dim=1280,
-                      cross_heads=8, cross_qk=32, cross_v=160, self_heads=8, self_layers=26,
+                      cross_heads=8, cross_qk=96, cross_v=96, self_heads=8, self_layers=26,
                       element_bytes=torch.finfo(dtype).bits // 8, decoder_queries=length, decoder_channels=768,
-                      decoder_heads=8, decoder_dim=262)
+                      decoder_heads=8, decoder_qk=32, decoder_v=96, decoder_dim=262)
 
 
 # Optical flow frames keep the published 368 x 496 aspect ratio, 23:31: 713 s^2 pixels (s = 16 published).
