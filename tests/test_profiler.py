@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +18,8 @@ from perceiver_fast.profiler import ModelShape, find_parts, largest_input, predi
 from perceiver_fast.profiler.command import compare_patched, parse_size
 from perceiver_fast.profiler.memory_model import (WORKSPACE_BYTES, largest_batch, optimizer_state_bytes, saved_bytes,
                                                   stage_bytes, training_peak_bytes, training_stage_bytes, with_inputs)
-from perceiver_fast.profiler.parts import parameter_bytes_by_part
 from perceiver_fast.profiler.models import NAMED_MODELS, NamedModel
+from perceiver_fast.profiler.parts import PartStats, Profile
 
 hf = pytest.importorskip("transformers")
 
@@ -182,14 +185,42 @@ def test_training_stages_follow_the_documented_formula():
     assert optimizer_state_bytes(None, 10) == 0
 
 
+FRESH_PROFILE = """
+import dataclasses, json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_profiler import small_vision
+from perceiver_fast.profiler.command import compare_patched
+from perceiver_fast.profiler.parts import find_parts, parameter_bytes_by_part
+side, batch, backward, optimizer = json.loads(sys.argv[2])
+model = small_vision(side)
+pixels = torch.randn(batch, 3, side, side)
+profiles = compare_patched(model, lambda m: m(inputs=pixels).logits, backward=backward, optimizer=optimizer)
+print(json.dumps({"profiles": [dataclasses.asdict(p) for p in profiles],
+                  "parameters": parameter_bytes_by_part(model, find_parts(model))}))
+"""
+
+
+def profiled_in_a_fresh_process(side: int, batch: int, backward: bool = False, optimizer: str | None = None):
+    """compare_patched on small_vision(side) in a new interpreter: (unpatched, patched, parameter bytes by part).
+
+    CPU peaks are resident-set figures, and in a process whose heap earlier tests fragmented, freed
+    heap blocks come back into use and overstate a peak; the command runs in its own process too."""
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROFILE, str(Path(__file__).parent),
+                           json.dumps([side, batch, backward, optimizer])],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    profiles = [Profile(**{**p, "parts": {name: PartStats(**stats) for name, stats in p["parts"].items()}})
+                for p in result["profiles"]]
+    return profiles[0], profiles[1], result["parameters"]
+
+
 @pytest.mark.parametrize("optimizer", [None, "adamw"])
 def test_predicted_training_peak_within_25_percent_of_measured(optimizer):
     """A training step of a reduced vision-fourier model at B = 2, M = 36864 (192 x 192), patched and unpatched."""
     side, batch = 192, 2
-    model = small_vision(side)
-    pixels = torch.randn(batch, 3, side, side)
-    profiles = compare_patched(model, lambda m: m(inputs=pixels).logits, backward=True, optimizer=optimizer)
-    parameters = parameter_bytes_by_part(model, find_parts(model))
+    *profiles, parameters = profiled_in_a_fresh_process(side, batch, backward=True, optimizer=optimizer)
     for profile, is_patched in zip(profiles, (False, True)):
         predicted = training_peak_bytes(small_shape(batch, side), is_patched, parameters, optimizer) / 2**20
         assert abs(predicted - profile.peak_mib) <= 0.25 * profile.peak_mib, (is_patched, predicted, profile.peak_mib)
@@ -223,9 +254,7 @@ def test_profile_model_rejects_an_optimizer_without_backward():
 def test_predicted_peak_within_25_percent_of_measured():
     """B = 2, M = 36864 (192 x 192): the cross-attention dominates unpatched, preprocessing patched."""
     side, batch = 192, 2
-    model = small_vision(side)
-    pixels = torch.randn(batch, 3, side, side)
-    unpatched, patched = compare_patched(model, lambda m: m(inputs=pixels).logits)
+    unpatched, patched, _ = profiled_in_a_fresh_process(side, batch)
     shape = small_shape(batch, side)
     for profile, is_patched in ((unpatched, False), (patched, True)):
         predicted = predicted_peak_bytes(shape, is_patched) / 2**20
