@@ -13,13 +13,14 @@ from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check
 import perceiver_fast as pf
 from perceiver_fast.extension import compiled as _C
 
-# (key_tile, row_block, workers); 0 = the kernel's default.
-TILINGS = {"default": (0, 0, 0), "small-tiles": (16, 8, 3), "odd-tiles": (7, 5, 4)}
+# (key_tile, row_block, workers[, query_chunk]); 0 = the kernel's default. A query chunk of 3 rows
+# runs every shape's query axis in chunks (backends/cpu.py), causal chunks over the keys they see.
+TILINGS = {"default": (0, 0, 0), "small-tiles": (16, 8, 3), "odd-tiles": (7, 5, 4), "query-chunks": (16, 8, 3, 3)}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
-def cpu(key_tile=0, row_block=0, workers=0):
-    return kernel_runner("cpu", tiling=(key_tile, row_block, workers))
+def cpu(key_tile=0, row_block=0, workers=0, query_chunk=0):
+    return kernel_runner("cpu", tiling=(key_tile, row_block, workers, query_chunk))
 
 
 @pytest.mark.parametrize("tiling", TILINGS.values(), ids=TILINGS.keys())
@@ -98,3 +99,19 @@ def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
     assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced"}
     assert features["portable_gemm_forced"] is False
+
+
+def test_long_query_axes_run_in_chunks_of_bounded_workspace():
+    """backends/cpu.py: the kernels' per-row workspace, 4 (dqk + 2 dv + 4) bytes per worker, stays
+    within QUERY_WORKSPACE_BYTES; causal chunks take the keys their rows see."""
+    from perceiver_fast.backends.cpu import QUERY_WORKSPACE_BYTES, _query_chunks
+
+    rows = QUERY_WORKSPACE_BYTES // (2 * 4 * (512 + 2 * 512 + 4))
+    assert _query_chunks(11408, 2048, False, (0, 0, 2), 512, 512) == [(slice(0, 11408), 2048)]
+    chunks = _query_chunks(182528, 2048, False, (0, 0, 2), 512, 512)
+    assert len(chunks) == -(-182528 // rows) and chunks[0] == (slice((len(chunks) - 1) * rows, 182528), 2048)
+    assert all(c.stop - c.start <= rows for c, _ in chunks)
+    # Small workspaces keep chunks of at least 4096 rows; tiling[3] sets the rows (tests).
+    assert len(_query_chunks(8192, 100, False, (0, 0, 64), 1024, 1024)) == 2
+    # Causal, 10 queries over 6 keys in chunks of 4: rows 8-9 see 6 keys, 4-7 see 4, 0-3 none.
+    assert _query_chunks(10, 6, True, (0, 0, 1, 4), 8, 8) == [(slice(8, 10), 6), (slice(4, 8), 4), (slice(0, 4), 0)]

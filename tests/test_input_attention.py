@@ -160,10 +160,11 @@ def test_norm_variants_in_float64(method, norm):
 
 
 @pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "projection"])
-@pytest.mark.parametrize("tiling", [(4, 3, 1), (8, 5, 3), (16, 0, 7)], ids=lambda t: "kt%d-rb%d-w%d" % t)
+@pytest.mark.parametrize("tiling", [(4, 3, 1), (8, 5, 3), (16, 0, 7), (8, 5, 3, 2), (4, 3, 1, 4)],
+                         ids=lambda t: "-".join(f"{name}{value}" for name, value in zip(("kt", "rb", "w", "qc"), t)))
 def test_kernel_tile_edges_and_split_batches(shortcut, tiling):
-    """Small key tiles and row blocks, and more workers than batch items (split keys, merged slots)."""
-    key_tile, row_block, workers = tiling
+    """Small key tiles and row blocks, more workers than batch items (split keys, merged slots), and
+    query axes run in chunks of 2 and 4 rows (causal chunks over the keys they see)."""
     B, H, N, M, C, dqk, dv = 2, 2, 11, 53, 10, 6, 7
     x = (torch.randn(B, M, C, dtype=torch.float64) + 1).requires_grad_()
     key_mask = random_key_mask(B, M, empty_batch=False)
@@ -328,3 +329,31 @@ def test_bad_arguments_name_the_argument():
     half = {k: v.detach().half() for k, v in t.items()}
     with pytest.raises(pf.BackendUnsupportedError, match="backend 'cpu' cannot run input attention.*dtype float16 not supported"):
         fused_input_attention(**half, norm_eps=eps, backend="cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_chunks_in_bfloat16(causal):
+    """A query axis run in chunks (backends/cpu.py) sums dx and the weight gradients over the chunks
+    in float32: no worse against float64 than the unchunked kernel."""
+    B, H, N, M, C, dqk, dv = 2, 2, 37, 29, 16, 8, 8
+    torch.manual_seed(0)
+    q = torch.randn(B, H, N, dqk, dtype=torch.float64)
+    x = torch.randn(B, M, C, dtype=torch.float64) + 1
+    weights = [torch.randn(H * dqk, C, dtype=torch.float64), torch.randn(H * dqk, dtype=torch.float64),
+               torch.randn(H * dv, C, dtype=torch.float64), torch.randn(H * dv, dtype=torch.float64)]
+    key_mask = random_key_mask(B, M, empty_batch=False)
+    dout = torch.randn(B, H, N, dv, dtype=torch.float64)
+
+    def run(dtype, tiling):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, x, *weights)]
+        out, _ = input_attention(leaves[0], leaves[1], True, 1e-5, *leaves[2:], key_mask, causal, 0.3, "cpu", tiling)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+    exact = run(torch.float64, [0, 0, 0, 0])
+    whole, chunked = run(torch.bfloat16, [0, 0, 0, 0]), run(torch.bfloat16, [0, 0, 0, 5])
+    for name, want, got_whole, got_chunked in zip(("out", "dq", "dx", "dWk", "dbk", "dWv", "dbv"), exact, whole,
+                                                  chunked):
+        error_whole = (got_whole.double() - want).abs().max().item()
+        error_chunked = (got_chunked.double() - want).abs().max().item()
+        rounding = (want.to(torch.bfloat16).double() - want).abs().max().item()
+        assert error_chunked <= 2 * error_whole + 2 * rounding, (name, error_chunked, error_whole)

@@ -22,25 +22,107 @@ class CpuBackend(Backend):
     unavailable = extension.LOAD_ERROR
 
 
+# The C++ kernels keep every query row of a head resident per worker (the row, its float32
+# accumulator, and at most one partial state per worker for split keys): about
+# 4 (dim_qk + 2 dim_v + 4) bytes per row and worker, a workspace sized for a few hundred latents.
+# A decoder with one query per pixel would make it the model's largest allocation (about 2 GiB for
+# HF's optical-flow decoder at 182528 pixels), so a query axis whose workspace would pass
+# QUERY_WORKSPACE_BYTES runs in chunks of rows, each an attention of its own over the keys its rows
+# see. Each chunk reads (and in the fused input kernels normalizes) the keys again, so chunks stay
+# large: 4096 rows cost that decoder 13% more time than one pass, 1024 rows 48%.
+QUERY_WORKSPACE_BYTES = 256 * 2**20
+
+
+def _query_chunks(queries: int, keys: int, causal: bool, tiling, dim_qk: int, dim_v: int) -> list[tuple[slice, int]]:
+    """(rows, keys seen) per chunk, the last rows first (they see every key); one chunk when the
+    workspace fits. tiling[3], when given and positive, sets the rows per chunk (tests). Bottom-right
+    causal alignment: row i sees key j iff j <= i + keys - queries."""
+    if len(tiling) > 3 and tiling[3] > 0:
+        chunk = tiling[3]
+    else:
+        workers = tiling[2] if len(tiling) > 2 and tiling[2] > 0 else torch.get_num_threads()
+        chunk = max(4096, QUERY_WORKSPACE_BYTES // (workers * 4 * (dim_qk + 2 * dim_v + 4)))
+    return [(slice(start, min(start + chunk, queries)),
+             max(0, min(keys, min(start + chunk, queries) + keys - queries)) if causal else keys)
+            for start in reversed(range(0, queries, chunk))]
+
+
+def _forward_in_chunks(q, chunks, call):
+    """out and lse from call(rows, keys seen) per chunk; rows that see no key keep 0 and an lse of -inf."""
+    if len(chunks) == 1:
+        return call(*chunks[0])
+    out = lse = None
+    for rows, seen in chunks:
+        if not seen:
+            continue
+        out_rows, lse_rows = call(rows, seen)
+        if out is None:  # the first chunk holds the last rows, which see every key
+            out = out_rows.new_zeros(*q.shape[:3], out_rows.shape[-1])
+            lse = lse_rows.new_full(q.shape[:3], float("-inf"))
+        out[:, :, rows], lse[:, :, rows] = out_rows, lse_rows
+    return out, lse
+
+
+def _backward_in_chunks(q, chunks, call, key_axes):
+    """dq and the key side's gradients from call(rows, keys seen) -> (dq rows, *gradients) per chunk.
+    key_axes[i]: the axis of gradient i that runs over the keys (None: a weight, summed whole); the
+    sums run in float32 for bfloat16, so that they add no rounding of their own."""
+    if len(chunks) == 1:
+        return call(*chunks[0])
+    dq, sums = torch.zeros_like(q), None
+    for rows, seen in chunks:
+        if not seen:
+            continue
+        dq_rows, *gradients = call(rows, seen)
+        dq[:, :, rows] = dq_rows
+        if sums is None:  # the last rows see every key: full-size gradients
+            sums = [g.float() if g.dtype == torch.bfloat16 else g.clone() for g in gradients]
+            continue
+        for total, g, axis in zip(sums, gradients, key_axes):
+            if g.numel():
+                (total if axis is None else total.narrow(axis, 0, seen)).add_(g)
+    return (dq, *(total.to(q.dtype) for total in sums))
+
+
 # The ops' arguments less the kernel name (and `kind`, which picks Triton tiles); `tiling` is
-# (key_tile, row_block, workers).
+# (key_tile, row_block, workers[, query_chunk]).
 def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
-    return extension.require().cpu_attention_forward(q, k, v, key_mask, causal, scale, *tiling)
+    kernel = extension.require().cpu_attention_forward
+    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
+    return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
+        q[:, :, rows], k[:, :, :seen], v[:, :, :seen], None if key_mask is None else key_mask[:, :seen], causal,
+        scale, *tiling[:3]))
 
 
 def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind, tiling):
-    return extension.require().cpu_attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, *tiling)
+    kernel = extension.require().cpu_attention_backward
+    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
+    return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
+        dout[:, :, rows], q[:, :, rows], k[:, :, :seen], v[:, :, :seen], out[:, :, rows], lse[:, :, rows],
+        None if key_mask is None else key_mask[:, :seen], causal, scale, *tiling[:3]), key_axes=(2, 2))
+
+
+def _value_dim(q, x, v_weight) -> int:
+    """The fused input kernels' value width per head: the projection's, or x's channels (shortcut)."""
+    return x.shape[-1] if v_weight is None else v_weight.shape[0] // q.shape[1]
 
 
 def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, tiling):
-    return extension.require().cpu_input_attention_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias,
-                                                           key_mask, causal, scale, *tiling)
+    kernel = extension.require().cpu_input_attention_forward
+    chunks = _query_chunks(q.shape[2], x.shape[1], causal, tiling, q.shape[-1], _value_dim(q, x, v_weight))
+    return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
+        q[:, :, rows], x[:, :seen], normalize, eps, k_weight, k_bias, v_weight, v_bias,
+        None if key_mask is None else key_mask[:, :seen], causal, scale, *tiling[:3]))
 
 
 def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale,
                     tiling):
-    return extension.require().cpu_input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight,
-                                                            v_bias, out, lse, key_mask, causal, scale, *tiling)
+    kernel = extension.require().cpu_input_attention_backward
+    chunks = _query_chunks(q.shape[2], x.shape[1], causal, tiling, q.shape[-1], _value_dim(q, x, v_weight))
+    return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
+        dout[:, :, rows], q[:, :, rows], x[:, :seen], normalize, eps, k_weight, k_bias, v_weight, v_bias,
+        out[:, :, rows], lse[:, :, rows], None if key_mask is None else key_mask[:, :seen], causal, scale,
+        *tiling[:3]), key_axes=(1, None, None, None, None))
 
 
 attention.KERNELS.register(CpuBackend.name, _forward, _backward)

@@ -70,13 +70,13 @@ backward reaches the part) and G all of them, the stages are
 
 The optimizer's state (AdamW: two moments per parameter, SGD with momentum: one buffer) lives
 from the first step on, like the weights: it is added to the fixed bytes when a budget is
-checked, not to the peak. Checked against measured training peaks on the CPU, float32:
-hf-vision-fourier at B = 2, M = 9216 +1% unpatched, +0% patched; hf-language at B = 2,
-M = 2048 +6% and +4%, at M = 512 +4% and +2% (tests/test_profiler.py checks a reduced
-vision-fourier model within 25%). hf-optical-flow is not covered: its patched decoder runs the
-CPU kernel with one query per pixel, and that kernel keeps every query row of a head resident per
-worker (accumulator included), a workspace that grows with the queries and that this formula does
-not model yet.
+checked, not to the peak. Checked against measured training peaks on the CPU, float32 (unpatched,
+patched): hf-vision-fourier at B = 2, M = 50176 and M = 9216 +1% and +1% (AdamW); hf-language at
+B = 2, M = 2048 +1% and +5% (AdamW), at M = 512 +3% and +5% (SGD) (tests/test_profiler.py checks
+a reduced vision-fourier model within 25%). hf-optical-flow is not covered: its per-pixel decoder's live
+tensors depend on its query, key and output widths in ways the MLM decoder's terms above do not
+capture, and its patched attention adds the CPU kernels' chunked query workspace (up to 256 MiB,
+perceiver_fast/backends/cpu.py); docs/profiler.md says more.
 """
 
 from __future__ import annotations
