@@ -231,6 +231,28 @@ def test_measure_gives_a_row_per_provider_with_time_memory_or_reason():
         # out (1x2x8x8) and the gradients of q (1x2x8x16), k (1x2x32x16) and v (1x2x32x8), float32
         assert by_name[name]["outputs_mib"] == (128 + 256 + 1024 + 512) * 4 / 2**20
     assert "CUDA" in by_name["flash_attn"]["not_run"]
+    # SDPA's rows say which of its kernels ran; the report shows it beside the provider.
+    assert by_name["sdpa"]["kernel"] == providers.sdpa_kernel(TINY, torch.float32, "cpu", True)
+    assert "kernel" not in by_name["perceiver_fast[cpu]"]
+    assert f"| sdpa ({by_name['sdpa']['kernel']}) |" in markdown(SETS["quick"], INFO, rows, [])
+
+
+def test_sdpa_kernel_is_the_one_sdpa_runs():
+    """Checked against the kernels SDPA accepts when it is restricted to one (CPU: flash or math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    square = replace(TINY, dv=TINY.dqk)  # the CPU flash kernel takes one head dim for q, k and v
+    causal_wide = replace(square, kind="causal")  # bottom-right causal, N != M: torch.nn.attention.bias
+    assert providers.sdpa_kernel(square, torch.float32, "cpu", False) == "flash"
+    assert providers.sdpa_kernel(TINY, torch.float32, "cpu", False) == "math"
+    assert providers.sdpa_kernel(causal_wide, torch.float32, "cpu", False) == "math"
+    assert providers.sdpa_kernel(causal_wide, torch.float32, "cpu", False, causal=False) == "flash"
+    q, k, v = providers.op_inputs(square, torch.float32, "cpu", False)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        providers.sdpa(q, k, v, causal=False)  # raises if flash could not run it
+    q, k, v = providers.op_inputs(TINY, torch.float32, "cpu", False)
+    with pytest.raises(RuntimeError), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        providers.sdpa(q, k, v, causal=False)  # Dqk != Dv: not flash, so math ran
 
 
 def test_full_set_only_providers_run_in_the_full_set():

@@ -35,6 +35,8 @@ class Provider:
     predicted_bytes: Callable[[Case, torch.dtype, bool], int] | None = None
     # Why it runs on the CPU in the --full set only (too slow to set up for the quick one); "" if it does not.
     full_set_only_on_cpu: str = ""
+    # Which of a library's kernels runs the case (SDPA: flash, efficient, cudnn or math); None: one kernel.
+    kernel: Callable[[Case, torch.dtype, str, bool], str] | None = None
 
 
 def free_bytes(device: str) -> int:
@@ -127,13 +129,36 @@ def sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _op_provider(name: str, fn, refusal=None, predicted_bytes=None, full_set_only_on_cpu: str = "") -> Provider:
+def sdpa_kernel(case: Case, dtype, device: str, backward: bool, causal: bool | None = None) -> str:
+    """The kernel F.scaled_dot_product_attention picks for contiguous q, k, v of the case's shapes, as
+    sdpa() passes them (causal: the case's unless given): "flash", "efficient", "cudnn" or "math".
+    Bottom-right causal with N != M goes through torch.nn.attention.bias, which takes flash, then
+    efficient, else math with a materialized mask."""
+    causal = case.causal if causal is None else causal
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+    from torch.nn.attention import SDPBackend
+
+    def empty(length, dim):  # strides and flags are all the choice reads; the values are never touched
+        return torch.empty(case.B, case.H, length, dim, dtype=dtype, device=device, requires_grad=backward)
+
+    q, k, v = empty(case.N, case.dqk), empty(case.M, case.dqk), empty(case.M, case.dv)
+    if causal and case.N != case.M:
+        params = SDPAParams(q, k, v, None, 0.0, False, False)
+        return "flash" if can_use_flash_attention(params) else (
+            "efficient" if can_use_efficient_attention(params) else "math")
+    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal))
+    return {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
+            SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.MATH: "math"}.get(choice, choice.name.lower())
+
+
+def _op_provider(name: str, fn, refusal=None, predicted_bytes=None, full_set_only_on_cpu: str = "",
+                 kernel=None) -> Provider:
     def prepare(case, dtype, device, backward):
         q, k, v = op_inputs(case, dtype, device, backward)
         return make_call(lambda: fn(q, k, v, case), [q, k, v], backward)
 
     return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare,
-                    predicted_bytes=predicted_bytes, full_set_only_on_cpu=full_set_only_on_cpu)
+                    predicted_bytes=predicted_bytes, full_set_only_on_cpu=full_set_only_on_cpu, kernel=kernel)
 
 
 def _flex_refusal(case, dtype, device):
@@ -255,7 +280,7 @@ def op_providers() -> list[Provider]:
             + [_op_provider("eager", lambda q, k, v, case: eager(q, k, v, case.causal),
                             # scores and probabilities (2 GiB measured where they are 1 GiB each)
                             predicted_bytes=with_backward(lambda case, dtype: 2 * score_bytes(case, dtype))),
-               _op_provider("sdpa", lambda q, k, v, case: sdpa(q, k, v, case.causal)),
+               _op_provider("sdpa", lambda q, k, v, case: sdpa(q, k, v, case.causal), kernel=sdpa_kernel),
                _op_provider("flex_attention", _flex, _flex_refusal, full_set_only_on_cpu=(
                    "compiled per shape (about 20 s each on the 2-core CPU): in the --full set only")),
                _op_provider("flash_attn", _flash_attn, _flash_attn_refusal),
@@ -338,7 +363,9 @@ def _hf_provider(name: str, patched: bool, use_sdpa: bool) -> Provider:
 
     # HF keeps scores and probabilities (its dropout is the identity in eval mode); the fused layer neither.
     predicted = None if patched else unfused_layer_bytes(0 if use_sdpa else 2)
-    return Provider(name, "layer", _layer_refusal("transformers"), prepare, predicted_bytes=predicted)
+    return Provider(name, "layer", _layer_refusal("transformers"), prepare, predicted_bytes=predicted,
+                    kernel=(lambda case, dtype, device, backward: sdpa_kernel(case, dtype, device, backward, False))
+                    if use_sdpa else None)  # sdpa_layer_forward's attention is never causal
 
 
 def lucidrains_block(case: Case, dtype, device):

@@ -108,7 +108,8 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
                 rate = f"{case.attention_flops(r['pass']) / 1e9 / (r['ms'] / 1e3):.1f} | " if rated else ""
                 outputs = f"{r['outputs_mib']:.1f}" if "outputs_mib" in r else ""  # not in older result files
                 ratios = [f"{times[ref] / r['ms']:.2f}x" if ref in times else "" for ref in references]
-                lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {r['provider']} | {format_ms(r['ms'])} | "
+                provider = r["provider"] + (f" ({r['kernel']})" if "kernel" in r else "")  # SDPA: the kernel it ran
+                lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {provider} | {format_ms(r['ms'])} | "
                              f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | " + " | ".join(ratios) + " |")
         lines.append("")
     lines += not_run_section(rows)

@@ -45,7 +45,8 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             result, peak = peak_extra_mib(call, device)
             outputs = tensors_mib(result)
             del call, result
-            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs})
+            kernel = {} if provider.kernel is None else {"kernel": provider.kernel(case, dtype, device, backward)}
+            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs, **kernel})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
