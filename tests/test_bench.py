@@ -245,11 +245,13 @@ def test_sdpa_kernel_is_the_one_sdpa_runs():
     causal_wide = replace(square, kind="causal")  # bottom-right causal, N != M: torch.nn.attention.bias
     assert providers.sdpa_kernel(square, torch.float32, "cpu", False) == "flash"
     assert providers.sdpa_kernel(TINY, torch.float32, "cpu", False) == "math"
-    assert providers.sdpa_kernel(causal_wide, torch.float32, "cpu", False) == "math"
-    assert providers.sdpa_kernel(causal_wide, torch.float32, "cpu", False, causal=False) == "flash"
-    q, k, v = providers.op_inputs(square, torch.float32, "cpu", False)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        providers.sdpa(q, k, v, causal=False)  # raises if flash could not run it
+    # On the CPU bias.py materializes the bottom-right mask, and SDPA runs its flash kernel with it.
+    assert providers.sdpa_kernel(causal_wide, torch.float32, "cpu", False) == "flash"
+    assert providers.sdpa_kernel(replace(TINY, kind="causal"), torch.float32, "cpu", False) == "math"
+    for case in (square, causal_wide):
+        q, k, v = providers.op_inputs(case, torch.float32, "cpu", False)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            providers.sdpa(q, k, v, causal=case.causal)  # raises if flash could not run it
     q, k, v = providers.op_inputs(TINY, torch.float32, "cpu", False)
     with pytest.raises(RuntimeError), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         providers.sdpa(q, k, v, causal=False)  # Dqk != Dv: not flash, so math ran

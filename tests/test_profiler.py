@@ -98,6 +98,23 @@ def test_largest_input_and_batch_are_the_last_that_fit():
         assert total(replace(shape, batch=batch), patched) <= budget < total(replace(shape, batch=batch + 1), patched)
     assert largest_input(shape, weights, 2**20, lambda s: predicted_peak_bytes(s, True)) is None
     assert largest_batch(shape, weights, 2**20, lambda s: predicted_peak_bytes(s, True)) is None
+    # Weights that grow with the input (position embeddings) shorten the longest input.
+    def peak(s):
+        return predicted_peak_bytes(s, True)
+
+    growing = largest_input(shape, lambda s: weights + 4096 * s.inputs, budget, peak)
+    assert growing < largest_input(shape, weights, budget, peak)
+    assert total(with_inputs(shape, growing), True) + 4096 * growing <= budget
+
+
+def test_parameters_growing_with_the_input_length():
+    from perceiver_fast.profiler.command import _parameter_bytes_per_input
+
+    assert _parameter_bytes_per_input(NAMED_MODELS["hf-vision-fourier"], torch.float32) == 0  # Fourier features
+    language = NamedModel("hf-language", "small", lambda length: None, lambda length, dtype: small_language(length),
+                          None, None, None)
+    # hf-language: its input position embeddings and its decoder's queries, 768 channels each per position
+    assert _parameter_bytes_per_input(language, torch.float32) == 2 * 768 * 4
 
 
 def small_language(length: int):

@@ -66,7 +66,8 @@ def _forward_in_chunks(q, chunks, call):
 def _backward_in_chunks(q, chunks, call, key_axes):
     """dq and the key side's gradients from call(rows, keys seen) -> (dq rows, *gradients) per chunk.
     key_axes[i]: the axis of gradient i that runs over the keys (None: a weight, summed whole); the
-    sums run in float32 for bfloat16, so that they add no rounding of their own."""
+    sums run in float32 for bfloat16 (each chunk's gradient is already rounded to bfloat16, and the
+    sum once more at the end)."""
     if len(chunks) == 1:
         return call(*chunks[0])
     dq, sums = torch.zeros_like(q), None

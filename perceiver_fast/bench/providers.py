@@ -132,8 +132,8 @@ def sdpa(q, k, v, causal):
 def sdpa_kernel(case: Case, dtype, device: str, backward: bool, causal: bool | None = None) -> str:
     """The kernel F.scaled_dot_product_attention picks for contiguous q, k, v of the case's shapes, as
     sdpa() passes them (causal: the case's unless given): "flash", "efficient", "cudnn" or "math".
-    Bottom-right causal with N != M goes through torch.nn.attention.bias, which takes flash, then
-    efficient, else math with a materialized mask."""
+    Bottom-right causal with N != M goes through torch.nn.attention.bias: CUDA's flash, then
+    efficient, else SDPA again with the mask materialized (which SDPA then chooses a kernel for)."""
     causal = case.causal if causal is None else causal
     from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
     from torch.nn.attention import SDPBackend
@@ -142,11 +142,16 @@ def sdpa_kernel(case: Case, dtype, device: str, backward: bool, causal: bool | N
         return torch.empty(case.B, case.H, length, dim, dtype=dtype, device=device, requires_grad=backward)
 
     q, k, v = empty(case.N, case.dqk), empty(case.M, case.dqk), empty(case.M, case.dv)
+    mask = None
     if causal and case.N != case.M:
         params = SDPAParams(q, k, v, None, 0.0, False, False)
-        return "flash" if can_use_flash_attention(params) else (
-            "efficient" if can_use_efficient_attention(params) else "math")
-    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal))
+        if can_use_flash_attention(params):
+            return "flash"
+        if can_use_efficient_attention(params):
+            return "efficient"
+        mask = torch.ones(case.N, case.M, dtype=torch.bool, device=device).tril(case.M - case.N)
+        causal = False
+    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask=mask, is_causal=causal))
     return {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
             SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.MATH: "math"}.get(choice, choice.name.lower())
 

@@ -45,11 +45,22 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             result, peak = peak_extra_mib(call, device)
             outputs = tensors_mib(result)
             del call, result
-            kernel = {} if provider.kernel is None else {"kernel": provider.kernel(case, dtype, device, backward)}
-            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs, **kernel})
+            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs,
+                         **_kernel_label(provider, case, dtype, device, backward)})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
+
+
+def _kernel_label(provider, case, dtype, device, backward) -> dict:
+    """{"kernel": which of the provider's library kernels ran}, when it says; a failure to tell costs
+    the row its label, not its measurement."""
+    if provider.kernel is None:
+        return {}
+    try:
+        return {"kernel": provider.kernel(case, dtype, device, backward)}
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        return {"kernel": f"unknown ({type(error).__name__})"}
 
 
 def _loop(call, calls: int):

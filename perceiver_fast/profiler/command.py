@@ -142,26 +142,47 @@ def _figures(profile) -> dict:
                              "backward_peak_mib": part.backward_peak_mib} for name, part in profile.parts.items()}}
 
 
-def _budget_answers(args, shape, weight_bytes: int, parameter_bytes: list[dict[str, int]], optimizer) -> dict:
-    """The longest input and the largest batch within --memory-budget, inference and training, both models."""
+def _parameter_bytes_per_input(named, dtype) -> float:
+    """Bytes of the parameters that grow with the input length (hf-language: its input and decoder
+    position embeddings), from the model built at its two smallest valid lengths."""
+    import torch
+
+    first, second = [n for n in range(1, 1 << 20) if named.valid_length(n) is None][:2]
+    sizes = [sum(p.numel() for p in named.build(n, dtype).parameters()) for n in (first, second)]
+    return (sizes[1] - sizes[0]) * torch.finfo(dtype).bits // 8 / (second - first)
+
+
+def _budget_answers(args, shape, weight_bytes: int, parameter_bytes: list[dict[str, int]], optimizer,
+                    per_input: float) -> dict:
+    """The longest input and the largest batch within --memory-budget, inference and training, both
+    models; weights, gradients and optimizer state grow by per_input bytes per input beyond --input-len."""
     from .memory_model import (largest_batch, largest_input, optimizer_state_bytes, predicted_peak_bytes,
                                training_peak_bytes)
 
     budget = parse_size(args.memory_budget)
     square = args.model == "hf-vision-fourier"
     answers = {}
+    def grown(s) -> int:  # the parameters' bytes beyond those at --input-len
+        return int(per_input * (s.inputs - args.input_len))
+
     for mode in ("inference", "training"):
         state = optimizer_state_bytes(optimizer, weight_bytes) if mode == "training" else 0
+
+        def fixed(s, training=mode == "training"):
+            weights = weight_bytes + grown(s)
+            return weights + (optimizer_state_bytes(optimizer, weights) if training else 0)
+
         for patched, parameters in zip((False, True), parameter_bytes):
             if mode == "inference":
                 def peak(s, patched=patched):
                     return predicted_peak_bytes(s, patched)
             else:
                 def peak(s, patched=patched, parameters=parameters):
-                    return training_peak_bytes(s, patched, parameters, optimizer)
-            longest = largest_input(shape, weight_bytes + state, budget, peak,
+                    return training_peak_bytes(s, patched, {**parameters, "other": parameters.get("other", 0)
+                                                            + grown(s)}, optimizer)
+            longest = largest_input(shape, fixed, budget, peak,
                                     length_of=(lambda k: k * k) if square else (lambda k: k))
-            batch = largest_batch(shape, weight_bytes + state, budget, peak)
+            batch = largest_batch(shape, fixed, budget, peak)
             side = "patched" if patched else "unpatched"
             answers[f"{mode}, {side}"] = {"longest_input": longest, "largest_batch": batch}
             what = "nothing fits" if longest is None else (
@@ -229,11 +250,12 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         print(f"predicted peak: the memory formula does not cover {named.name}")
     answers = None
     if args.memory_budget:
-        answers = _budget_answers(args, shape, weight_bytes, parameter_bytes, optimizer)
+        answers = _budget_answers(args, shape, weight_bytes, parameter_bytes, optimizer,
+                                  _parameter_bytes_per_input(named, dtype))
     if args.json:
         figures = {"model": named.name, "description": named.description, "batch": args.batch,
                    "input_len": args.input_len, "dtype": args.dtype, "device": device,
-                   "pass": step, "optimizer": optimizer,
+                   "pass": step, "optimizer": run_optimizer, "plan_optimizer": optimizer,
                    "unpatched": _figures(profiles[0]), "patched": _figures(profiles[1]),
                    "predicted_peak_mib": None if predicted is None else dict(zip(("unpatched", "patched"), predicted)),
                    "memory_budget": args.memory_budget, "fits_budget": answers}

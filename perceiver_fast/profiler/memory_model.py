@@ -54,8 +54,9 @@ for the backward, per batch item and element:
                          patched:   Q (6 Cq + qk_d + v_d (2 if Hd > 1 else 1)) + 2 N D
                          a small decoder (Q = 0 here): 4 N D
 
-and, with S the sum of those, P_part the bytes of a part's parameters (their gradients once the
-backward reaches the part) and G all of them, the stages are
+and, with S the sum of those (times B e), P_part the bytes of a part's parameters (their gradients
+once the backward reaches the part) and G all of them, the stages are (the transients below per
+batch item and element too, times B e)
 
   forward end                 S + the logits
   decoder backward            S + P_decoder + 2 logits + 2 Hd Q N (unpatched: dP, dS)
@@ -66,7 +67,9 @@ backward reaches the part) and G all of them, the stages are
                                           d LayerNorm(x) (unpatched also one N x M gradient at a
                                           time: dS takes the place of dP as the probabilities go;
                                           dK and dV replace the K and V they free)
-  optimizer step (--optimizer) G          torch's CPU optimizers step parameter by parameter
+  optimizer step (--optimizer) G          torch's CPU optimizers step parameter by parameter (on
+                                          CUDA its foreach steps add parameter-sized temporaries,
+                                          not modelled: the GPU has not been measured)
 
 The optimizer's state (AdamW: two moments per parameter, SGD with momentum: one buffer) lives
 from the first step on, like the weights: it is added to the fixed bytes when a budget is
@@ -200,10 +203,15 @@ def optimizer_state_bytes(optimizer: str | None, parameter_bytes: int) -> int:
     return parameter_bytes * {"adamw": 2, "sgd": 1, None: 0}[optimizer]
 
 
-def fits_budget(shape: ModelShape, fixed_bytes: int, budget: int, peak_bytes: Callable[[ModelShape], int]) -> bool:
-    """Whether peak_bytes(shape) plus fixed_bytes (weights, optimizer state) plus the raw input fit in budget."""
+FixedBytes = int | Callable[[ModelShape], int]
+
+
+def fits_budget(shape: ModelShape, fixed_bytes: FixedBytes, budget: int, peak_bytes: Callable[[ModelShape], int]) -> bool:
+    """Whether peak_bytes(shape) plus fixed_bytes (weights, optimizer state; a function of the shape
+    where they grow with the input, as position embeddings do) plus the raw input fit in budget."""
     raw_input = shape.batch * shape.inputs * shape.raw_channels * shape.element_bytes
-    return fixed_bytes + raw_input + peak_bytes(shape) <= budget
+    fixed = fixed_bytes(shape) if callable(fixed_bytes) else fixed_bytes
+    return fixed + raw_input + peak_bytes(shape) <= budget
 
 
 def _largest_step(fits: Callable[[int], bool], limit: int) -> int | None:
@@ -219,7 +227,7 @@ def _largest_step(fits: Callable[[int], bool], limit: int) -> int | None:
     return low
 
 
-def largest_input(shape: ModelShape, fixed_bytes: int, budget: int, peak_bytes: Callable[[ModelShape], int],
+def largest_input(shape: ModelShape, fixed_bytes: FixedBytes, budget: int, peak_bytes: Callable[[ModelShape], int],
                   length_of: Callable[[int], int] = lambda k: k, limit: int = 1 << 31) -> int | None:
     """The largest input length length_of(k) (k = 1, 2, ...) at shape's batch that fits budget
     (fits_budget); None when not even the first does. length_of maps a step to an input length
@@ -229,7 +237,7 @@ def largest_input(shape: ModelShape, fixed_bytes: int, budget: int, peak_bytes: 
     return None if step is None else length_of(step)
 
 
-def largest_batch(shape: ModelShape, fixed_bytes: int, budget: int, peak_bytes: Callable[[ModelShape], int],
+def largest_batch(shape: ModelShape, fixed_bytes: FixedBytes, budget: int, peak_bytes: Callable[[ModelShape], int],
                   limit: int = 1 << 20) -> int | None:
     """The largest batch at shape's input length that fits budget (fits_budget); None when not even 1 does."""
     return _largest_step(lambda b: fits_budget(replace(shape, batch=b), fixed_bytes, budget, peak_bytes), limit)

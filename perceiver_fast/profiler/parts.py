@@ -115,7 +115,7 @@ class _Tracker:
 
     def __init__(self, parts: dict[str, list[nn.Module]], device: str, memory: bool):
         self.device, self.memory = device, memory
-        self.active: tuple[str, object, float, int] | None = None
+        self.active: tuple[nn.Module, object, float, int] | None = None  # the open part call
         self.stats = {name: PartStats() for name in parts}
         self.ranges: list[tuple[int, int, str]] = []  # [first, last) sequence numbers of each part call
         self.part_of_parameter = {id(p): name for name, modules in parts.items()
@@ -151,12 +151,12 @@ class _Tracker:
             self._reset_peak()
             record = torch.autograd.profiler.record_function(name)
             record.__enter__()
-            self.active = (name, record, time.perf_counter(), torch._C._autograd._get_sequence_nr())
+            self.active = (module, record, time.perf_counter(), torch._C._autograd._get_sequence_nr())
         return hook
 
     def _exit(self, name):
         def hook(module, args, output):
-            if self.active is None or self.active[0] != name:
+            if self.active is None or self.active[0] is not module:  # the outermost call of a part only
                 return
             if self.device == "cuda":
                 torch.cuda.synchronize()
@@ -231,8 +231,8 @@ def _profiler_log_silenced():
 
 
 OPTIMIZERS = {
-    # What a training step adds: AdamW keeps two float32-sized moments per parameter (exp_avg and
-    # exp_avg_sq), SGD with momentum one buffer.
+    # What a training step adds: AdamW keeps two moments per parameter (exp_avg and exp_avg_sq, in
+    # the parameter's dtype), SGD with momentum one buffer.
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-5),
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-5, momentum=0.9),
 }
