@@ -53,11 +53,13 @@ def select_backend(problem: Problem, requested: str | None) -> Backend:
 
 
 def refusals_by_backend(problem: Problem) -> dict[str, list[str]]:
-    """For each backend in priority order, why auto dispatch would not run `problem` on it (empty: it
-    would), with "runs unfused: ..." where it would run an input attention composed, not fused."""
+    """For each backend in priority order, why auto dispatch would not run `problem` on it; where it
+    would, nothing, or lines starting "runs " that say how: "runs unfused: ..." where it would run
+    an input attention composed, not fused, and the backend's own notes (the cpu backend's float32
+    precision)."""
     verdicts = {}
     for backend in BACKENDS:
         reasons = backend.refusals(problem, explicit=False)
         unfused = backend.unfused_reason(problem)
-        verdicts[backend.name] = reasons or ([f"runs unfused: {unfused}"] if unfused else [])
+        verdicts[backend.name] = reasons or ([f"runs unfused: {unfused}"] if unfused else []) + backend.notes(problem)
     return verdicts

@@ -15,7 +15,8 @@ _VALIDATORS = {
 
 
 def explain(op, *args, **kwargs) -> dict[str, list[str]]:
-    """For each backend in auto-dispatch priority order, why it would not run a call (empty: it would, fused).
+    """For each backend in auto-dispatch priority order, why it would not run a call; where it would,
+    nothing (it runs the call fused, as given) or lines starting "runs " that say how.
 
         pf.explain(pf.cross_attention, q, k, v, key_mask=mask, causal=True)
         pf.explain(pf.latent_attention, q, k, v)
@@ -23,7 +24,9 @@ def explain(op, *args, **kwargs) -> dict[str, list[str]]:
 
     The arguments are those of the op (`backend` and `return_lse` are ignored). An entry
     "runs unfused: ..." means the backend would run an input attention composed (LayerNorm and
-    projections in torch, then its attention kernel) rather than fused. `pf.explain(q, k, v, ...)`
+    projections in torch, then its attention kernel) rather than fused; "runs float32 with bfloat16
+    products ..." (or "runs full float32 ...") says how the cpu backend honours torch's float32 matmul
+    precision (perceiver_fast/backends/cpu.py). `pf.explain(q, k, v, ...)`
     is short for `pf.explain(pf.cross_attention, q, k, v, ...)`.
     """
     if op not in _VALIDATORS:

@@ -77,6 +77,10 @@ class Backend:
             return [self.unavailable]
         return self.capabilities.refusals(problem) + self.extra_refusals(problem, explicit)
 
+    def notes(self, problem: Problem) -> list[str]:
+        """How it would run `problem`, where that is worth saying ("runs ..."); none by default."""
+        return []
+
     def unfused_reason(self, problem: Problem) -> str | None:
         """Why an input-attention problem would run composed rather than fused here (None: fused)."""
         if problem.op == ATTENTION or problem.method in self.fused_input_methods:

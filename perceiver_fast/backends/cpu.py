@@ -4,6 +4,9 @@ as the "cpu" kernels of the ops."""
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 
 from .. import extension
@@ -20,6 +23,69 @@ class CpuBackend(Backend):
     )
     fused_input_methods = frozenset({"shortcut", "projection"})
     unavailable = extension.LOAD_ERROR
+
+    def notes(self, problem) -> list[str]:
+        if problem.dtype != torch.float32:
+            return []
+        precision = torch.backends.mkldnn.matmul.fp32_precision
+        if float32_products() == "bfloat16":
+            return [f"runs float32 with bfloat16 products and float32 accumulation: torch's float32 matmul "
+                    f"precision is 'bf16' and they ran {bf16_products_speedup():.2f}x as fast here"]
+        if precision == "bf16":
+            return [f"runs full float32 although torch's float32 matmul precision is 'bf16': bfloat16 products "
+                    f"ran only {bf16_products_speedup():.2f}x as fast here"]
+        if precision == "tf32":
+            return ["runs full float32 (more precise than the 'tf32' precision torch allows)"]
+        return []
+
+
+# torch's float32 matmul precision (torch.backends.mkldnn.matmul.fp32_precision, which
+# torch.set_float32_matmul_precision sets) is honoured for float32 inputs: "ieee"/"none" and "tf32"
+# run full float32 (at least TF32's 10 mantissa bits, the most "tf32" asks); "bf16" runs the
+# bfloat16 kernels (bfloat16 products; softmax statistics and accumulation in float32; inputs, and
+# so x before the fused LayerNorm, rounded to bfloat16 once; outputs returned in float32) where a
+# one-time probe finds them at least BF16_SPEEDUP_NEEDED as fast, conversions included.
+BF16_SPEEDUP_NEEDED = 1.1
+
+
+@functools.cache
+def bf16_products_speedup() -> float:
+    """Time of the float32 kernel over the bfloat16 one with its conversions, on one cross-attention
+    (8 heads, 256 queries, 4096 keys, head dim 64), median of 5 each, measured once per process."""
+    kernel = extension.require().cpu_attention_forward
+    q, k, v = (torch.randn(1, 8, n, 64) for n in (256, 4096, 4096))
+
+    def median_ms(call):
+        call()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[2]
+
+    full = median_ms(lambda: kernel(q, k, v, None, False, 0.125))
+    halved = median_ms(lambda: kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False, 0.125)[0].float())
+    return full / halved
+
+
+def float32_products() -> str:
+    """How the kernels multiply float32 inputs now: "bfloat16" or "float32" (see above)."""
+    if torch.backends.mkldnn.matmul.fp32_precision == "bf16" and bf16_products_speedup() >= BF16_SPEEDUP_NEEDED:
+        return "bfloat16"
+    return "float32"
+
+
+def _honouring_float32_precision(kernel, lse_position: int | None = None):
+    """kernel, with float32 calls run in bfloat16 when float32_products() says so (lse stays float32)."""
+    @functools.wraps(kernel)
+    def run(*args):
+        if args[0].dtype != torch.float32 or float32_products() != "bfloat16":
+            return kernel(*args)
+        halved = [a.bfloat16() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and i != lse_position else a
+                  for i, a in enumerate(args)]
+        return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in kernel(*halved))
+    return run
 
 
 # The C++ kernels keep every query row of a head resident per worker (the row, its float32
@@ -126,5 +192,7 @@ def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bi
         *tiling[:3]), key_axes=(1, None, None, None, None))
 
 
-attention.KERNELS.register(CpuBackend.name, _forward, _backward)
-input_attention.KERNELS.register(CpuBackend.name, _input_forward, _input_backward)
+attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_forward),
+                           _honouring_float32_precision(_backward, lse_position=5))
+input_attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_input_forward),
+                                 _honouring_float32_precision(_input_backward, lse_position=10))
