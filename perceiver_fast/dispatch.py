@@ -8,6 +8,8 @@ devices and settings fixed at import, so torch.compile traces it without a graph
 
 from __future__ import annotations
 
+import torch
+
 from .backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
 from .validation import Problem
 
@@ -50,6 +52,16 @@ def select_backend(problem: Problem, requested: str | None) -> Backend:
     if accepting:
         return accepting[0]
     raise BackendUnsupportedError(f"no backend can run {problem.describe()}:\n  " + "\n  ".join(refused))
+
+
+@torch.compiler.disable
+def run_sharded(validate, backend: str | None, *args, **kwargs):
+    """(out, lse) of validate(*args, **kwargs), a call with a process_group, on its backend. It runs
+    eagerly under torch.compile: the ranks' agreement check and the merge are collectives on values
+    known only at run time."""
+    problem = validate(*args, **kwargs)
+    with torch.autocast(problem.device.type, enabled=False):  # validation fixed the compute dtype
+        return select_backend(problem, backend).run(problem)
 
 
 def refusals_by_backend(problem: Problem) -> dict[str, list[str]]:

@@ -70,3 +70,30 @@ def input_attention_reference(q: torch.Tensor, x: torch.Tensor, *, k_weight: tor
     k = torch.nn.functional.linear(x, k_weight, k_bias).view(batch, keys, heads, -1).transpose(1, 2)
     v = torch.nn.functional.linear(x, v_weight, v_bias).view(batch, keys, heads, -1).transpose(1, 2)
     return attention_reference(q, k, v, key_mask=key_mask, causal=causal, scale=scale)[0]
+
+
+def attention_reference_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                                 causal: bool = False, scale: float | None = None,
+                                 compute_dtype: torch.dtype | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attention_reference` from the forward's out and lse, by the formula the
+    backward kernels implement: P = exp(s - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)),
+    dQ = scale dS K, dK = scale dS^T Q. Given the out and lse of attention over more keys than k
+    holds (a shard of them), it gives that shard's share of the gradients."""
+    dtype = compute_dtype or q.dtype
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qc, kc, vc, dc, oc = (t.to(dtype) for t in (q, k, v, dout, out))
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    row_lse = lse.to(dtype).unsqueeze(-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse))
+    allowed = allowed_keys(q.shape[0], q.shape[2], k.shape[2], key_mask, causal, q.device)
+    if allowed is not None:
+        probs = probs.masked_fill(~allowed, 0.0)
+    probs = torch.where(torch.isinf(row_lse), torch.zeros_like(probs), probs)  # rows with no key: no gradient
+    dv = torch.matmul(probs.transpose(-1, -2), dc)
+    dscores = probs * (torch.matmul(dc, vc.transpose(-1, -2)) - (dc * oc).sum(-1, keepdim=True))
+    dq = torch.matmul(dscores, kc) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), qc) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .flops import INPUT_METHODS, choose_method
+from .shards import ShardLayout, float_bits, gather_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 1024
@@ -30,6 +31,8 @@ class Problem:
 
     q is the (B, H, N, Dqk) queries of either op; `kind` is "cross" or "latent" (tile choices).
     Each op's problem adds its tensors, `keys`, `dim_v` and `tensors()` (all its tensor inputs).
+    `shards`: where this rank's keys lie when the key axis is sharded over a process group (`keys`
+    is then this rank's shard length), else None.
     """
 
     q: torch.Tensor
@@ -37,6 +40,7 @@ class Problem:
     causal: bool
     scale: float
     kind: str
+    shards: ShardLayout | None = field(default=None, kw_only=True)
 
     op = ""
 
@@ -72,7 +76,7 @@ class Problem:
         return (f"{self.op.replace('_', ' ')} ({self.kind}) B={self.batch} H={self.heads} N={self.queries} "
                 f"M={self.keys} Dqk={self.dim_qk} Dv={self.dim_v} {_dtype_name(self.dtype)} on {self.device.type}"
                 f"{' key_mask' if self.key_mask is not None else ''}{' causal' if self.causal else ''}"
-                f"{' grad' if self.needs_grad else ''}")
+                f"{' grad' if self.needs_grad else ''}{' ' + self.shards.describe() if self.shards else ''}")
 
 
 @dataclass(frozen=True)
@@ -155,8 +159,10 @@ def check_scale(scale, dim_qk: int) -> float:
     return float(scale)
 
 
-def check_tensor(name: str, t, layout: str, dims: int, floating: tuple = FLOAT_DTYPES) -> None:
-    """A tensor of `dims` dimensions, of one of the `floating` dtypes, with no empty dimension."""
+def check_tensor(name: str, t, layout: str, dims: int, floating: tuple = FLOAT_DTYPES,
+                 empty_dim: int | None = None) -> None:
+    """A tensor of `dims` dimensions, of one of the `floating` dtypes, with no empty dimension but
+    `empty_dim` (a key axis sharded over ranks, where a rank may hold no key)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
     if t.dim() != dims:
@@ -164,7 +170,7 @@ def check_tensor(name: str, t, layout: str, dims: int, floating: tuple = FLOAT_D
     if t.dtype not in floating:
         names = [_dtype_name(d) for d in floating]
         raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
-    if any(s == 0 for s in t.shape):
+    if any(s == 0 for i, s in enumerate(t.shape) if i != empty_dim):
         raise ValueError(f"{name} must have no empty dimension {layout}, got shape {tuple(t.shape)}")
 
 
@@ -188,11 +194,18 @@ def check_key_mask(key_mask, batch: int, keys: int, device: torch.device) -> Non
         raise ValueError(f"key_mask must be on q's device {device}, got {key_mask.device}")
 
 
-def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross") -> AttentionProblem:
-    """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent")."""
+def _needs_grad(tensors) -> int:
+    return int(torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross",
+                       process_group=None) -> AttentionProblem:
+    """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent");
+    with a process_group, also that every rank of it makes the same call (a collective)."""
+    sharded = process_group is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
-    check_tensor("k", k, "(B, H, M, Dqk)", 4)
-    check_tensor("v", v, "(B, H, M, Dv)", 4)
+    check_tensor("k", k, "(B, H, M, Dqk)", 4, empty_dim=2 if sharded else None)
+    check_tensor("v", v, "(B, H, M, Dv)", 4, empty_dim=2 if sharded else None)
     B, H, N, dqk = q.shape
     M = k.shape[2]
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -210,8 +223,14 @@ def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind
         raise ValueError(f"latent_attention is self-attention: q and k must have the same length, "
                          f"got N={N} queries and M={M} keys (use cross_attention for N != M)")
     check_key_mask(key_mask, B, M, q.device)
-    return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=check_flag("causal", causal),
-                            scale=check_scale(scale, dqk), kind=kind)
+    causal, scale = check_flag("causal", causal), check_scale(scale, dqk)
+    shards = None
+    if sharded:
+        description = {"B": B, "H": H, "N": N, "Dqk": dqk, "Dv": v.shape[3], "dtype": FLOAT_DTYPES.index(q.dtype),
+                       "causal": int(causal), "key_mask (given or None)": int(key_mask is not None),
+                       "scale": float_bits(scale), "whether gradients are needed": _needs_grad((q, k, v))}
+        shards = gather_layout("cross_attention", process_group, M, description, q.device, {"q": q})
+    return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=scale, kind=kind, shards=shards)
 
 
 def _compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
@@ -226,11 +245,13 @@ def _compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype
 
 def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=None, norm_weight=None,
                              norm_bias=None, norm_eps=1e-5, key_mask=None, causal=False, scale=None,
-                             method="auto") -> InputAttentionProblem:
+                             method="auto", process_group=None) -> InputAttentionProblem:
     """Checks the arguments of `fused_input_attention`, casts every tensor to the compute dtype
-    (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs."""
+    (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs (over
+    every rank's keys with a process_group, after checking that every rank makes the same call)."""
+    sharded = process_group is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
-    check_tensor("x", x, "(B, M, C)", 3)
+    check_tensor("x", x, "(B, M, C)", 3, empty_dim=1 if sharded else None)
     batch, heads, queries, dim_qk = q.shape
     _, keys, channels = x.shape
     if x.shape[0] != batch:
@@ -266,13 +287,23 @@ def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=No
     causal = check_flag("causal", causal)
     if method not in ("auto",) + INPUT_METHODS:
         raise ValueError(f"method must be one of 'auto', {', '.join(map(repr, INPUT_METHODS))}, got {method!r}")
-    if method == "auto":
-        method = choose_method(queries, keys, channels, dim_qk, dim_v, causal)
     dtype = _compute_dtype(tensors, q.device.type)
+    scale = check_scale(scale, dim_qk)
+    shards = None
+    if sharded:
+        description = {"B": batch, "H": heads, "N": queries, "Dqk": dim_qk, "C": channels, "Dv": dim_v,
+                       "compute dtype": FLOAT_DTYPES.index(dtype), "causal": int(causal),
+                       "key_mask (given or None)": int(key_mask is not None), "scale": float_bits(scale),
+                       "norm_eps": float_bits(norm_eps), "method": (("auto",) + INPUT_METHODS).index(method),
+                       "whether gradients are needed": _needs_grad(tensors)}
+        replicated = {"q": q, "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias,
+                      "norm_weight": norm_weight, "norm_bias": norm_bias}
+        shards = gather_layout("fused_input_attention", process_group, keys, description, q.device, replicated)
+    if method == "auto":
+        method = choose_method(queries, shards.total if shards else keys, channels, dim_qk, dim_v, causal)
     q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias = (
         None if t is None else t.to(dtype) for t in (q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias))
     return InputAttentionProblem(
-        q=q, key_mask=key_mask, causal=causal, scale=check_scale(scale, dim_qk),
-        kind=attention_kind(queries, keys, key_mask), x=x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
+        q=q, key_mask=key_mask, causal=causal, scale=scale, kind=attention_kind(queries, keys, key_mask), x=x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
         v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
-        norm_eps=None if norm_eps is None else float(norm_eps), method=method)
+        norm_eps=None if norm_eps is None else float(norm_eps), method=method, shards=shards)

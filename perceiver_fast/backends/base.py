@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.attention import attention
+from ..ops.sharded import sharded_attention
 from ..validation import ATTENTION, AttentionProblem, InputAttentionProblem, Problem
 from .input_methods import composed, run_fused
 
@@ -98,8 +99,11 @@ class Backend:
         return self.run_attention(composed(problem))[0], None
 
     def run_attention(self, problem: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of an attention problem this backend accepted: the registered op on its kernels."""
+        """(out, lse) of an attention problem this backend accepted: the registered op on its kernels
+        (over every rank's keys for a sharded problem)."""
         p = problem
+        if p.shards is not None:
+            return sharded_attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, p.shards)
         return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])
 
     def run_fused_input(self, problem: InputAttentionProblem) -> torch.Tensor:

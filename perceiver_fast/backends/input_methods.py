@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.input_attention import input_attention
+from ..ops.sharded import sharded_input_attention, sum_gradients_across
 from ..validation import AttentionProblem, InputAttentionProblem, attention_kind
 
 
@@ -29,21 +30,31 @@ def _fold(weight, bias, norm_weight, norm_bias):
     return folded_weight, folded_bias
 
 
+def _input_attention_call(problem: InputAttentionProblem, kernel: str, tiling: tuple[int, ...]):
+    """The fused op of `kernel`, over every rank's keys for a sharded problem: the op's arguments
+    from q to key_mask -> (out, lse)."""
+    p = problem
+    normalize, eps = p.norm_eps is not None, p.norm_eps or 0.0
+    if p.shards is not None:
+        return lambda q, x, *weights_and_mask: sharded_input_attention(q, x, normalize, eps, *weights_and_mask,
+                                                                       p.causal, p.scale, kernel, p.shards)
+    return lambda q, x, *weights_and_mask: input_attention(q, x, normalize, eps, *weights_and_mask, p.causal, p.scale,
+                                                           kernel, list(tiling))
+
+
 def run_fused(problem: InputAttentionProblem, kernel: str, tiling: tuple[int, ...] = ()) -> torch.Tensor:
     """The output (B, H, N, Dv) of `problem` by its method on `kernel`'s fused input attention."""
     p = problem
     k_weight, k_bias = _fold(p.k_weight, p.k_bias, p.norm_weight, p.norm_bias)
     v_weight, v_bias = _fold(p.v_weight, p.v_bias, p.norm_weight, p.norm_bias)
-    normalize, eps = p.norm_eps is not None, p.norm_eps or 0.0
+    call = _input_attention_call(p, kernel, tiling)
     if p.method == "projection":
-        out, _ = input_attention(p.q, p.x, normalize, eps, k_weight, k_bias, v_weight, v_bias, p.key_mask, p.causal,
-                                 p.scale, kernel, list(tiling))
+        out, _ = call(p.q, p.x, k_weight, k_bias, v_weight, v_bias, p.key_mask)
         return out
     # Shortcut: scores q.(Wk xn + bk) = (q Wk).xn + const per row; out = (P xn) Wv^T + bv where a
     # row has a key (P sums to 1), 0 where it has none.
     folded_q = torch.einsum("bhnd,hdc->bhnc", p.q, k_weight.view(p.heads, p.dim_qk, p.channels))
-    attended, lse = input_attention(folded_q, p.x, normalize, eps, None, None, None, None, p.key_mask, p.causal,
-                                    p.scale, kernel, list(tiling))
+    attended, lse = call(folded_q, p.x, None, None, None, None, p.key_mask)
     out = torch.einsum("bhnc,hvc->bhnv", attended, v_weight.view(p.heads, p.dim_v, p.channels))
     has_key = torch.isfinite(lse).unsqueeze(-1).to(out.dtype)
     out = out + has_key * v_bias.view(p.heads, 1, p.dim_v)
@@ -55,10 +66,15 @@ def run_fused(problem: InputAttentionProblem, kernel: str, tiling: tuple[int, ..
 
 
 def composed(problem: InputAttentionProblem) -> AttentionProblem:
-    """The attention problem of `problem` with LayerNorm(x), K and V made in torch (unfused)."""
+    """The attention problem of `problem` with LayerNorm(x), K and V made in torch (unfused). Sharded,
+    the weights act on this rank's keys only, so their gradients are summed over the ranks."""
     p = problem
-    x = p.x if p.norm_eps is None else F.layer_norm(p.x, p.x.shape[-1:], p.norm_weight, p.norm_bias, p.norm_eps)
-    k = F.linear(x, p.k_weight, p.k_bias).view(p.batch, p.keys, p.heads, p.dim_qk).transpose(1, 2)
-    v = F.linear(x, p.v_weight, p.v_bias).view(p.batch, p.keys, p.heads, p.dim_v).transpose(1, 2)
+    weights = (p.norm_weight, p.norm_bias, p.k_weight, p.k_bias, p.v_weight, p.v_bias)
+    if p.shards is not None:
+        weights = sum_gradients_across(p.shards, *weights)
+    norm_weight, norm_bias, k_weight, k_bias, v_weight, v_bias = weights
+    x = p.x if p.norm_eps is None else F.layer_norm(p.x, p.x.shape[-1:], norm_weight, norm_bias, p.norm_eps)
+    k = F.linear(x, k_weight, k_bias).view(p.batch, p.keys, p.heads, p.dim_qk).transpose(1, 2)
+    v = F.linear(x, v_weight, v_bias).view(p.batch, p.keys, p.heads, p.dim_v).transpose(1, 2)
     return AttentionProblem(q=p.q, k=k, v=v, key_mask=p.key_mask, causal=p.causal, scale=p.scale,
-                            kind=attention_kind(p.queries, p.keys, p.key_mask))
+                            kind=attention_kind(p.queries, p.keys, p.key_mask), shards=p.shards)

@@ -1,0 +1,175 @@
+"""Attention over a key axis sharded across processes (perceiver_fast/ops/sharded.py): on 2 and 3
+gloo processes, the forward, lse and every gradient equal the single-process call on the
+concatenated input (float32, relative error <= 1e-5), with uneven and empty shards, key masks (a
+batch item fully masked on one rank), causal rows split at a shard, both fused-input methods and the
+composed path, on the cpu and reference backends; ranks that disagree all raise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from ranks import requires_gloo, run_ranks
+
+import perceiver_fast as pf
+
+pytestmark = requires_gloo
+TOLERANCE = 1e-5
+
+# Shard lengths per world size: uneven, with empty shards, and a causal case whose shard boundary
+# falls within the last N keys (so a rank runs a causal and a non-causal part).
+LENGTHS = {
+    "uneven": {2: [23, 9], 3: [5, 0, 27]},
+    "empty-first": {2: [0, 32], 3: [0, 0, 32]},
+    "split-causal": {2: [28, 4], 3: [20, 7, 5]},
+}
+CASES = [  # (name, lengths, key mask, causal)
+    ("plain", "uneven", None, False),
+    ("masked", "uneven", "one-rank-empty", False),
+    ("causal", "split-causal", None, True),
+    ("causal-masked", "split-causal", "one-rank-empty", True),
+    ("empty-first-causal", "empty-first", "one-rank-empty", True),
+]
+BATCH, HEADS, QUERIES, DIM_QK, DIM_V, CHANNELS = 2, 2, 9, 8, 6, 12
+
+
+def _error(actual, expected, floor: float = 1e-12) -> float:
+    if actual is None or expected is None:
+        return 0.0 if actual is None and expected is None else float("inf")
+    if actual.shape != expected.shape:
+        return float("inf")
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(actual)):
+        return float("inf")
+    a, e = actual.detach()[finite].double(), expected.detach()[finite].double()
+    return float((a - e).norm() / max(float(e.norm()), floor)) if e.numel() else 0.0
+
+
+def _key_mask(kind, lengths, generator):
+    if kind is None:
+        return None
+    mask = torch.rand(BATCH, sum(lengths), generator=generator) > 0.3
+    mask[1, :lengths[0] or sum(lengths)] = False  # batch item 1: nothing on rank 0 (everything if it is empty)
+    mask[1, -1] = True
+    return mask
+
+
+def _shard(t, lengths, rank, axis):
+    return None if t is None else t.narrow(axis, sum(lengths[:rank]), lengths[rank])
+
+
+def _grads(out, leaves, dout):
+    wanted = [t for t in leaves if t is not None]
+    found = iter(torch.autograd.grad(out, wanted, dout, allow_unused=True))
+    return [None if t is None else next(found) for t in leaves]
+
+
+def _attention_errors(rank, world, lengths, mask_kind, causal, backend, generator) -> dict:
+    total = sum(lengths)
+    q = torch.randn(BATCH, HEADS, QUERIES, DIM_QK, generator=generator)
+    k = torch.randn(BATCH, HEADS, total, DIM_QK, generator=generator)
+    v = torch.randn(BATCH, HEADS, total, DIM_V, generator=generator)
+    dout = torch.randn(BATCH, HEADS, QUERIES, DIM_V, generator=generator)
+    mask = _key_mask(mask_kind, lengths, generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = pf.cross_attention(*leaves, key_mask=mask, causal=causal, return_lse=True, backend=backend)
+    full = [out, lse, *_grads(out, leaves, dout)]
+    mine = [q.clone().requires_grad_(), *(_shard(t, lengths, rank, 2).clone().requires_grad_() for t in (k, v))]
+    out, lse = pf.cross_attention(*mine, key_mask=_shard(mask, lengths, rank, 1), causal=causal, return_lse=True,
+                                  backend=backend, process_group=dist.group.WORLD)
+    got = [out, lse, *_grads(out, mine, dout)]
+    expected = full[:3] + [_shard(g, lengths, rank, 2) for g in full[3:]]
+    return {name: _error(a, e) for name, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, expected)}
+
+
+def _input_attention_errors(rank, world, lengths, mask_kind, causal, backend, method, generator) -> dict:
+    total = sum(lengths)
+    q = torch.randn(BATCH, HEADS, QUERIES, DIM_QK, generator=generator)
+    x = torch.randn(BATCH, total, CHANNELS, generator=generator)
+    weights = [torch.randn(HEADS * DIM_QK, CHANNELS, generator=generator), torch.randn(HEADS * DIM_QK,
+               generator=generator), torch.randn(HEADS * DIM_V, CHANNELS, generator=generator),
+               torch.randn(HEADS * DIM_V, generator=generator), 1 + 0.1 * torch.randn(CHANNELS, generator=generator),
+               0.1 * torch.randn(CHANNELS, generator=generator)]
+    dout = torch.randn(BATCH, HEADS, QUERIES, DIM_V, generator=generator)
+    mask = _key_mask(mask_kind, lengths, generator)
+    names = ("k_weight", "k_bias", "v_weight", "v_bias", "norm_weight", "norm_bias")
+
+    def call(q, x, weights, key_mask, **sharding):
+        return pf.fused_input_attention(q, x, **dict(zip(names, weights)), key_mask=key_mask, causal=causal,
+                                        method=method, backend=backend, **sharding)
+
+    leaves = [t.clone().requires_grad_() for t in (q, x, *weights)]
+    out = call(leaves[0], leaves[1], leaves[2:], mask)
+    full = [out, *_grads(out, leaves, dout)]
+    mine = [t.clone().requires_grad_() for t in (q, _shard(x, lengths, rank, 1), *weights)]
+    out = call(mine[0], mine[1], mine[2:], _shard(mask, lengths, rank, 1), process_group=dist.group.WORLD)
+    got = [out, *_grads(out, mine, dout)]
+    expected = full[:2] + [_shard(full[2], lengths, rank, 1)] + full[3:]
+    errors = {name: _error(a, e) for name, a, e in zip(("out", "dq", "dx", *(f"d{n}" for n in names)), got, expected)}
+    # The key bias's gradient is exactly 0 (a shift of every key moves a row's scores by a constant):
+    # its shards' partial sums cancel, so it is judged against the key weight's gradient.
+    errors["dk_bias"] = _error(got[4], expected[4], floor=float(expected[3].norm()))
+    return errors
+
+
+def _error_message(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def op_checks(rank: int, world: int, seed: int) -> dict:
+    results = {}
+    for name, lengths_name, mask_kind, causal in CASES:
+        lengths = LENGTHS[lengths_name][world]
+        for backend in ("cpu", "reference"):
+            generator = torch.Generator().manual_seed(seed)  # the same full inputs on every rank
+            results[f"attention {name} {backend}"] = _attention_errors(rank, world, lengths, mask_kind, causal,
+                                                                       backend, generator)
+            for method in ("shortcut", "projection"):
+                generator = torch.Generator().manual_seed(seed + 1)
+                results[f"input attention {name} {backend} {method}"] = _input_attention_errors(
+                    rank, world, lengths, mask_kind, causal, backend, method, generator)
+    group = dist.group.WORLD
+    q = torch.randn(1, 2, 3, 8, generator=torch.Generator().manual_seed(seed))  # the same on every rank
+    k, v = torch.randn(1, 2, 4 + rank, 8), torch.randn(1, 2, 4 + rank, 8)
+    results["errors"] = {
+        "dims": _error_message(lambda: pf.cross_attention(q[..., :8 - rank], k[..., :8 - rank], v, process_group=group)),
+        "q": _error_message(lambda: pf.cross_attention(q + rank, k, v, process_group=group)),
+        "weights": _error_message(lambda: pf.fused_input_attention(
+            q, torch.randn(1, 5, 4), k_weight=torch.full((16, 4), float(rank)), v_weight=torch.ones(16, 4),
+            process_group=group)),
+        "group type": _error_message(lambda: pf.cross_attention(q, k, v, process_group="world")),
+        "empty without a group": _error_message(lambda: pf.cross_attention(q, k[:, :, :0], v[:, :, :0])),
+    }
+    # still in step after the errors, and the same under torch.compile (which runs the call eagerly)
+    eager = pf.cross_attention(q, k, v, process_group=group)
+    compiled = torch.compile(lambda a, b, c: pf.cross_attention(a, b, c, process_group=group) * 2)(q, k, v)
+    results["compiled"] = _error(compiled, eager * 2)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_ops_equal_the_single_process_call(tmp_path, world, fresh_seed):
+    for rank, results in enumerate(run_ranks(op_checks, world, tmp_path, fresh_seed)):
+        errors = results.pop("errors")
+        assert results.pop("compiled") <= TOLERANCE, f"rank {rank}: compiled call differs"
+        for case, by_output in results.items():
+            worst = max(by_output.values())
+            assert worst <= TOLERANCE, f"rank {rank}, {case}: errors {by_output}"
+        assert errors["dims"].startswith("ValueError: sharded cross_attention: the ranks of process_group disagree "
+                                         "on Dqk (rank 0: 8, rank 1: 7"), errors["dims"]
+        assert errors["q"].startswith("ValueError: sharded cross_attention: q differs between the ranks"), errors["q"]
+        assert errors["weights"].startswith("ValueError: sharded fused_input_attention: k_weight differs"), errors
+        assert errors["group type"].startswith("TypeError: process_group must be a torch.distributed.ProcessGroup")
+        assert errors["empty without a group"].startswith("ValueError: k must have no empty dimension")
+
+
+def test_process_group_needs_torch_distributed_initialized():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        pf.cross_attention(q, k, v, process_group=object())
