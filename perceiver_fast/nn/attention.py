@@ -28,11 +28,16 @@ class CrossAttention(nn.Module):
     the latents added back. The input's LayerNorm and K/V projections go through
     `input_attention`, so nothing of size N x M is formed. `backend` as in
     `perceiver_fast.cross_attention` (None: the best one for the inputs).
+
+    process_group: each rank passes its own shard of the input (and of key_mask) along M, the
+    latents the same on every rank; the output is the whole input's, on every rank. Made for
+    training under DistributedDataParallel over the same group: see
+    `perceiver_fast.nn.functional.input_attention` for how the gradients come out.
     """
 
     def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: int | None = None,
                  v_channels: int | None = None, out_dim: int | None = None, query_residual: bool = True,
-                 bias: bool = True, backend: str | None = None):
+                 bias: bool = True, backend: str | None = None, process_group=None):
         super().__init__()
         qk_channels = qk_channels or q_dim
         v_channels = v_channels or qk_channels
@@ -42,6 +47,7 @@ class CrossAttention(nn.Module):
         if query_residual and out_dim != q_dim:
             raise ValueError(f"query_residual needs out_dim == q_dim, got out_dim={out_dim}, q_dim={q_dim}")
         self.heads, self.query_residual, self.backend = heads, query_residual, backend
+        self.process_group = process_group
         self.q_dim, self.kv_dim = q_dim, kv_dim
         self.q_norm = nn.LayerNorm(q_dim)
         self.kv_norm = nn.LayerNorm(kv_dim)
@@ -60,7 +66,8 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q_proj(self.q_norm(latents)), self.heads)
         context = input_attention(q, inputs, norm=self.kv_norm, k_weight=self.k_proj.weight,
                                   k_bias=self.k_proj.bias, v_weight=self.v_proj.weight, v_bias=self.v_proj.bias,
-                                  key_mask=key_mask, causal=causal, backend=self.backend)
+                                  key_mask=key_mask, causal=causal, backend=self.backend,
+                                  process_group=self.process_group)
         out = self.out_proj(merge_heads(context))
         return out + latents if self.query_residual else out
 

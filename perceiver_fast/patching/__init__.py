@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..dispatch import BACKEND_NAMES
-from .registry import FastModule, library_of, log, original_class, swaps_of
+from ..shards import check_group
+from .registry import FastModule, import_adapter, library_of, log, original_class, swaps_of
 
 SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver), lucidrains perceiver-pytorch "
              "(Perceiver, PerceiverIO, PerceiverLM), krasserm perceiver-io (perceiver.model.core)")
@@ -44,16 +45,25 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
+def patch(model: nn.Module, backend: str | None = None, process_group=None) -> PatchReport:
     """Swaps the attention modules of `model` (a whole model or any submodule of one) for fused ones.
 
     backend: as in `perceiver_fast.cross_attention` (None: the best one for each call). Returns
     the counts replaced, by class. Raises TypeError when `model` holds no module this knows.
-    Patching a patched model again only sets the backend.
+    Patching a patched model again only sets the backend and the process group.
+
+    process_group: a torch.distributed ProcessGroup over which the model's input is sharded along
+    its length M: each rank then passes its own shard of the already-embedded input (and of its
+    padding mask), and the encoder's input cross-attention (HF PerceiverEncoder, lucidrains
+    Perceiver and PerceiverIO, krasserm PerceiverEncoder) attends to every rank's shard;
+    everything after it runs replicated. Wrapped in DistributedDataParallel over the same group,
+    the model ends each backward with the gradients of the whole input (docs/distributed.md).
     """
     _check_model(model)
     if backend is not None and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
+    if process_group is not None:
+        check_group(process_group)
     report = PatchReport()
     taken_over = set()  # modules whose computation a swapped parent does; modules() visits parents first
     for module in model.modules():
@@ -70,6 +80,7 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
             if original is swap.original and swap.applies(module):
                 module.__class__ = swap.fast
                 module.pf_backend = backend
+                module.pf_process_group = None
                 if swap.inner is not None:
                     taken_over.add(id(getattr(module, swap.inner)))
                 report.replaced[swap.label or original.__name__] += 1
@@ -77,8 +88,22 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
     if not report.total:
         raise TypeError(f"patch found no attention module it knows in {type(model).__name__}; "
                         f"it supports {SUPPORTED}")
+    if process_group is not None:
+        _shard_input_attentions(model, process_group)
     log.info("patched %s", report)
     return report
+
+
+def _shard_input_attentions(model: nn.Module, process_group) -> None:
+    """Hands the process group to the patched modules that attend to the model's input."""
+    readers = [m for adapter in {library_of(original_class(type(m))) for m in model.modules()} - {None}
+               for m in import_adapter(adapter).input_attentions(model)]
+    readers = [m for m in readers if isinstance(m, FastModule)]
+    if not readers:
+        raise TypeError(f"patch(process_group=...) found no input cross-attention in {type(model).__name__} to "
+                        f"shard (it shards the encoders of {SUPPORTED})")
+    for module in readers:
+        module.pf_process_group = process_group
 
 
 def unpatch(model: nn.Module) -> PatchReport:
@@ -91,6 +116,7 @@ def unpatch(model: nn.Module) -> PatchReport:
             swap = next(s for s in swaps_of(library_of(original)) if s.fast is fast)
             module.__class__ = original
             module.__dict__.pop("pf_backend", None)
+            module.__dict__.pop("pf_process_group", None)
             report.replaced[swap.label or original.__name__] += 1
     return report
 

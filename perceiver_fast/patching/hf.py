@@ -28,7 +28,9 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
                 key_mask = additive_to_key_mask(inputs_mask if cross else attention_mask, batch, keys)
             except NotPerKey as e:
                 reason = str(e)
-        if reason is None and has_rows_without_keys(key_mask, hidden_states.shape[1], keys, causal=False):
+        group = self.pf_process_group
+        if reason is None and has_rows_without_keys(key_mask, hidden_states.shape[1], keys, causal=False,
+                                                    process_group=group):
             reason = "a query has no key to attend"
         if reason is not None:
             self.pf_keep_original(reason)
@@ -39,7 +41,7 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
         if cross:
             context = input_attention(q, inputs, norm=self.layernorm2, k_weight=self.key.weight,
                                       k_bias=self.key.bias, v_weight=self.value.weight, v_bias=self.value.bias,
-                                      key_mask=key_mask, backend=self.pf_backend)
+                                      key_mask=key_mask, backend=self.pf_backend, process_group=group)
         else:
             k = split_heads(self.key(normed), self.num_heads)
             v = split_heads(self.value(normed), self.num_heads)
@@ -61,6 +63,11 @@ class FastPerceiverModel(FastModule, hf.PerceiverModel):
             row.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
             attention_mask = row.expand(batch, 1, self.embeddings.latents.shape[0], keys)
         return super().forward(inputs, attention_mask, *args, **kwargs)
+
+
+def input_attentions(model):
+    """The attention of each PerceiverEncoder's cross-attention layer: it reads the model's input."""
+    return [m.cross_attention.attention.self for m in model.modules() if isinstance(m, hf.PerceiverEncoder)]
 
 
 SWAPS = (Swap(hf.PerceiverSelfAttention, FastPerceiverSelfAttention),

@@ -13,7 +13,7 @@ from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
 from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 
-def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache):
+def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache, process_group=None):
     """(why the library's computation must run, or None; the key mask, True = attend). module is the
     patched one: mha itself or the pre-LayerNorm unit around it."""
     reason = dropout_reason(mha, mha.dropout)
@@ -26,12 +26,12 @@ def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_c
         key_mask = key_mask_from_bool(pad_mask, kv_input.shape[0], keys, true_means="pad")
     except NotPerKey as e:
         return str(e), None
-    if has_rows_without_keys(key_mask, queries.shape[1], keys, mha.causal_attention):
+    if has_rows_without_keys(key_mask, queries.shape[1], keys, mha.causal_attention, process_group):
         return "a query has no key to attend", None
     return None, key_mask
 
 
-def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache, backend):
+def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache, backend, process_group=None):
     """MultiHeadAttention.forward on x_q (normalised) and x_kv (raw, normalised here by kv_norm)."""
     heads, causal, scale = mha.num_heads, mha.causal_attention, mha.dp_scale
     q = split_heads(mha.q_proj(x_q), heads)
@@ -42,7 +42,7 @@ def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_
     if kv_cache is None and rot_pos_emb_k is None and x_kv is not x_q:
         out = input_attention(q, x_kv, norm=kv_norm, k_weight=mha.k_proj.weight, k_bias=mha.k_proj.bias,
                               v_weight=mha.v_proj.weight, v_bias=mha.v_proj.bias, key_mask=key_mask, causal=causal,
-                              scale=scale, backend=backend)
+                              scale=scale, backend=backend, process_group=process_group)
     else:
         normed = layer_norm(x_kv, kv_norm)
         k, v = mha.k_proj(normed), mha.v_proj(normed)
@@ -75,7 +75,8 @@ class FastCrossAttention(FastModule, km.CrossAttention):
                 kv_cache=None):
         kv_input = x_kv if x_kv is not None else x_kv_prefix
         keys = x_kv.shape[1] if x_kv is not None else x_kv_prefix.shape[1] + x_q.shape[1]
-        reason, key_mask = _unfused_reason(self, self.attention, x_q, kv_input, keys, pad_mask, kv_cache)
+        reason, key_mask = _unfused_reason(self, self.attention, x_q, kv_input, keys, pad_mask, kv_cache,
+                                           self.pf_process_group)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x_q, x_kv, x_kv_prefix, pad_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache)
@@ -83,8 +84,11 @@ class FastCrossAttention(FastModule, km.CrossAttention):
         kv_norm = self.kv_norm
         if x_kv is None:
             x_kv, kv_norm = torch.cat([self.kv_norm(x_kv_prefix), normed_q], dim=1), None
+        if self.pf_process_group is not None and (x_kv is None or kv_cache is not None or rot_pos_emb_k is not None):
+            raise RuntimeError("patched CrossAttention sharded over a process group reads a plain input only: no "
+                               "prefix, KV cache or rotary keys (Perceiver AR is not sharded)")
         return _attend(self.attention, normed_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache,
-                       self.pf_backend)
+                       self.pf_backend, self.pf_process_group)
 
 
 class FastSelfAttention(FastModule, km.SelfAttention):
@@ -98,6 +102,12 @@ class FastSelfAttention(FastModule, km.SelfAttention):
         normed = self.norm(x)
         return _attend(self.attention, normed, normed, None, key_mask, rot_pos_emb, rot_pos_emb, kv_cache,
                        self.pf_backend)
+
+
+def input_attentions(model):
+    """The cross-attention layers of each PerceiverEncoder (all of them read the encoder's input)."""
+    return [m for encoder in model.modules() if isinstance(encoder, km.PerceiverEncoder)
+            for m in encoder.modules() if isinstance(m, km.CrossAttention)]
 
 
 SWAPS = (Swap(km.CrossAttention, FastCrossAttention, inner="attention"),

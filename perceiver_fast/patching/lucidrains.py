@@ -34,12 +34,12 @@ def _unfused_reason(module, attn, x, context, mask, inverted_attention) -> tuple
         key_mask = key_mask_from_bool(mask, x.shape[0], keys, true_means="attend")
     except NotPerKey as e:
         return str(e), None
-    if has_rows_without_keys(key_mask, x.shape[1], keys, causal=False):
+    if has_rows_without_keys(key_mask, x.shape[1], keys, causal=False, process_group=module.pf_process_group):
         return "a query has no key to attend", None
     return None, key_mask
 
 
-def _attend(attn, x, context, context_norm, key_mask, backend):
+def _attend(attn, x, context, context_norm, key_mask, backend, process_group=None):
     """lucidrains Attention.forward, fused: x the (normalised) queries' input, context the raw
     key/value input (None: x itself) and context_norm its LayerNorm (None: none)."""
     q = split_heads(attn.to_q(x), attn.heads)
@@ -51,9 +51,13 @@ def _attend(attn, x, context, context_norm, key_mask, backend):
         out = attention(q, k, v, key_mask=key_mask, scale=attn.scale, backend=backend)
     else:
         if getattr(attn, "queries_contribute_kv", False):
+            if process_group is not None:  # the latents would count once per rank
+                raise RuntimeError("patched Attention with queries_contribute_kv cannot read an input sharded over a "
+                                   "process group")
             context, context_norm = torch.cat((x, layer_norm(context, context_norm)), dim=1), None
         out = input_attention(q, context, norm=context_norm, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
-                              v_bias=v_bias, key_mask=key_mask, scale=attn.scale, backend=backend)
+                              v_bias=v_bias, key_mask=key_mask, scale=attn.scale, backend=backend,
+                              process_group=process_group)
     return attn.to_out(merge_heads(out))
 
 
@@ -77,7 +81,8 @@ class FastPreNormMixin(FastModule):
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(x, **kwargs)
-        return _attend(self.fn, self.norm(x), context, self.norm_context, key_mask, self.pf_backend)
+        return _attend(self.fn, self.norm(x), context, self.norm_context, key_mask, self.pf_backend,
+                       self.pf_process_group)
 
 
 class FastAttention(FastAttentionMixin, pp.Attention):
@@ -98,6 +103,12 @@ class FastIOPreNorm(FastPreNormMixin, io.PreNorm):
 
 def _wraps_attention(module) -> bool:
     return isinstance(module.fn, ATTENTION_CLASSES)
+
+
+def input_attentions(model):
+    """The cross-attention of each PerceiverBlock that has one (Perceiver's layers, PerceiverIO's
+    encoder block): it reads the data. PerceiverIO's decoder attends to the latents."""
+    return [m.cross_attn for m in model.modules() if isinstance(m, pp.PerceiverBlock) and m.cross_attn is not None]
 
 
 SWAPS = (Swap(pp.PreNorm, FastPreNorm, _wraps_attention, inner="fn", label="PreNorm(Attention)"),

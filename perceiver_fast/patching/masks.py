@@ -9,6 +9,7 @@ the graph stays whole, and a call for which a check fails raises rather than giv
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class NotPerKey(Exception):
@@ -65,13 +66,23 @@ def key_mask_from_bool(mask: torch.Tensor | None, batch: int, keys: int, *, true
     return mask if true_means == "attend" else ~mask
 
 
-def has_rows_without_keys(key_mask: torch.Tensor | None, queries: int, keys: int, causal: bool) -> bool:
+def has_rows_without_keys(key_mask: torch.Tensor | None, queries: int, keys: int, causal: bool,
+                          process_group=None) -> bool:
     """Whether some query may attend no key at all.
 
     The libraries give such a row the mean of all values (a softmax over equal scores); the
     contract gives 0, so such a call keeps the library's computation. Causal is bottom-right
-    aligned, so query 0 sees the fewest keys: 0 .. M - N.
+    aligned, so query 0 sees the fewest keys: 0 .. M - N. With a process_group the keys are this
+    rank's shard, and the keys of every rank are counted (a collective).
     """
+    if process_group is not None:
+        if causal:
+            raise ValueError("pf.patch(process_group=...) shards non-causal input cross-attention only")
+        if key_mask is None:
+            return False
+        counts = key_mask.sum(dim=1)
+        dist.all_reduce(counts, group=process_group)
+        return not bool((counts > 0).all())
     visible = keys - queries + 1 if causal else keys
     if visible <= 0:
         return True

@@ -43,9 +43,15 @@ def library_of(cls: type) -> str | None:
     return None
 
 
+def import_adapter(adapter: str):
+    """An adapter module, imported only when a model holds a module of its library. It declares SWAPS
+    and `input_attentions(model)`: the modules of model that attend to its input (the ones
+    patch(process_group=) shards)."""
+    return importlib.import_module(f"{__package__}.{adapter}")
+
+
 def swaps_of(adapter: str):
-    """The adapter's SWAPS; an adapter is imported only when a model holds a module of its library."""
-    return importlib.import_module(f"{__package__}.{adapter}").SWAPS
+    return import_adapter(adapter).SWAPS
 
 
 class FastModule:
@@ -58,6 +64,7 @@ class FastModule:
     """
 
     pf_backend: str | None = None
+    pf_process_group = None  # set by patch(process_group=) on the modules that read the model's input
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -70,7 +77,11 @@ class FastModule:
         return (fast_instance_of, (original_class(type(self)),), *state)
 
     def pf_keep_original(self, reason: str) -> None:
-        # Called right before a forward falls back to the library's own computation.
+        # Called right before a forward falls back to the library's own computation, which would
+        # attend to this rank's shard alone when the input is sharded: that must not run.
+        if self.pf_process_group is not None:
+            raise RuntimeError(f"patched {type(self).__name__} reads an input sharded over a process group and "
+                               f"cannot fall back to the library's attention for this call ({reason})")
         log.debug("patched %s keeps the original computation: %s", type(self).__name__, reason)
 
 
