@@ -43,7 +43,17 @@ def test_case(benchmark, case, provider, dtype_name, pass_name):
     reason = why_not(provider, case, dtype, DEVICE, backward, full=SET.name == "full")
     if reason:
         pytest.skip(reason)
-    call = provider.prepare(case, dtype, DEVICE, backward)
+    threads = torch.get_num_threads()
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    try:
+        _measure(benchmark, case, provider, call=provider.prepare(case, dtype, DEVICE, backward),
+                 dtype_name=dtype_name, pass_name=pass_name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(benchmark, case, provider, call, dtype_name, pass_name):
     benchmark.group = f"{case.level} {case.label()} {dtype_name} {pass_name}"
     if DEVICE == "cuda":
         def timed():

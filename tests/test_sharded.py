@@ -2,9 +2,12 @@
 gloo processes, the forward, lse and every gradient equal the single-process call on the
 concatenated input (float32, relative error <= 1e-5), with uneven and empty shards, key masks (a
 batch item fully masked on one rank), causal rows split at a shard, both fused-input methods and the
-composed path, on the cpu and reference backends; ranks that disagree all raise."""
+composed path, on the cpu and reference backends (and triton under its interpreter); ranks that
+disagree all raise."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -30,6 +33,8 @@ CASES = [  # (name, lengths, key mask, causal)
     ("causal-masked", "split-causal", "one-rank-empty", True),
     ("empty-first-causal", "empty-first", "one-rank-empty", True),
 ]
+# The Triton kernels run on CPU tensors under the interpreter only (make test sets TRITON_INTERPRET=1).
+BACKENDS = ("cpu", "reference") + (("triton",) if os.environ.get("TRITON_INTERPRET") == "1" else ())
 BATCH, HEADS, QUERIES, DIM_QK, DIM_V, CHANNELS = 2, 2, 9, 8, 6, 12
 
 
@@ -124,7 +129,7 @@ def op_checks(rank: int, world: int, seed: int) -> dict:
     results = {}
     for name, lengths_name, mask_kind, causal in CASES:
         lengths = LENGTHS[lengths_name][world]
-        for backend in ("cpu", "reference"):
+        for backend in BACKENDS:
             generator = torch.Generator().manual_seed(seed)  # the same full inputs on every rank
             results[f"attention {name} {backend}"] = _attention_errors(rank, world, lengths, mask_kind, causal,
                                                                        backend, generator)
@@ -173,3 +178,15 @@ def test_process_group_needs_torch_distributed_initialized():
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         pf.cross_attention(q, k, v, process_group=object())
+
+
+def test_patch_with_a_process_group_needs_torch_distributed_initialized():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    layer = pf.nn.CrossAttention(8, 4)
+    from test_ddp import hf_case
+
+    model, _, _ = hf_case()
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        pf.patch(model, process_group=object())
+    assert layer(torch.randn(1, 2, 8), torch.randn(1, 3, 4)).shape == (1, 2, 8)  # no group: unsharded

@@ -29,7 +29,8 @@ class Case:
     channels (layer level, cross); latent_dim the latents' width (layer level). At model level the
     dims are those of the model's input cross-attention. padded_inputs: inputs at the end of every
     item masked out as padding (model level). `scaled` says how the published shape was reduced to
-    fit the run, empty when it was not.
+    fit the run, empty when it was not. ranks: processes the input is sharded over along M (the
+    "sharded" level; gloo on the CPU); threads: torch threads per process (0: torch's default).
     """
 
     name: str
@@ -44,6 +45,8 @@ class Case:
     C: int = 0
     latent_dim: int = 0
     padded_inputs: int = 0
+    ranks: int = 1
+    threads: int = 0
     calls: int = 1  # calls per timed run: a tiny case times a loop, so the clock's resolution does not count
     scaled: str = ""
     sweep: str = field(default="", compare=False)  # cases of one sweep differ only in M
@@ -69,7 +72,9 @@ class Case:
             dims = f"B={self.B} H={self.H} N={self.N} M={self.M} D={self.dqk}" + (
                 f"/{self.dv}" if self.dv != self.dqk else "")
         notes = (", causal" if self.causal else "") + (
-            f", last {self.padded_inputs} inputs masked as padding" if self.padded_inputs else "")
+            f", last {self.padded_inputs} inputs masked as padding" if self.padded_inputs else "") + (
+            f", {self.ranks} process{'es' if self.ranks > 1 else ''}" if self.level == "sharded" else "") + (
+            f" x {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
         return f"{self.name} ({dims}{notes})"
 
     def to_dict(self) -> dict:

@@ -1,11 +1,12 @@
-"""The providers of each level a case can be at: op, layer, model."""
+"""The providers of each level a case can be at: op, layer, model, sharded."""
 
 from __future__ import annotations
 
 from .model_providers import model_providers
 from .providers import Provider, layer_providers, op_providers
+from .sharded_providers import sharded_providers
 
-LEVELS = {"op": op_providers, "layer": layer_providers, "model": model_providers}
+LEVELS = {"op": op_providers, "layer": layer_providers, "model": model_providers, "sharded": sharded_providers}
 
 
 def providers_for(level: str) -> list[Provider]:

@@ -112,12 +112,42 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
                 lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {provider} | {format_ms(r['ms'])} | "
                              f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | " + " | ".join(ratios) + " |")
         lines.append("")
+    lines += sharded_section(rows)
     lines += not_run_section(rows)
     if plots:
         lines += ["## Scaling with the input length", ""]
         lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
         lines.append("")
     return "\n".join(lines)
+
+
+def sharded_section(rows: list[dict]) -> list[str]:
+    """The sharded level: each layout of processes x threads against one process with as many threads
+    in all (same case, dtype and pass), with every rank's peak memory and the bytes one call sends
+    into collectives (all-reduces and the all-gather that checks the ranks agree), per rank."""
+    found = [r for r in rows if r["case"]["level"] == "sharded" and "ms" in r]
+    if not found:
+        return []
+
+    def key(r):
+        return r["case"]["name"], r["case"]["M"], r["dtype"], r["pass"]
+
+    single = {(key(r), r["case"]["threads"]): r["ms"] for r in found if r["case"]["ranks"] == 1}
+    lines = ["## Sharded level: one layer, its input split along M over processes (gloo)", "",
+             "vs 1 process: the time of one process with as many threads in all over this row's (above 1: faster). "
+             "Peak extra MiB per rank as above, each rank measured in its own process. Collective bytes: what one "
+             "call sends into all-reduces and all-gathers, per rank.", "",
+             "| case | dtype | pass | ms | vs 1 process | peak extra MiB per rank | collective bytes per call |",
+             "|---|---|---|---:|---:|---|---:|"]
+    for r in found:
+        case = Case(**r["case"])
+        baseline = single.get((key(r), case.ranks * max(case.threads, 1)))
+        ratio = f"{baseline / r['ms']:.2f}x" if baseline else ""
+        peaks = " / ".join(f"{p:.0f}" for p in r.get("peak_extra_mib_per_rank", [r["peak_extra_mib"]]))
+        moved = f"{r['collective_bytes']:,}" if "collective_bytes" in r else "0"
+        lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {format_ms(r['ms'])} | {ratio} | {peaks} | "
+                     f"{moved} |")
+    return lines + [""]
 
 
 def not_run_section(rows: list[dict]) -> list[str]:

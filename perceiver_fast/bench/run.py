@@ -1,15 +1,21 @@
 """Runs benchmark cases: each (case, dtype, pass) in its own process, its providers one after
-another there, each timed (median after a warm-up) and its peak memory measured (memory.py)."""
+another there, each timed (median after a warm-up) and its peak memory measured (memory.py). A case
+sharded over several ranks runs in that many processes joined by gloo on this machine; its row is
+rank 0's time, with every rank's peak memory and the bytes the collectives of one call moved."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from .cases import Case
 from ..peak_memory import peak_extra_mib, tensors_mib
@@ -42,10 +48,11 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             torch.manual_seed(0)
             call = provider.prepare(case, dtype, device, backward)
             seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls
-            result, peak = peak_extra_mib(call, device)
+            (result, peak), moved = collective_bytes(lambda: peak_extra_mib(call, device))
             outputs = tensors_mib(result)
             del call, result
             rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs,
+                         **({"collective_bytes": moved} if dist.is_initialized() else {}),
                          **_kernel_label(provider, case, dtype, device, backward)})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
@@ -63,6 +70,28 @@ def _kernel_label(provider, case, dtype, device, backward) -> dict:
         return {"kernel": f"unknown ({type(error).__name__})"}
 
 
+def collective_bytes(call):
+    """(call(), bytes this process sent into all-reduces and all-gathers during it)."""
+    if not dist.is_initialized():
+        return call(), 0
+    counted = [0]
+    originals = dist.all_reduce, dist.all_gather
+
+    def all_reduce(tensor, *args, **kwargs):
+        counted[0] += tensor.numel() * tensor.element_size()
+        return originals[0](tensor, *args, **kwargs)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
+        counted[0] += tensor.numel() * tensor.element_size()
+        return originals[1](tensors, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    try:
+        return call(), counted[0]
+    finally:
+        dist.all_reduce, dist.all_gather = originals
+
+
 def _loop(call, calls: int):
     if calls == 1:
         return call
@@ -73,15 +102,48 @@ def _loop(call, calls: int):
     return loop
 
 
+RANK_DEADLINE_S = 3600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_job_in_subprocess(job: dict) -> list[dict]:
-    """measure(**job) in a fresh Python process, so that no case's memory or caches reach the next."""
-    proc = subprocess.run([sys.executable, "-m", "perceiver_fast.bench.run", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip() or f"exit code {proc.returncode}").splitlines()[-1][:200]
+    """measure(**job) in a fresh Python process, so that no case's memory or caches reach the next; in
+    one process per rank for a sharded case, rank 0's rows with every rank's peak memory."""
+    ranks = job["case"].get("ranks", 1)
+    command = [sys.executable, "-m", "perceiver_fast.bench.run", json.dumps(job)]
+    if ranks == 1:
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    else:
+        where = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks)}
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **where, "RANK": str(rank)}) for rank in range(ranks)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append((*proc.communicate(timeout=RANK_DEADLINE_S), proc.returncode))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            outputs.append(("", f"no result in {RANK_DEADLINE_S} s", 1))
+            break
+    failed = next(((err, code) for _, err, code in outputs if code != 0), None)
+    if failed is not None:
+        reason = (failed[0].strip() or f"exit code {failed[1]}").splitlines()[-1][:200]
         return [{"case": job["case"], "dtype": job["dtype_name"], "pass": job["pass_name"], "provider": name,
                  "not_run": f"the measuring process failed: {reason}"} for name in job.get("only") or ["all"]]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    every = [json.loads(out.strip().splitlines()[-1]) for out, _, _ in outputs]
+    rows = every[0]
+    if ranks > 1:
+        for row, *others in zip(*every):
+            if "peak_extra_mib" in row:
+                row["peak_extra_mib_per_rank"] = [row["peak_extra_mib"]] + [o["peak_extra_mib"] for o in others]
+                row["peak_extra_mib"] = max(row["peak_extra_mib_per_rank"])
+    return rows
 
 
 def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: str, repeats: int,
@@ -104,8 +166,15 @@ def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: s
 def main(argv=None) -> int:
     job = json.loads((argv or sys.argv[1:])[0])
     case = Case(**job["case"])
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    if "WORLD_SIZE" in os.environ:  # one rank of a sharded case (run_job_in_subprocess)
+        dist.init_process_group("gloo", timeout=timedelta(seconds=RANK_DEADLINE_S))
     print(json.dumps(measure(case, job["dtype_name"], job["pass_name"], job["device"], job["repeats"],
                              job.get("only"), job.get("full", False))))
+    if dist.is_initialized():
+        dist.barrier()  # the ranks leave together: one tearing the group down while another uses it aborts
+        dist.destroy_process_group()
     return 0
 
 

@@ -3,7 +3,7 @@ providers and passes, on which devices."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -58,6 +58,13 @@ def cpu_backend_cases(device: str) -> list[Case]:
             op(name="latent-b8-h8-n512-d64", kind="latent", B=8, H=8, M=512)]
 
 
+def sharded_cases(device: str) -> list[Case]:
+    """The million-input cross-attention layer on one process (2 threads, and 1) and sharded over 2
+    processes of one thread each: the same 2 cores either way."""
+    layer = replace(case_from_shape("long-input-1m", "layer"), level="sharded")
+    return [replace(layer, threads=2), replace(layer, threads=1), replace(layer, ranks=2, threads=1)]
+
+
 def layer_cases(device: str) -> list[Case]:
     """HF vision-fourier's cross-attention layer at batch 4, and the million-input stress shape."""
     return [case_from_shape("hf-vision-fourier-cross", "layer", batch=4), case_from_shape("long-input-1m", "layer")]
@@ -105,6 +112,9 @@ SETS = {s.name: s for s in (
                    "the vision-fourier layer at batch 8 and the whole model", gpu_cases,
             providers=("perceiver_fast[triton]", "perceiver_fast[cuda]", "sdpa", "flex_attention", "flash_attn",
                        "HF", "HF on SDPA", "HF + pf.patch"), devices=("cuda",), dtypes=("bfloat16",)),
+    CaseSet("sharded", "the million-input cross-attention layer (pf.nn.CrossAttention) on one process and with its "
+                       "input sharded over 2 processes (gloo), time, peak memory per rank and bytes all-reduced",
+            sharded_cases, devices=("cpu",), dtypes=("float32",)),
     CaseSet("model", "the whole HF vision-fourier classifier, unpatched and after pf.patch, inference",
             model_cases, passes=("forward",)),
 )}

@@ -64,11 +64,13 @@ class _ScaleGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.factor, None
+        return grad.mul_(ctx.factor), None
 
 
 def scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """t itself, whose gradient is multiplied by factor on the way back."""
+    """t itself, whose gradient is multiplied by factor on the way back, in place: a second tensor of
+    the input's size would double a sharded layer's gradient memory. Only for a t whose sole use is
+    an op of this library, whose backward hands it a gradient tensor of its own."""
     return _ScaleGradient.apply(t, factor) if torch.is_grad_enabled() and t.requires_grad else t
 
 

@@ -158,15 +158,24 @@ class _ShardedOp(torch.autograd.Function):
         *tensors, out, lse = ctx.saved_tensors
         op, parts = ctx.op, ctx.parts
         dout = dout.contiguous()
-        grads = [None if t is None or not t.is_floating_point() else torch.zeros_like(t) for t in tensors]
         whole = len(parts) == 1
+        # The key side's gradients (of the size of the shard) are the kernel's own tensors, added
+        # into only when a second part runs: no second shard-sized buffer.
+        grads = [None] * len(tensors)
         for rows, causal in parts:
             part = op.backward(causal, _rows(dout, rows, whole), _rows(out, rows, whole), _rows(lse, rows, whole),
                                _rows(tensors[0], rows, whole), *tensors[1:])
+            if whole:
+                grads = list(part)
+                break
+            if grads[0] is None:
+                grads[0] = torch.zeros_like(tensors[0])
             grads[0][:, :, rows] = part[0]
             for i, g in enumerate(part[1:], start=1):
                 if g is not None:
-                    grads[i] += g
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        grads = [torch.zeros_like(t) if g is None and t is not None and t.is_floating_point() else g
+                 for g, t in zip(grads, tensors)]
         summed = sum_across_ranks([grads[i] for i in op.replicated], ctx.shards.group)
         for i, g in zip(op.replicated, summed):
             grads[i] = g
