@@ -7,7 +7,7 @@ generate alike; a real loader would read only its own shard). The encoder's cros
 attends to every rank's shard (perceiver_fast.nn.PerceiverEncoder with process_group=), the rest
 of the model runs replicated, and DistributedDataParallel over the same group leaves every rank
 with the gradients of the whole input, so the ranks stay in step. The task: tell which of 10
-patterns was planted in 1% of a noise sequence of --length points.
+patterns was planted in 10% of a noise sequence of --length points.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def batch(step: int, size: int, length: int):
     labels = torch.randint(CLASSES, (size,), generator=generator)
     patterns = torch.randn(CLASSES, CHANNELS, generator=torch.Generator().manual_seed(1234))
     inputs = torch.randn(size, length, CHANNELS, generator=generator)
-    planted = torch.rand(size, length, generator=generator) < 0.01
+    planted = torch.rand(size, length, generator=generator) < 0.1
     inputs[planted] += 3 * patterns[labels].repeat_interleave(planted.sum(dim=1), dim=0)
     return inputs, labels
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=65536, help="input points per sequence (split over ranks)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
 
     dist.init_process_group("gloo")

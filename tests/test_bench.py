@@ -61,7 +61,7 @@ def test_full_set_covers_every_published_shape():
 
 
 def test_sets_are_named_and_quick_and_full_keep_their_cases():
-    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "model"]
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model"]
     assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
@@ -273,6 +273,25 @@ def test_run_cases_runs_each_case_in_a_subprocess_and_reports_progress():
     assert {(r["case"]["level"], r["provider"]) for r in rows} == {("op", "sdpa"), ("layer", "HF"),
                                                                   ("layer", "HF + pf.patch")}
     assert all("ms" in r for r in rows), rows
+
+
+def test_sharded_cases_run_on_their_ranks_and_report_collective_bytes():
+    from perceiver_fast.bench.report import sharded_section
+
+    cases = [replace(c, M=300, N=16, H=2, dqk=8, dv=8, C=12, latent_dim=32) for c in SETS["sharded"].cases("cpu")]
+    assert [(c.ranks, c.threads) for c in cases] == [(1, 2), (1, 1), (2, 1)] and cases[0].level == "sharded"
+    rows = run_cases(cases, ["float32"], ["forward", "forward+backward"], "cpu", 1, progress=lambda line: None)
+    assert all("ms" in r for r in rows), rows
+    single, sharded = rows[0], rows[4]
+    assert "collective_bytes" not in single and len(sharded["peak_extra_mib_per_rank"]) == 2
+    # The layer runs the shortcut method (fewer FLOPs here), which attends over x's C channels per
+    # head: one all-reduce of B H N lse maxima, one of B H N (C + 1) sums, and the ranks' agreement
+    # check (an all-gather of 21 int64); the backward adds the folded queries' gradient (B H N C).
+    forward = 4 * 2 * 16 + 4 * 2 * 16 * (12 + 1) + 8 * 21
+    assert sharded["collective_bytes"] == forward
+    assert rows[5]["collective_bytes"] == forward + 4 * 2 * 16 * 12
+    table = "\n".join(sharded_section(rows))
+    assert "2 processes x 1 thread" in table and "| 1,960 |" in table
 
 
 def test_report_tables_plots_and_json(tmp_path):
