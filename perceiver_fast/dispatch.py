@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
+from .shards import agree
 from .validation import Problem
 
 BACKENDS: tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())
@@ -60,8 +61,19 @@ def run_sharded(validate, backend: str | None, *args, **kwargs):
     eagerly under torch.compile: the ranks' agreement check and the merge are collectives on values
     known only at run time."""
     problem = validate(*args, **kwargs)
+    chosen = refusal = None
+    try:
+        chosen = select_backend(problem, backend)
+    except BackendUnsupportedError as error:
+        refusal = error
+    # Ranks on different backends, or one fused and one composed, would make different collectives.
+    choice = None if refusal else [0, 2 * BACKEND_NAMES.index(chosen.name) + (chosen.unfused_reason(problem) is None)]
+    agree(problem.op, problem.shards.group, ["", "backend (2 x its index in BACKENDS, + 1 fused)"], choice,
+          problem.device)
+    if refusal is not None:
+        raise refusal
     with torch.autocast(problem.device.type, enabled=False):  # validation fixed the compute dtype
-        return select_backend(problem, backend).run(problem)
+        return chosen.run(problem)
 
 
 def refusals_by_backend(problem: Problem) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ devices, never tensor values, so that torch.compile traces it without a graph br
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .flops import INPUT_METHODS, choose_method
-from .shards import ShardLayout, float_bits, gather_layout
+from .shards import ShardedCall, ShardLayout, float_bits
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 1024
@@ -198,11 +199,29 @@ def _needs_grad(tensors) -> int:
     return int(torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+# What every rank of a sharded call must agree on, besides the replicated tensors (shards.py).
+ATTENTION_AGREEMENT = ("B", "H", "N", "Dqk", "Dv", "dtype", "causal", "key_mask (given or None)", "scale",
+                       "whether gradients are needed")
+INPUT_ATTENTION_AGREEMENT = ("B", "H", "N", "Dqk", "C", "Dv", "compute dtype", "causal", "key_mask (given or None)",
+                             "scale", "norm_eps", "method", "whether gradients are needed")
+INPUT_ATTENTION_REPLICATED = ("q", "k_weight", "k_bias", "v_weight", "v_bias", "norm_weight", "norm_bias")
+
+
+def _sharded_call(op: str, process_group, names, replicated):
+    """The agreement step of a sharded call (see shards.ShardedCall); nothing for an unsharded one."""
+    return contextlib.nullcontext() if process_group is None else ShardedCall(op, process_group, names, replicated)
+
+
 def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross",
                        process_group=None) -> AttentionProblem:
     """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent");
     with a process_group, also that every rank of it makes the same call (a collective)."""
-    sharded = process_group is not None
+    with _sharded_call("cross_attention", process_group, ATTENTION_AGREEMENT, ("q",)) as call:
+        return _validate_attention(q, k, v, key_mask, causal, scale, kind, call)
+
+
+def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, call: ShardedCall | None) -> AttentionProblem:
+    sharded = call is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
     check_tensor("k", k, "(B, H, M, Dqk)", 4, empty_dim=2 if sharded else None)
     check_tensor("v", v, "(B, H, M, Dv)", 4, empty_dim=2 if sharded else None)
@@ -226,14 +245,12 @@ def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind
     causal, scale = check_flag("causal", causal), check_scale(scale, dqk)
     shards = None
     if sharded:
-        description = {"B": B, "H": H, "N": N, "Dqk": dqk, "Dv": v.shape[3], "dtype": FLOAT_DTYPES.index(q.dtype),
-                       "causal": int(causal), "key_mask (given or None)": int(key_mask is not None),
-                       "scale": float_bits(scale), "whether gradients are needed": _needs_grad((q, k, v))}
-        shards = gather_layout("cross_attention", process_group, M, description, q.device, {"q": q})
+        shards = call.layout(M, [B, H, N, dqk, v.shape[3], FLOAT_DTYPES.index(q.dtype), int(causal),
+                                 int(key_mask is not None), float_bits(scale), _needs_grad((q, k, v))], q.device, [q])
     return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=scale, kind=kind, shards=shards)
 
 
-def _compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
+def compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
     """autocast's dtype where autocast is on (as F.linear would run), else the promoted dtype."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -249,7 +266,15 @@ def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=No
     """Checks the arguments of `fused_input_attention`, casts every tensor to the compute dtype
     (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs (over
     every rank's keys with a process_group, after checking that every rank makes the same call)."""
-    sharded = process_group is not None
+    with _sharded_call("fused_input_attention", process_group, INPUT_ATTENTION_AGREEMENT,
+                       INPUT_ATTENTION_REPLICATED) as call:
+        return _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, norm_eps,
+                                         key_mask, causal, scale, method, call)
+
+
+def _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, norm_eps, key_mask,
+                              causal, scale, method, call: ShardedCall | None) -> InputAttentionProblem:
+    sharded = call is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
     check_tensor("x", x, "(B, M, C)", 3, empty_dim=1 if sharded else None)
     batch, heads, queries, dim_qk = q.shape
@@ -287,23 +312,19 @@ def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=No
     causal = check_flag("causal", causal)
     if method not in ("auto",) + INPUT_METHODS:
         raise ValueError(f"method must be one of 'auto', {', '.join(map(repr, INPUT_METHODS))}, got {method!r}")
-    dtype = _compute_dtype(tensors, q.device.type)
+    dtype = compute_dtype(tensors, q.device.type)
     scale = check_scale(scale, dim_qk)
     shards = None
     if sharded:
-        description = {"B": batch, "H": heads, "N": queries, "Dqk": dim_qk, "C": channels, "Dv": dim_v,
-                       "compute dtype": FLOAT_DTYPES.index(dtype), "causal": int(causal),
-                       "key_mask (given or None)": int(key_mask is not None), "scale": float_bits(scale),
-                       "norm_eps": float_bits(norm_eps), "method": (("auto",) + INPUT_METHODS).index(method),
-                       "whether gradients are needed": _needs_grad(tensors)}
-        replicated = {"q": q, "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias,
-                      "norm_weight": norm_weight, "norm_bias": norm_bias}
-        shards = gather_layout("fused_input_attention", process_group, keys, description, q.device, replicated)
+        shards = call.layout(keys, [batch, heads, queries, dim_qk, channels, dim_v, FLOAT_DTYPES.index(dtype),
+                                    int(causal), int(key_mask is not None), float_bits(scale), float_bits(norm_eps),
+                                    (("auto",) + INPUT_METHODS).index(method), _needs_grad(tensors)], q.device,
+                             [q, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias])
     if method == "auto":
         method = choose_method(queries, shards.total if shards else keys, channels, dim_qk, dim_v, causal)
     q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias = (
         None if t is None else t.to(dtype) for t in (q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias))
     return InputAttentionProblem(
-        q=q, key_mask=key_mask, causal=causal, scale=scale, kind=attention_kind(queries, keys, key_mask), x=x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
-        v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
+        q=q, key_mask=key_mask, causal=causal, scale=scale, kind=attention_kind(queries, keys, key_mask), x=x,
+        k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
         norm_eps=None if norm_eps is None else float(norm_eps), method=method, shards=shards)

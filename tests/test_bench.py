@@ -286,12 +286,13 @@ def test_sharded_cases_run_on_their_ranks_and_report_collective_bytes():
     assert "collective_bytes" not in single and len(sharded["peak_extra_mib_per_rank"]) == 2
     # The layer runs the shortcut method (fewer FLOPs here), which attends over x's C channels per
     # head: one all-reduce of B H N lse maxima, one of B H N (C + 1) sums, and the ranks' agreement
-    # check (an all-gather of 21 int64); the backward adds the folded queries' gradient (B H N C).
-    forward = 4 * 2 * 16 + 4 * 2 * 16 * (12 + 1) + 8 * 21
+    # checks (all-gathers of 22 int64 for the call, 3 for the backend); the backward adds the folded
+    # queries' gradient (B H N C).
+    forward = 4 * 2 * 16 + 4 * 2 * 16 * (12 + 1) + 8 * (22 + 3)
     assert sharded["collective_bytes"] == forward
     assert rows[5]["collective_bytes"] == forward + 4 * 2 * 16 * 12
     table = "\n".join(sharded_section(rows))
-    assert "2 processes x 1 thread" in table and "| 1,960 |" in table
+    assert "2 processes x 1 thread" in table and "| 1,992 |" in table
 
 
 def test_report_tables_plots_and_json(tmp_path):

@@ -148,6 +148,11 @@ def op_checks(rank: int, world: int, seed: int) -> dict:
             process_group=group)),
         "group type": _error_message(lambda: pf.cross_attention(q, k, v, process_group="world")),
         "empty without a group": _error_message(lambda: pf.cross_attention(q, k[:, :, :0], v[:, :, :0])),
+        # one rank's own arguments fail their checks: it raises its error, the others say which rank
+        "one rank's bad mask": _error_message(lambda: pf.cross_attention(
+            q, k, v, key_mask=torch.ones(1, 4 + rank + rank, dtype=torch.bool), process_group=group)),
+        "backends": _error_message(lambda: pf.cross_attention(q, k, v, process_group=group,
+                                                              backend=("cpu", "reference")[rank % 2])),
     }
     # still in step after the errors, and the same under torch.compile (which runs the call eagerly)
     eager = pf.cross_attention(q, k, v, process_group=group)
@@ -170,6 +175,12 @@ def test_sharded_ops_equal_the_single_process_call(tmp_path, world, fresh_seed):
         assert errors["weights"].startswith("ValueError: sharded fused_input_attention: k_weight differs"), errors
         assert errors["group type"].startswith("TypeError: process_group must be a torch.distributed.ProcessGroup")
         assert errors["empty without a group"].startswith("ValueError: k must have no empty dimension")
+        expected = ("ValueError: key_mask must have shape (B, M) = (1, 5)" if rank == 1 else
+                    "ValueError: sharded cross_attention: rank" + ("s 1, 2" if world == 3 else " 1") + " of "
+                    "process_group could not make the call")
+        assert errors["one rank's bad mask"].startswith(expected if rank < 2 else "ValueError: key_mask"), errors
+        assert errors["backends"].startswith("ValueError: sharded attention: the ranks of process_group disagree on "
+                                             "backend"), errors["backends"]
 
 
 def test_process_group_needs_torch_distributed_initialized():

@@ -2,7 +2,8 @@
 pf.nn modules' process_group): under DistributedDataParallel over 2 and 3 gloo processes, each rank
 passing its own shard of the input and padding mask, the parameters after a few SGD steps equal
 those of one process training on the whole input (float32, relative error <= 1e-5), for a pf.nn
-encoder behind an input embedding (whose gradients come from every shard), a patched HF model,
+encoder behind an input embedding (whose gradients come from every shard; also composed, and
+with a norm that runs unfused), a patched HF model,
 lucidrains PerceiverIO and krasserm PerceiverIO (a batch item fully padded on one rank)."""
 
 from __future__ import annotations
@@ -24,19 +25,21 @@ TOLERANCE = 1e-5
 class EmbeddedEncoder(torch.nn.Module):
     """A linear embedding of the raw input, applied to each rank's shard, then a pf.nn encoder."""
 
-    def __init__(self, process_group=None):
+    def __init__(self, process_group=None, backend=None, rms_norm=False):
         super().__init__()
         self.embed = torch.nn.Linear(6, 12)
         self.encoder = pf.nn.PerceiverEncoder(12, num_latents=8, latent_dim=32, cross_heads=2, self_heads=4,
-                                              self_layers=1, process_group=process_group)
+                                              self_layers=1, backend=backend, process_group=process_group)
+        if rms_norm:  # not a LayerNorm: the input's norm and projections run unfused, then the sharded attention
+            self.encoder.cross.attention.kv_norm = torch.nn.RMSNorm(12)
 
     def forward(self, x, key_mask):
         return self.encoder(self.embed(x), key_mask)
 
 
-def _nn_case(group):
-    base = EmbeddedEncoder()
-    sharded = EmbeddedEncoder(group)
+def _nn_case(group, **variant):
+    base = EmbeddedEncoder(**variant)
+    sharded = EmbeddedEncoder(group, **variant)
     sharded.load_state_dict(base.state_dict())
 
     def batch(generator):
@@ -69,9 +72,11 @@ def _krasserm_case(group):
     return model, None, None, batch, loss
 
 
-CASES = {"pf.nn": _nn_case, "hf": _hf_case, "lucidrains": _lucidrains_case, "krasserm": _krasserm_case}
+CASES = {"pf.nn": _nn_case, "pf.nn composed": lambda group: _nn_case(group, backend="reference"),
+         "pf.nn unfused norm": lambda group: _nn_case(group, rms_norm=True), "hf": _hf_case,
+         "lucidrains": _lucidrains_case, "krasserm": _krasserm_case}
 # Each batch tensor's axis along the input (None: replicated), by case.
-INPUT_AXES = {"pf.nn": (1, 1), "hf": (1, 1), "lucidrains": (1, 1, None), "krasserm": (1, 1)}
+INPUT_AXES = {"pf.nn": (1, 1), "pf.nn composed": (1, 1), "pf.nn unfused norm": (1, 1), "hf": (1, 1), "lucidrains": (1, 1, None), "krasserm": (1, 1)}
 
 
 def _lengths(total: int, world: int) -> list[int]:
@@ -119,7 +124,7 @@ def training_checks(rank: int, world: int, names: list[str]) -> dict:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_training_under_ddp_equals_one_process_on_the_whole_input(tmp_path, world):
-    names = ["pf.nn", "hf", "krasserm"]
+    names = ["pf.nn", "pf.nn composed", "pf.nn unfused norm", "hf", "krasserm"]
     try:
         import perceiver_pytorch  # noqa: F401
 

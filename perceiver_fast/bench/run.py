@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -116,21 +117,26 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
     one process per rank for a sharded case, rank 0's rows with every rank's peak memory."""
     ranks = job["case"].get("ranks", 1)
     command = [sys.executable, "-m", "perceiver_fast.bench.run", json.dumps(job)]
-    if ranks == 1:
-        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    else:
-        where = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks)}
-        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, **where, "RANK": str(rank)}) for rank in range(ranks)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append((*proc.communicate(timeout=RANK_DEADLINE_S), proc.returncode))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            outputs.append(("", f"no result in {RANK_DEADLINE_S} s", 1))
+    where = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks)}
+    # Files, not pipes: the processes are polled, not read, until they end.
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(ranks)]
+    procs = [subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                              env=os.environ if ranks == 1 else {**os.environ, **where, "RANK": str(rank)})
+             for rank, (out, err) in enumerate(files)]
+    # A rank that fails leaves the others waiting in a collective: stop them all at once.
+    start = time.monotonic()
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode for p in procs) or time.monotonic() - start > RANK_DEADLINE_S:
+            for p in procs:
+                p.kill()
             break
+        time.sleep(0.2)
+    outputs = []
+    for p, (out, err) in zip(procs, files):
+        p.wait()
+        out.seek(0)
+        err.seek(0)
+        outputs.append((out.read(), err.read(), p.returncode))
     failed = next(((err, code) for _, err, code in outputs if code != 0), None)
     if failed is not None:
         reason = (failed[0].strip() or f"exit code {failed[1]}").splitlines()[-1][:200]

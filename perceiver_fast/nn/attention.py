@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..shards import check_group
 from .functional import attention, input_attention, merge_heads, split_heads
 
 
@@ -46,6 +47,8 @@ class CrossAttention(nn.Module):
         _check_channels("v_channels", v_channels, heads)
         if query_residual and out_dim != q_dim:
             raise ValueError(f"query_residual needs out_dim == q_dim, got out_dim={out_dim}, q_dim={q_dim}")
+        if process_group is not None:
+            check_group(process_group)
         self.heads, self.query_residual, self.backend = heads, query_residual, backend
         self.process_group = process_group
         self.q_dim, self.kv_dim = q_dim, kv_dim

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..attention import cross_attention, latent_attention
 from ..input_attention import fused_input_attention
-from ..validation import attention_kind
+from ..shards import check_group
+from ..validation import attention_kind, compute_dtype
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -34,11 +35,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
 
 def _one_dtype(q, k, v) -> tuple[torch.Tensor, ...]:
     """q, k and v in the dtype a matmul of them would take: autocast's where it is on, else the promoted one."""
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = compute_dtype([q, k, v], q.device.type)
     return tuple(t.to(dtype) for t in (q, k, v))
 
 
@@ -94,6 +91,8 @@ def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module |
     flowing back into x is the shard's own times the group size, so that whatever made x on each
     rank's shard (an embedding, say) gets, once averaged, the sum of the shards' shares.
     """
+    if process_group is not None:
+        check_group(process_group)
     world = 1 if process_group is None else torch.distributed.get_world_size(process_group)
     if norm is None or _is_plain_layer_norm(norm, x.shape[-1]):
         return fused_input_attention(q, scale_gradient(x, world) if world > 1 else x, k_weight=k_weight, k_bias=k_bias,

@@ -98,7 +98,10 @@ def _shard_input_attentions(model: nn.Module, process_group) -> None:
     """Hands the process group to the patched modules that attend to the model's input."""
     readers = [m for adapter in {library_of(original_class(type(m))) for m in model.modules()} - {None}
                for m in import_adapter(adapter).input_attentions(model)]
-    readers = [m for m in readers if isinstance(m, FastModule)]
+    unpatched = sorted({type(m).__name__ for m in readers if not isinstance(m, FastModule)})
+    if unpatched:  # they would attend to this rank's shard alone
+        raise TypeError(f"patch(process_group=...) left {', '.join(unpatched)} reading the model's input unpatched "
+                        f"(see the warnings above): it cannot shard them")
     if not readers:
         raise TypeError(f"patch(process_group=...) found no input cross-attention in {type(model).__name__} to "
                         f"shard (it shards the encoders of {SUPPORTED})")

@@ -7,7 +7,7 @@ import torch
 from transformers.models.perceiver import modeling_perceiver as hf
 
 from ..nn.functional import attention, input_attention, merge_heads, split_heads
-from .masks import NotPerKey, additive_to_key_mask, has_rows_without_keys
+from .masks import NotPerKey, additive_to_key_mask, settled_reason
 from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 
@@ -29,9 +29,7 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
             except NotPerKey as e:
                 reason = str(e)
         group = self.pf_process_group
-        if reason is None and has_rows_without_keys(key_mask, hidden_states.shape[1], keys, causal=False,
-                                                    process_group=group):
-            reason = "a query has no key to attend"
+        reason = settled_reason(reason, key_mask, batch, hidden_states.shape[1], keys, False, group)
         if reason is not None:
             self.pf_keep_original(reason)
             return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)

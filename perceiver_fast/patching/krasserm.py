@@ -9,13 +9,22 @@ from perceiver.model.core import modules as km
 from perceiver.model.core.utils import ModuleOutput
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
-from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
+from .masks import NotPerKey, key_mask_from_bool, settled_reason
 from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 
 def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache, process_group=None):
     """(why the library's computation must run, or None; the key mask, True = attend). module is the
     patched one: mha itself or the pre-LayerNorm unit around it."""
+    reason, key_mask = _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache)
+    keys = keys_in_call + (kv_cache[0].shape[1] if kv_cache is not None else 0)
+    reason = settled_reason(reason, key_mask, kv_input.shape[0], queries.shape[1], keys, mha.causal_attention,
+                            process_group)
+    return reason, (None if reason else key_mask)
+
+
+def _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache):
+    """_unfused_reason before the check of rows without keys."""
     reason = dropout_reason(mha, mha.dropout)
     norms = [getattr(module, name, None) for name in ("q_norm", "kv_norm", "norm")]
     reason = reason or submodules_reason(module, (mha.q_proj, mha.k_proj, mha.v_proj, mha.o_proj), norms)
@@ -26,8 +35,6 @@ def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_c
         key_mask = key_mask_from_bool(pad_mask, kv_input.shape[0], keys, true_means="pad")
     except NotPerKey as e:
         return str(e), None
-    if has_rows_without_keys(key_mask, queries.shape[1], keys, mha.causal_attention, process_group):
-        return "a query has no key to attend", None
     return None, key_mask
 
 
@@ -73,6 +80,9 @@ class FastCrossAttention(FastModule, km.CrossAttention):
 
     def forward(self, x_q, x_kv=None, x_kv_prefix=None, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None,
                 kv_cache=None):
+        if self.pf_process_group is not None and (x_kv is None or kv_cache is not None or rot_pos_emb_k is not None):
+            raise RuntimeError("patched CrossAttention sharded over a process group reads a plain input only: no "
+                               "prefix, KV cache or rotary keys (Perceiver AR is not sharded)")
         kv_input = x_kv if x_kv is not None else x_kv_prefix
         keys = x_kv.shape[1] if x_kv is not None else x_kv_prefix.shape[1] + x_q.shape[1]
         reason, key_mask = _unfused_reason(self, self.attention, x_q, kv_input, keys, pad_mask, kv_cache,
@@ -84,9 +94,6 @@ class FastCrossAttention(FastModule, km.CrossAttention):
         kv_norm = self.kv_norm
         if x_kv is None:
             x_kv, kv_norm = torch.cat([self.kv_norm(x_kv_prefix), normed_q], dim=1), None
-        if self.pf_process_group is not None and (x_kv is None or kv_cache is not None or rot_pos_emb_k is not None):
-            raise RuntimeError("patched CrossAttention sharded over a process group reads a plain input only: no "
-                               "prefix, KV cache or rotary keys (Perceiver AR is not sharded)")
         return _attend(self.attention, normed_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache,
                        self.pf_backend, self.pf_process_group)
 

@@ -10,7 +10,7 @@ from perceiver_pytorch import perceiver_io as io
 from perceiver_pytorch import perceiver_pytorch as pp
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
-from .masks import NotPerKey, has_rows_without_keys, key_mask_from_bool
+from .masks import NotPerKey, key_mask_from_bool, settled_reason
 from .registry import FastModule, Swap, dropout_reason, submodules_reason
 
 ATTENTION_CLASSES = (pp.Attention, io.Attention)
@@ -19,24 +19,29 @@ ATTENTION_CLASSES = (pp.Attention, io.Attention)
 def _unfused_reason(module, attn, x, context, mask, inverted_attention) -> tuple[str | None, torch.Tensor | None]:
     """(why the library's computation must run, or None; the key mask, True = attend). module is the
     patched one: attn itself or the PreNorm around it."""
+    reason, key_mask, keys = _call_reason(module, attn, x, context, mask, inverted_attention)
+    reason = settled_reason(reason, key_mask, x.shape[0], x.shape[1], keys, False, module.pf_process_group)
+    return reason, (None if reason else key_mask)
+
+
+def _call_reason(module, attn, x, context, mask, inverted_attention) -> tuple[str | None, torch.Tensor | None, int]:
+    """_unfused_reason before the check of rows without keys, and the number of keys."""
+    keys = x.shape[1] if context is None else context.shape[1]
     if inverted_attention:
-        return "inverted attention", None
+        return "inverted attention", None, keys
     reason = dropout_reason(attn, getattr(attn, "dropout", None))
     reason = reason or submodules_reason(module, (attn.to_q, attn.to_kv, attn.to_out),
                                          (getattr(module, "norm", None), getattr(module, "norm_context", None)))
     if reason:
-        return reason, None
-    keys = x.shape[1] if context is None else context.shape[1]
+        return reason, None, keys
     if mask is not None and getattr(attn, "queries_contribute_kv", False) and context is not None:
         mask = torch.cat((mask.new_ones(mask.shape[0], x.shape[1]), mask.reshape(mask.shape[0], -1)), dim=1)
         keys += x.shape[1]
     try:
         key_mask = key_mask_from_bool(mask, x.shape[0], keys, true_means="attend")
     except NotPerKey as e:
-        return str(e), None
-    if has_rows_without_keys(key_mask, x.shape[1], keys, causal=False, process_group=module.pf_process_group):
-        return "a query has no key to attend", None
-    return None, key_mask
+        return str(e), None, keys
+    return None, key_mask, keys
 
 
 def _attend(attn, x, context, context_norm, key_mask, backend, process_group=None):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..shards import collective_device
+
 
 class NotPerKey(Exception):
     """The mask is not one bool per key (it varies by query or head, or holds other additive values)."""
@@ -56,6 +58,32 @@ def additive_to_key_mask(mask: torch.Tensor | None, batch: int, keys: int) -> to
     return keep.expand(batch, keys)
 
 
+def settled_reason(reason: str | None, key_mask: torch.Tensor | None, batch: int, queries: int, keys: int,
+                   causal: bool, process_group=None) -> str | None:
+    """Why this call keeps the library's computation: `reason`, or, where there is none, a query with
+    no key to attend; None: it runs fused.
+
+    With a process_group the keys are this rank's shard and every rank takes part, whatever its own
+    reason, in one all-reduce of each item's key count and of whether any rank has a reason, so that
+    the ranks settle alike (and sharded modules raise rather than fall back).
+    """
+    if process_group is None:
+        if reason is None and has_rows_without_keys(key_mask, queries, keys, causal):
+            return "a query has no key to attend"
+        return reason
+    if causal:
+        raise ValueError("pf.patch(process_group=...) shards non-causal input cross-attention only")
+    counts = (torch.full((batch,), keys, dtype=torch.int64) if key_mask is None
+              else key_mask.sum(dim=1, dtype=torch.int64))
+    status = torch.cat([counts.cpu(), torch.tensor([int(reason is not None)])]).to(collective_device(process_group))
+    dist.all_reduce(status, group=process_group)
+    if reason is not None:
+        return reason
+    if status[-1]:
+        return "another rank of the process group cannot run this call fused"
+    return "a query has no key to attend" if bool((status[:-1] == 0).any()) else None
+
+
 def key_mask_from_bool(mask: torch.Tensor | None, batch: int, keys: int, *, true_means: str) -> torch.Tensor | None:
     """A bool mask (B, M) (or (B, ...) flattening to M) as True = attend. true_means: "attend" or "pad"."""
     if mask is None:
@@ -66,23 +94,13 @@ def key_mask_from_bool(mask: torch.Tensor | None, batch: int, keys: int, *, true
     return mask if true_means == "attend" else ~mask
 
 
-def has_rows_without_keys(key_mask: torch.Tensor | None, queries: int, keys: int, causal: bool,
-                          process_group=None) -> bool:
+def has_rows_without_keys(key_mask: torch.Tensor | None, queries: int, keys: int, causal: bool) -> bool:
     """Whether some query may attend no key at all.
 
     The libraries give such a row the mean of all values (a softmax over equal scores); the
     contract gives 0, so such a call keeps the library's computation. Causal is bottom-right
-    aligned, so query 0 sees the fewest keys: 0 .. M - N. With a process_group the keys are this
-    rank's shard, and the keys of every rank are counted (a collective).
+    aligned, so query 0 sees the fewest keys: 0 .. M - N.
     """
-    if process_group is not None:
-        if causal:
-            raise ValueError("pf.patch(process_group=...) shards non-causal input cross-attention only")
-        if key_mask is None:
-            return False
-        counts = key_mask.sum(dim=1)
-        dist.all_reduce(counts, group=process_group)
-        return not bool((counts > 0).all())
     visible = keys - queries + 1 if causal else keys
     if visible <= 0:
         return True
