@@ -8,23 +8,16 @@ processes run under a deadline: a hang fails the test, naming where it stopped."
 from __future__ import annotations
 
 import copy
-import json
-import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import requires_gloo, run_ranks
 
 import perceiver_fast as pf
 
 WORLD = 2
 STEPS = 3
-DEADLINE_S = 240
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = requires_gloo
 
 
 def hf_case(dropout: float = 0.0):
@@ -117,52 +110,28 @@ def train(base, batch, loss_of, rank: int, patched: bool):
     return [p.detach().clone() for p in model.parameters()], losses, sorted(set(fallbacks.reasons))
 
 
-def worker(rank: int, init_file: str, result_file: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+def training_results(rank: int, world: int, names: list[str]) -> dict:
+    """Each named case trained patched and unpatched on this rank: the largest relative parameter
+    difference, how far training moved the parameters, both runs' losses and the fallbacks seen."""
     results = {}
-    try:
-        for name in names:
-            torch.manual_seed(0)
-            base, batch, loss_of = CASES[name]()
-            (fast, fast_losses, fallbacks), (plain, plain_losses, _) = (train(base, batch, loss_of, rank, patched)
-                                                                        for patched in (True, False))
-            total = torch.sqrt(sum(p.norm() ** 2 for p in plain))
-            errors = [float((a - b).norm() / max(float(b.norm()), 1e-3 * float(total))) for a, b in zip(fast, plain)]
-            moved = max(float((a - b.detach()).norm()) for a, b in zip(plain, base.parameters()))
-            results[name] = {"max_relative_error": max(errors), "moved": moved, "fast_losses": fast_losses,
-                             "plain_losses": plain_losses, "fallbacks": fallbacks}
-        if rank == 0:
-            with open(result_file, "w") as f:
-                json.dump(results, f)
-    finally:
-        # Both ranks leave the group together: one tearing it down while the other still uses it aborts.
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def run_distributed(tmp_path, names: list[str]) -> dict:
-    init_file, result_file = str(tmp_path / "rendezvous"), str(tmp_path / "results.json")
-    context = mp.start_processes(worker, args=(init_file, result_file, names), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    start = time.monotonic()
-    while not context.join(timeout=5):
-        if time.monotonic() - start > DEADLINE_S:
-            for process in context.processes:
-                process.kill()
-            alive = [p.pid for p in context.processes if p.is_alive()]
-            pytest.fail(f"the {WORLD} training processes did not finish in {DEADLINE_S} s (still alive: {alive})")
-    assert os.path.exists(result_file), "rank 0 wrote no results"
-    with open(result_file) as f:
-        return json.load(f)
+    for name in names:
+        torch.manual_seed(0)
+        base, batch, loss_of = CASES[name]()
+        (fast, fast_losses, fallbacks), (plain, plain_losses, _) = (train(base, batch, loss_of, rank, patched)
+                                                                    for patched in (True, False))
+        total = torch.sqrt(sum(p.norm() ** 2 for p in plain))
+        errors = [float((a - b).norm() / max(float(b.norm()), 1e-3 * float(total))) for a, b in zip(fast, plain)]
+        moved = max(float((a - b.detach()).norm()) for a, b in zip(plain, base.parameters()))
+        results[name] = {"max_relative_error": max(errors), "moved": moved, "fast_losses": fast_losses,
+                         "plain_losses": plain_losses, "fallbacks": fallbacks}
+    return results
 
 
 def test_patched_models_train_under_ddp_to_the_unpatched_parameters(tmp_path):
     names = ["hf"]
     names += ["lucidrains"] if pytest.importorskip("perceiver_pytorch") else []
     names += ["krasserm"] if pytest.importorskip("perceiver.model.core") else []
-    results = run_distributed(tmp_path, names + ["hf-dropout"])
+    results = run_ranks(training_results, WORLD, tmp_path, names + ["hf-dropout"])[0]
     for name in names:
         r = results[name]
         assert r["moved"] > 1e-4, f"{name}: training did not move the parameters"

@@ -9,6 +9,7 @@ lucidrains PerceiverIO and krasserm PerceiverIO (a batch item fully padded on on
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -58,7 +59,6 @@ def _hf_case(group):
 
 
 def _lucidrains_case(group):
-    pytest.importorskip("perceiver_pytorch")
     from test_ddp import lucidrains_case
 
     model, batch, loss = lucidrains_case()
@@ -125,12 +125,7 @@ def training_checks(rank: int, world: int, names: list[str]) -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_training_under_ddp_equals_one_process_on_the_whole_input(tmp_path, world):
     names = ["pf.nn", "pf.nn composed", "pf.nn unfused norm", "hf", "krasserm"]
-    try:
-        import perceiver_pytorch  # noqa: F401
-
-        names.append("lucidrains")
-    except ImportError:
-        pass
+    names += ["lucidrains"] if importlib.util.find_spec("perceiver_pytorch") else []
     for rank, results in enumerate(run_ranks(training_checks, world, tmp_path, names)):
         for name, r in results.items():
             assert r["moved"] > 1e-4, f"{name}: training did not move the parameters"
