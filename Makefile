@@ -58,7 +58,8 @@ $(OLDEST_STAMP): Makefile
 test-oldest-triton: install $(OLDEST_STAMP)
 	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	  -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" \
-	  tests/test_triton_attention.py tests/test_tiles.py tests/test_input_attention.py tests/test_compile.py \
+	  tests/test_triton_attention.py tests/test_triton_dropout.py tests/test_tiles.py tests/test_input_attention.py \
+	  tests/test_compile.py tests/test_dropout.py \
 	  -m "not gpu" -k "triton or Triton or tiles or compile_check"
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m perceiver_fast.kernels.compile_check --arch 90
 

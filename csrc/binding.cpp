@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/attention.h"
+#include "cpu/dropout.h"
 #include "cpu/input_attention.h"
 #include "cpu/softmax_rows_avx512.h"
 #include "cpu/tile_gemm.h"
@@ -52,6 +53,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_backward_operands(const a
   return {with_unit_last_stride(dout), out.contiguous(), lse.contiguous()};
 }
 
+// Dropout of a call: dropout_p in [0, 1); with p > 0 the seed tensor (int64 seed, offset) the
+// Python side drew; row_offset: the problem row of q's row 0 (calls on a chunk of the rows).
+cpu::Dropout checked_dropout(double p, const std::optional<at::Tensor>& seed, int64_t row_offset) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+  if (p == 0) return {};
+  TORCH_CHECK(seed.has_value(), "dropout_seed must be given with dropout_p > 0");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 2 && seed->device().is_cpu(),
+              "dropout_seed must be an int64 CPU tensor of 2 values (seed, offset), got ", seed->scalar_type(), " ",
+              seed->sizes(), " on ", seed->device());
+  const at::Tensor words = seed->contiguous();
+  const int64_t* w = words.data_ptr<int64_t>();
+  // As perceiver_fast.dropout.keep_threshold: p * 2^32 is exact in a double; truncate, cap at 2^32 - 1.
+  const auto threshold =
+      static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(p * 4294967296.0), 0xFFFFFFFFull));
+  return {p, static_cast<uint64_t>(w[0]), static_cast<uint32_t>(w[1]), threshold, row_offset};
+}
+
 struct Checked {
   at::Tensor q, k, v, key_mask;
   cpu::Shape shape;
@@ -79,7 +98,7 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 template <typename T>
 cpu::AttentionInputs<T> kernel_inputs(const Checked& c, bool causal, double scale, int64_t key_tile,
-                                      int64_t row_block, int64_t workers) {
+                                      int64_t row_block, int64_t workers, const cpu::Dropout& dropout) {
   TORCH_CHECK(key_tile >= 0 && row_block >= 0 && workers >= 0, "key_tile, row_block and workers must be >= 0");
   return {c.shape,
           strided<T>(c.q),
@@ -88,18 +107,21 @@ cpu::AttentionInputs<T> kernel_inputs(const Checked& c, bool causal, double scal
           c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr,
           causal,
           scale,
-          {key_tile, row_block, workers}};
+          {key_tile, row_block, workers},
+          dropout};
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& key_mask, bool causal, double scale,
-                                           int64_t key_tile, int64_t row_block, int64_t workers) {
+                                           int64_t key_tile, int64_t row_block, int64_t workers, double dropout_p,
+                                           const std::optional<at::Tensor>& dropout_seed, int64_t row_offset) {
   const Checked c = check_inputs(q, k, v, key_mask);
+  const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
   const auto& s = c.shape;
   auto out = at::empty({s.batch, s.heads, s.queries, s.dim_v}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_forward", [&] {
-    cpu::attention_forward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers),
+    cpu::attention_forward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers, dropout),
                                      out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
   return {out, lse};
@@ -110,8 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         const at::Tensor& out, const at::Tensor& lse,
                                                         const std::optional<at::Tensor>& key_mask, bool causal,
                                                         double scale, int64_t key_tile, int64_t row_block,
-                                                        int64_t workers) {
+                                                        int64_t workers, double dropout_p,
+                                                        const std::optional<at::Tensor>& dropout_seed,
+                                                        int64_t row_offset) {
   const Checked c = check_inputs(q, k, v, key_mask);
+  const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
   const auto& s = c.shape;
   // Plain references, not structured bindings: the dispatch lambdas below capture them (C++17).
   const auto operands = checked_backward_operands(dout, out, lse, q, s);
@@ -120,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   auto dk = at::zeros({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
   auto dv = at::zeros({s.batch, s.heads, s.keys, s.dim_v}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_backward", [&] {
-    cpu::attention_backward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers),
+    cpu::attention_backward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers, dropout),
                                       strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
                                       dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
@@ -188,7 +213,8 @@ T* data_or_null(const at::Tensor& t) {
 
 template <typename T>
 cpu::InputAttentionInputs<T> input_kernel_inputs(const CheckedInput& c, bool normalize, double eps, bool causal,
-                                                 double scale, int64_t key_tile, int64_t row_block, int64_t workers) {
+                                                 double scale, int64_t key_tile, int64_t row_block, int64_t workers,
+                                                 const cpu::Dropout& dropout) {
   TORCH_CHECK(key_tile >= 0 && row_block >= 0 && workers >= 0, "key_tile, row_block and workers must be >= 0");
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   return {c.shape,
@@ -206,7 +232,8 @@ cpu::InputAttentionInputs<T> input_kernel_inputs(const CheckedInput& c, bool nor
           c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr,
           causal,
           scale,
-          {key_tile, row_block, workers}};
+          {key_tile, row_block, workers},
+          dropout};
 }
 
 std::tuple<at::Tensor, at::Tensor> input_forward(const at::Tensor& q, const at::Tensor& x, bool normalize, double eps,
@@ -215,15 +242,18 @@ std::tuple<at::Tensor, at::Tensor> input_forward(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& v_weight,
                                                  const std::optional<at::Tensor>& v_bias,
                                                  const std::optional<at::Tensor>& key_mask, bool causal, double scale,
-                                                 int64_t key_tile, int64_t row_block, int64_t workers) {
+                                                 int64_t key_tile, int64_t row_block, int64_t workers,
+                                                 double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                                                 int64_t row_offset) {
   const CheckedInput c = check_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, key_mask);
+  const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
   const auto& s = c.shape;
   auto out = at::empty({s.batch, s.heads, s.queries, s.dim_v}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_input_attention_forward", [&] {
-    cpu::input_attention_forward<scalar_t>(
-        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers),
-        out.data_ptr<scalar_t>(), lse.data_ptr<float>());
+    const auto inputs =
+        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers, dropout);
+    cpu::input_attention_forward<scalar_t>(inputs, out.data_ptr<scalar_t>(), lse.data_ptr<float>());
   });
   return {out, lse};
 }
@@ -236,8 +266,11 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
                                        const std::optional<at::Tensor>& v_weight,
                                        const std::optional<at::Tensor>& v_bias, const at::Tensor& out,
                                        const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, bool causal,
-                                       double scale, int64_t key_tile, int64_t row_block, int64_t workers) {
+                                       double scale, int64_t key_tile, int64_t row_block, int64_t workers,
+                                       double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                                       int64_t row_offset) {
   const CheckedInput c = check_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, key_mask);
+  const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
   const auto& s = c.shape;
   // Plain references, not structured bindings: the dispatch lambdas below capture them (C++17).
   const auto operands = checked_backward_operands(dout, out, lse, q, s);
@@ -252,9 +285,10 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
     dvb = at::empty_like(c.v_bias);
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_input_attention_backward", [&] {
+    const auto inputs =
+        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers, dropout);
     cpu::input_attention_backward<scalar_t>(
-        input_kernel_inputs<scalar_t>(c, normalize, eps, causal, scale, key_tile, row_block, workers),
-        strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
+        inputs, strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
         cpu::InputAttentionGrads<scalar_t>{dq.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), data_or_null<scalar_t>(dkw),
                                            data_or_null<scalar_t>(dkb), data_or_null<scalar_t>(dvw), data_or_null<scalar_t>(dvb)});
   });
@@ -264,6 +298,24 @@ std::vector<at::Tensor> input_backward(const at::Tensor& dout, const at::Tensor&
     return {dq, dx, none(), none(), none(), none()};
   }
   return {dq, dx, dkw, dkb, dvw, dvb};
+}
+
+// The (B, H, N, M) keep mask the kernels draw from dropout_seed: the debug view of their dropout.
+at::Tensor dropout_keep_mask(const at::Tensor& dropout_seed, int64_t batch, int64_t heads, int64_t queries,
+                             int64_t keys, double dropout_p) {
+  TORCH_CHECK(batch >= 0 && heads >= 0 && queries >= 0 && keys >= 0, "batch, heads, queries and keys must be >= 0");
+  TORCH_CHECK(dropout_p > 0, "dropout_p must be in (0, 1) for a keep mask, got ", dropout_p);
+  const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, 0);
+  auto mask = at::empty({batch, heads, queries, keys}, at::TensorOptions().dtype(at::kBool));
+  bool* data = mask.data_ptr<bool>();
+  at::parallel_for(0, batch * heads * queries, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> words(cpu::keep_words(keys));
+    for (int64_t r = begin; r < end; ++r) {
+      cpu::dropout_keep_bits(dropout, r / queries, r % queries, 0, keys, words.data());
+      for (int64_t j = 0; j < keys; ++j) data[r * keys + j] = (words[j / 64] >> (j % 64)) & 1;
+    }
+  });
+  return mask;
 }
 
 }  // namespace
@@ -282,21 +334,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "perceiver-fast compiled kernels, called by the ops of perceiver_fast/ops/";
   m.def("cpu_attention_forward", &perceiver_fast::forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0, py::arg("row_block") = 0,
-        py::arg("workers") = 0);
+        py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
   m.def("cpu_attention_backward", &perceiver_fast::backward, py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"),
-        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0);
+        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
   m.def("cpu_input_attention_forward", &perceiver_fast::input_forward, py::arg("q"), py::arg("x"),
         py::arg("normalize"), py::arg("eps"), py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"),
         py::arg("v_bias"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0,
-        py::arg("row_block") = 0, py::arg("workers") = 0);
+        py::arg("row_block") = 0, py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
   m.def("cpu_input_attention_backward", &perceiver_fast::input_backward, py::arg("dout"), py::arg("q"), py::arg("x"),
         py::arg("normalize"), py::arg("eps"), py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"),
         py::arg("v_bias"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"),
-        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0);
+        py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
 #ifdef PERCEIVER_FAST_CUDA
   perceiver_fast::add_cuda_functions(m);
 #endif
+  m.def("cpu_dropout_keep_mask", &perceiver_fast::dropout_keep_mask, py::arg("dropout_seed"), py::arg("batch"),
+        py::arg("heads"), py::arg("queries"), py::arg("keys"), py::arg("dropout_p"));
   m.def("cpu_features", [] {
     return std::map<std::string, bool>{
         {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},

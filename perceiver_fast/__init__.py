@@ -1,7 +1,7 @@
 """perceiver-fast: fused attention kernels for Perceiver-family models."""
 
 from . import nn
-from .attention import cross_attention, latent_attention
+from .attention import attention_dropout_mask, cross_attention, latent_attention
 from .dispatch import BACKEND_NAMES, BackendUnsupportedError
 from .explain import explain
 from .input_attention import fused_input_attention
@@ -10,5 +10,6 @@ from .reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "cross_attention", "latent_attention", "fused_input_attention", "attention_reference", "explain",
-           "BACKEND_NAMES", "BackendUnsupportedError", "patch", "unpatch", "PatchReport", "__version__"]
+__all__ = ["nn", "cross_attention", "latent_attention", "fused_input_attention", "attention_dropout_mask",
+           "attention_reference", "explain", "BACKEND_NAMES", "BackendUnsupportedError", "patch", "unpatch",
+           "PatchReport", "__version__"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import run_sharded, select_backend
+from .dispatch import get_backend, run_sharded, select_backend
+from .dropout import check_dropout_p, draw_seed
 from .validation import check_flag, validate_attention
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-                    causal: bool = False, scale: float | None = None, return_lse: bool = False,
-                    backend: str | None = None, process_group=None):
+                    causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                    return_lse: bool = False, backend: str | None = None, process_group=None):
     """Attention of N queries over M keys, fused (no N x M matrix) on the fast backends.
 
     q (B, H, N, Dqk), k (B, H, M, Dqk), v (B, H, M, Dv) -> out (B, H, N, Dv) in q's dtype.
@@ -19,6 +20,13 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ma
     and lse -inf. scale defaults to 1/sqrt(Dqk). return_lse=True returns (out, lse) with
     lse (B, H, N) float32 (not differentiable). backend: None/"auto", "triton", "cuda", "cpu" or
     "reference".
+
+    dropout_p: attention dropout, applied whenever it is > 0 (pass 0 in eval, as
+    F.scaled_dot_product_attention): each probability is dropped with probability dropout_p, the
+    kept ones scaled by 1 / (1 - dropout_p), inside the kernel; the mask is drawn from a seed taken
+    from torch's default generator for q's device (so torch.manual_seed fixes it, on every backend
+    and thread count) and regenerated in the backward, never stored. lse stays that of the
+    undropped scores. `attention_dropout_mask` shows the mask. Not with a process_group.
 
     process_group: a torch.distributed ProcessGroup over which the key axis is sharded (None: not
     sharded). k, v and key_mask are then this rank's contiguous shard of the keys (shards in rank
@@ -31,19 +39,38 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ma
     return_lse = check_flag("return_lse", return_lse)
     if process_group is not None:
         out, lse = run_sharded(validate_attention, backend, q, k, v, key_mask=key_mask, causal=causal, scale=scale,
-                               kind="cross", process_group=process_group)
+                               kind="cross", dropout_p=dropout_p, process_group=process_group)
         return (out, lse) if return_lse else out
-    problem = validate_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross")
+    problem = validate_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, kind="cross",
+                                 dropout_p=dropout_p)
     out, lse = select_backend(problem, backend).run(problem)
     return (out, lse) if return_lse else out
 
 
 def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                     scale: float | None = None, dropout_p: float = 0.0, backend: str | None = None) -> torch.Tensor:
     """Self-attention over the latent array (N == M), with tile choices for small square problems.
 
-    Same layout, causal rule, scale and backends as `cross_attention`.
+    Same layout, causal rule, scale, dropout and backends as `cross_attention`.
     """
-    problem = validate_attention(q, k, v, causal=causal, scale=scale, kind="latent")
+    problem = validate_attention(q, k, v, causal=causal, scale=scale, kind="latent", dropout_p=dropout_p)
     out, _ = select_backend(problem, backend).run(problem)
     return out
+
+
+def attention_dropout_mask(batch: int, heads: int, queries: int, keys: int, dropout_p: float, *,
+                           device: torch.device | str = "cpu", backend: str = "cpu") -> torch.Tensor:
+    """The bool (B, H, N, M) keep mask (True = kept) that the next attention call with these sizes
+    and dropout_p on `device` would draw, as `backend`'s kernels generate it: it takes the seed from
+    the same generator, so after `torch.manual_seed(s)` it is the mask of the first call after
+    another `torch.manual_seed(s)`. A debugging and testing aid: it materialises B H N M values."""
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p == 0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask (0 keeps every probability and draws no seed)")
+    for name, size in (("batch", batch), ("heads", heads), ("queries", queries), ("keys", keys)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {size!r}")
+    chosen = get_backend(backend)
+    if chosen.unavailable:
+        raise ValueError(f"backend {backend!r} is unavailable: {chosen.unavailable}")
+    return chosen.dropout_keep_mask(draw_seed(torch.device(device)), batch, heads, queries, keys, dropout_p)

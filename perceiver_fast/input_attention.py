@@ -14,7 +14,8 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
                           v_bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
                           norm_bias: torch.Tensor | None = None, norm_eps: float | None = 1e-5,
                           key_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                          method: str = "auto", backend: str | None = None, process_group=None) -> torch.Tensor:
+                          method: str = "auto", dropout_p: float = 0.0, backend: str | None = None,
+                          process_group=None) -> torch.Tensor:
     """Attention of projected queries over LayerNorm(x) projected to K and V, fused.
 
     q (B, H, N, Dqk); x (B, M, C); k_weight (H * Dqk, C), v_weight (H * Dv, C) and optional
@@ -31,6 +32,11 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
     composed on its own attention kernel, and raises BackendUnsupportedError when it can do
     neither. `pf.explain(pf.fused_input_attention, ...)` says which.
 
+    dropout_p: attention dropout on the scores of q's heads, as in `cross_attention`. The shortcut
+    adds V's bias once per row, exact only while a row's probabilities sum to 1, so with dropout
+    and a bias on V (v_bias, or norm_bias through Wv) "auto" takes the projection and "shortcut" is
+    refused.
+
     process_group: as in `cross_attention`, with x and key_mask the sharded key side. q and every
     weight and bias are replicated: their gradients are the full ones on every rank, x's is this
     shard's. Method "auto" counts every rank's keys, so every rank picks the same method.
@@ -39,10 +45,11 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
         return run_sharded(validate_input_attention, backend, q, x, k_weight=k_weight, k_bias=k_bias,
                            v_weight=v_weight, v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
                            norm_eps=norm_eps, key_mask=key_mask, causal=causal, scale=scale, method=method,
-                           process_group=process_group)[0]
+                           dropout_p=dropout_p, process_group=process_group)[0]
     problem = validate_input_attention(q, x, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias,
                                        norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
-                                       key_mask=key_mask, causal=causal, scale=scale, method=method)
+                                       key_mask=key_mask, causal=causal, scale=scale, method=method,
+                                       dropout_p=dropout_p)
     with torch.autocast(problem.device.type, enabled=False):
         out, _ = select_backend(problem, backend).run(problem)
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dropout import check_dropout_p
 from .flops import INPUT_METHODS, choose_method
 from .shards import ShardedCall, ShardLayout, float_bits
 
@@ -33,7 +34,8 @@ class Problem:
     q is the (B, H, N, Dqk) queries of either op; `kind` is "cross" or "latent" (tile choices).
     Each op's problem adds its tensors, `keys`, `dim_v` and `tensors()` (all its tensor inputs).
     `shards`: where this rank's keys lie when the key axis is sharded over a process group (`keys`
-    is then this rank's shard length), else None.
+    is then this rank's shard length), else None. `dropout_p`: the attention dropout probability
+    (perceiver_fast/dropout.py), 0 for none.
     """
 
     q: torch.Tensor
@@ -42,6 +44,7 @@ class Problem:
     scale: float
     kind: str
     shards: ShardLayout | None = field(default=None, kw_only=True)
+    dropout_p: float = field(default=0.0, kw_only=True)
 
     op = ""
 
@@ -77,7 +80,8 @@ class Problem:
         return (f"{self.op.replace('_', ' ')} ({self.kind}) B={self.batch} H={self.heads} N={self.queries} "
                 f"M={self.keys} Dqk={self.dim_qk} Dv={self.dim_v} {_dtype_name(self.dtype)} on {self.device.type}"
                 f"{' key_mask' if self.key_mask is not None else ''}{' causal' if self.causal else ''}"
-                f"{' grad' if self.needs_grad else ''}{' ' + self.shards.describe() if self.shards else ''}")
+                f"{' grad' if self.needs_grad else ''}{f' dropout_p={self.dropout_p:g}' if self.dropout_p else ''}"
+                f"{' ' + self.shards.describe() if self.shards else ''}")
 
 
 @dataclass(frozen=True)
@@ -212,15 +216,25 @@ def _sharded_call(op: str, process_group, names, replicated):
     return contextlib.nullcontext() if process_group is None else ShardedCall(op, process_group, names, replicated)
 
 
-def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross",
+def _checked_dropout(dropout_p, process_group) -> float:
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p and process_group is not None:
+        raise ValueError(f"dropout_p must be 0 with a process_group (attention dropout over sharded keys is not "
+                         f"supported), got {dropout_p}")
+    return dropout_p
+
+
+def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind: str = "cross", dropout_p=0.0,
                        process_group=None) -> AttentionProblem:
     """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent");
     with a process_group, also that every rank of it makes the same call (a collective)."""
     with _sharded_call("cross_attention", process_group, ATTENTION_AGREEMENT, ("q",)) as call:
-        return _validate_attention(q, k, v, key_mask, causal, scale, kind, call)
+        return _validate_attention(q, k, v, key_mask, causal, scale, kind, _checked_dropout(dropout_p, process_group),
+                                   call)
 
 
-def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, call: ShardedCall | None) -> AttentionProblem:
+def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, dropout_p: float,
+                        call: ShardedCall | None) -> AttentionProblem:
     sharded = call is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
     check_tensor("k", k, "(B, H, M, Dqk)", 4, empty_dim=2 if sharded else None)
@@ -247,7 +261,8 @@ def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, call: Shard
     if sharded:
         shards = call.layout(M, [B, H, N, dqk, v.shape[3], FLOAT_DTYPES.index(q.dtype), int(causal),
                                  int(key_mask is not None), float_bits(scale), _needs_grad((q, k, v))], q.device, [q])
-    return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=scale, kind=kind, shards=shards)
+    return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=scale, kind=kind, shards=shards,
+                            dropout_p=dropout_p)
 
 
 def compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
@@ -262,18 +277,20 @@ def compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
 
 def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=None, norm_weight=None,
                              norm_bias=None, norm_eps=1e-5, key_mask=None, causal=False, scale=None,
-                             method="auto", process_group=None) -> InputAttentionProblem:
+                             method="auto", dropout_p=0.0, process_group=None) -> InputAttentionProblem:
     """Checks the arguments of `fused_input_attention`, casts every tensor to the compute dtype
     (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs (over
     every rank's keys with a process_group, after checking that every rank makes the same call)."""
     with _sharded_call("fused_input_attention", process_group, INPUT_ATTENTION_AGREEMENT,
                        INPUT_ATTENTION_REPLICATED) as call:
         return _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, norm_eps,
-                                         key_mask, causal, scale, method, call)
+                                         key_mask, causal, scale, method, _checked_dropout(dropout_p, process_group),
+                                         call)
 
 
 def _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, norm_eps, key_mask,
-                              causal, scale, method, call: ShardedCall | None) -> InputAttentionProblem:
+                              causal, scale, method, dropout_p: float,
+                              call: ShardedCall | None) -> InputAttentionProblem:
     sharded = call is not None
     check_tensor("q", q, "(B, H, N, Dqk)", 4)
     check_tensor("x", x, "(B, M, C)", 3, empty_dim=1 if sharded else None)
@@ -320,11 +337,18 @@ def _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_wei
                                     int(causal), int(key_mask is not None), float_bits(scale), float_bits(norm_eps),
                                     (("auto",) + INPUT_METHODS).index(method), _needs_grad(tensors)], q.device,
                              [q, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias])
+    # The shortcut adds V's bias (v_bias + Wv norm_bias) once per row, which assumes the row's
+    # probabilities sum to 1; dropped ones do not.
+    value_bias = v_bias is not None or (norm_eps is not None and norm_bias is not None)
+    if dropout_p and value_bias and method == "shortcut":
+        raise ValueError(f"method 'shortcut' cannot drop attention probabilities when V has a bias (v_bias or "
+                         f"norm_bias given): use method 'projection' or 'auto' with dropout_p={dropout_p}")
     if method == "auto":
-        method = choose_method(queries, shards.total if shards else keys, channels, dim_qk, dim_v, causal)
+        method = ("projection" if dropout_p and value_bias else
+                  choose_method(queries, shards.total if shards else keys, channels, dim_qk, dim_v, causal))
     q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias = (
         None if t is None else t.to(dtype) for t in (q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias))
     return InputAttentionProblem(
         q=q, key_mask=key_mask, causal=causal, scale=scale, kind=attention_kind(queries, keys, key_mask), x=x,
         k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
-        norm_eps=None if norm_eps is None else float(norm_eps), method=method, shards=shards)
+        norm_eps=None if norm_eps is None else float(norm_eps), method=method, shards=shards, dropout_p=dropout_p)

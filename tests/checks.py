@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from perceiver_fast import attention_reference
+from perceiver_fast.dropout import draw_seed
 from perceiver_fast.ops.attention import attention
+from perceiver_fast.reference import dropout_keep_mask
 
 FP32_RTOL = 1e-4
 
@@ -25,11 +27,13 @@ def random_key_mask(B, M, device="cpu", empty_batch=True):
     return mask
 
 
-def reference_with_grads(q, k, v, dout, *, key_mask=None, causal=False, scale=None, compute_dtype=None):
+def reference_with_grads(q, k, v, dout, *, key_mask=None, causal=False, scale=None, compute_dtype=None,
+                         dropout_p=0.0, dropout_keep=None):
     """(out, lse, (dq, dk, dv)) of the reference, computed in compute_dtype (float64 when None)."""
     dtype = compute_dtype or torch.float64
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = attention_reference(*leaves, key_mask=key_mask, causal=causal, scale=scale)
+    out, lse = attention_reference(*leaves, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+                                   dropout_keep=dropout_keep)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return out, lse, grads
 
@@ -38,7 +42,7 @@ def kernel_runner(kernel: str, kind: str = "cross", tiling=()):
     """run(q, k, v, key_mask, causal) -> (out, lse) on one kernel family's registered op, past dispatch:
     `tiling` overrides its loop sizes (see perceiver_fast.ops.attention)."""
     def run(q, k, v, key_mask, causal):
-        return attention(q, k, v, key_mask, causal, q.shape[-1] ** -0.5, kernel, kind, list(tiling))
+        return attention(q, k, v, key_mask, causal, q.shape[-1] ** -0.5, 0.0, None, kernel, kind, list(tiling))
     return run
 
 
@@ -95,18 +99,33 @@ CROSS_SHAPES = {
 MASKINGS = [(False, False), (True, False), (False, True), (True, True)]
 
 
-def check_attention(run, shape, dtype, key_mask, causal, device="cpu"):
-    """run(q, k, v, key_mask=, causal=) -> (out, lse): output, lse and dq/dk/dv against float64."""
+def same_seed_keep_mask(batch, heads, queries, keys, dropout_p, device="cpu"):
+    """(generator seed, keep mask): the mask a call with dropout_p draws right after
+    torch.manual_seed(generator seed), by the plain-torch definition (None without dropout)."""
+    seed = int(torch.randint(2**31, ()))
+    torch.manual_seed(seed)
+    keep = dropout_keep_mask(draw_seed(torch.device(device)), batch, heads, queries, keys, dropout_p) \
+        if dropout_p else None
+    return seed, keep
+
+
+def check_attention(run, shape, dtype, key_mask, causal, device="cpu", dropout_p=0.0):
+    """run(q, k, v, key_mask=, causal=[, dropout_p=]) -> (out, lse): output, lse and dq/dk/dv against
+    float64; with dropout_p, against the reference dropping by the mask the call draws."""
     B, H, N, M, dqk, dv = shape
     q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
     mask = random_key_mask(B, M, device=device) if key_mask else None
-    out, lse = run(q, k, v, key_mask=mask, causal=causal)
+    dropout = dict(dropout_p=dropout_p) if dropout_p else {}
+    seed, keep = same_seed_keep_mask(B, H, N, M, dropout_p, device)
+    torch.manual_seed(seed)
+    out, lse = run(q, k, v, key_mask=mask, causal=causal, **dropout)
     assert out.dtype == dtype and out.shape == (B, H, N, dv)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
-    out64, lse64, grads64 = reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal)
-    same = (reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal, compute_dtype=dtype)
+    dropout = dict(dropout_p=dropout_p, dropout_keep=keep)
+    out64, lse64, grads64 = reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal, **dropout)
+    same = (reference_with_grads(q, k, v, dout, key_mask=mask, causal=causal, compute_dtype=dtype, **dropout)
             if dtype in (torch.float16, torch.bfloat16) else (None, None, (None, None, None)))
     assert_matches("out", out, out64, same[0])
     assert_lse_matches(lse, lse64)

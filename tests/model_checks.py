@@ -1,10 +1,12 @@
 """Checks shared by the drop-in tests: a patched float32 model against the original in float64
-(outputs and every parameter's gradient), and that a forward forms no N x M tensor."""
+(outputs and every parameter's gradient, in training with attention dropout too), and that a forward
+forms no N x M tensor."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,19 +38,51 @@ def _as(dtype: torch.dtype, args: tuple) -> tuple:
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
+class SameMaskDropout(torch.nn.Module):
+    """An unpatched model's attention dropout drawing the library's mask (pf.attention_dropout_mask)
+    instead of nn.Dropout's: from the same generator state it drops what a patched model's kernels
+    drop, call after call. The scores' leading dims (B, H), or (B * H) for lucidrains, flatten to
+    the mask's b * H + h."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, probs):
+        if not self.training or self.p == 0:
+            return probs
+        *lead, queries, keys = probs.shape
+        keep = pf.attention_dropout_mask(1, math.prod(lead), queries, keys, self.p, backend="reference")
+        return probs * keep.view(probs.shape).to(probs.dtype) / (1 - self.p)
+
+
+def with_same_mask_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """model with each module's `dropout` attribute (the attention dropout of HF, lucidrains and
+    krasserm attention) made a SameMaskDropout of its p. Configs under test keep every other
+    dropout at 0, so that the attention calls are the only draws from the generator."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+            module.dropout = SameMaskDropout(module.dropout.p).train(module.dropout.training)
+    return model
+
+
 def check_patched_model(model: torch.nn.Module, run: Callable, *inputs,
                         patch_target: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
                         backend: str | None = None, falls_back: bool = False) -> pf.PatchReport:
     """Patches a float32 copy of `model` (or the submodule `patch_target` picks) and runs it against
     the unpatched model in float64, `run(model, *inputs)` on the same inputs (floating ones cast).
     Compares every output, and every parameter gradient of a random projection of the outputs.
-    `falls_back`: whether some patched module is expected to keep the library's computation."""
-    reference = copy.deepcopy(model).double()
+    `falls_back`: whether some patched module is expected to keep the library's computation. A
+    model in training runs its attention dropout: the reference's with the library's masks
+    (SameMaskDropout), both runs from the same generator state."""
+    reference = with_same_mask_dropout(copy.deepcopy(model).double())
     fast = copy.deepcopy(model).float()
     report = pf.patch(patch_target(fast), backend=backend)
     assert report.total > 0
 
+    seed = torch.seed()
     want = _outputs(run(reference, *_as(torch.float64, inputs)))
+    torch.manual_seed(seed)
     with FallbackLog() as fallbacks:
         got = _outputs(run(fast, *_as(torch.float32, inputs)))
     assert bool(fallbacks.reasons) == falls_back, fallbacks.reasons

@@ -61,7 +61,7 @@ def test_full_set_covers_every_published_shape():
 
 
 def test_sets_are_named_and_quick_and_full_keep_their_cases():
-    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model"]
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model", "training"]
     assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
@@ -136,6 +136,32 @@ def test_model_set_is_the_old_scripts_runs():
     assert model.passes == ("forward",)
 
 
+def test_training_set_runs_hf_layer_and_model_steps_with_attention_dropout():
+    training = SETS["training"]
+    plain, layer, model = training.cases("cpu")
+    assert (layer.name, layer.level, layer.B, layer.M, layer.dropout) == ("hf-vision-fourier-cross", "layer", 4, 50176,
+                                                                          0.1)
+    assert plain == replace(layer, dropout=0.0)
+    assert (model.name, model.level, model.B, model.M, model.dropout) == ("hf-vision-fourier", "model", 1, 50176, 0.1)
+    assert model.label() == "hf-vision-fourier (B=1 M=50176, training with attention dropout 0.1)"
+    assert training.providers == ("HF", "HF + pf.patch") and training.passes == ("forward+backward",)
+
+
+def test_layer_providers_train_with_the_cases_dropout():
+    from model_checks import FallbackLog
+
+    case = replace(SETS["training"].cases("cpu")[1], B=2, N=8, M=40, C=12, latent_dim=16, dqk=8, dv=8)
+    by_name = {p.name: p for p in layer_providers()}
+    layer = providers.hf_attention(case, torch.float32, "cpu")
+    assert layer.training and layer.self.dropout.p == 0.1
+    with FallbackLog() as fallbacks:
+        torch.manual_seed(0)
+        first = by_name["HF + pf.patch"].prepare(case, torch.float32, "cpu", True)()[0]
+        torch.manual_seed(0)
+        again = by_name["HF + pf.patch"].prepare(case, torch.float32, "cpu", True)()[0]
+    assert not [r for r in fallbacks.reasons if "keeps the original" in r] and torch.equal(first, again)
+
+
 @pytest.fixture
 def tiny_model(monkeypatch):
     """A tiny HF vision-fourier model (4 x 4 pixels, 8 latents of 32) registered as "tiny-vision"."""
@@ -170,6 +196,17 @@ def test_model_providers_refuse_what_they_cannot_run(tiny_model, monkeypatch):
         huge, torch.float32, False)
     monkeypatch.setattr(providers, "free_bytes", lambda device: 4 * GiB)
     assert "out of memory predicted" in why_not(by_name["HF"], huge, torch.float32, "cpu", False, False)
+
+
+def test_model_providers_train_with_the_cases_dropout(tiny_model):
+    from model_checks import FallbackLog
+
+    by_name = {p.name: p for p in model_providers()}
+    with FallbackLog() as fallbacks:
+        out, _ = by_name["HF + pf.patch"].prepare(replace(tiny_model, dropout=0.5), torch.float32, "cpu", True)()
+        plain, _ = by_name["HF + pf.patch"].prepare(tiny_model, torch.float32, "cpu", True)()
+    assert not [r for r in fallbacks.reasons if "keeps the original" in r]
+    assert not torch.equal(out, plain)  # the dropout drops, inside the kernels
 
 
 def test_model_providers_run_the_model_with_its_padding_mask(tiny_model):

@@ -28,7 +28,7 @@ def opcheck_attention(kernel, shape, key_mask, causal, device="cpu", dtype=torch
     B, H, N, M, dqk, dv = shape
     q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
     mask = random_key_mask(B, M, device=device) if key_mask else None
-    settings = (causal, dqk ** -0.5, kernel, "cross", [])
+    settings = (causal, dqk ** -0.5, 0.0, None, kernel, "cross", [])
     torch.library.opcheck(attention, (q, k, v, mask, *settings))
     out, lse = attention(q, k, v, mask, *settings)
     dout = torch.randn_like(out)
@@ -66,7 +66,7 @@ def input_attention_args(method, key_mask, causal, device="cpu", kernel="cpu"):
         q = torch.randn(B, H, N, dqk, device=device, requires_grad=True)
         weights = tuple(torch.randn(*shape, device=device, requires_grad=True)
                         for shape in ((H * dqk, C), (H * dqk,), (H * dv, C), (H * dv,)))
-    return q, x, True, 1e-5, *weights, mask, causal, 0.4, kernel, []
+    return q, x, True, 1e-5, *weights, mask, causal, 0.4, 0.0, None, kernel, []
 
 
 def opcheck_input_attention(method, key_mask, causal, device="cpu", kernel="cpu"):
@@ -98,13 +98,13 @@ def test_opcheck_input_attention_triton_gpu(key_mask, causal):
 def test_registered_ops_refuse_unknown_kernels():
     q, k, v = random_inputs(1, 1, 2, 3, 4, 4, requires_grad=False)
     with pytest.raises(ValueError, match="kernel must be one of 'cpu', .* for the attention, got 'flash'"):
-        attention(q, k, v, None, False, 0.5, "flash", "cross", [])
+        attention(q, k, v, None, False, 0.5, 0.0, None, "flash", "cross", [])
     with pytest.raises(ValueError, match="kernel 'cuda' has no backward of the attention"):
-        attention_backward(q, q, k, v, q, q[..., 0], None, False, 0.5, "cuda", "cross", [])
+        attention_backward(q, q, k, v, q, q[..., 0], None, False, 0.5, 0.0, None, "cuda", "cross", [])
     x = torch.randn(1, 3, 4)
     with pytest.raises(ValueError, match="'triton' kernels fuse the shortcut method only"):
         input_attention(q, x, True, 1e-5, torch.randn(4, 4), torch.randn(4), torch.randn(4, 4), torch.randn(4), None,
-                        False, 0.5, "triton", [])
+                        False, 0.5, 0.0, None, "triton", [])
 
 
 def assert_compiled_matches_eager(fn, inputs, tolerance=FP32_RTOL):

@@ -45,7 +45,7 @@ def test_cuda_forward_matches_float64_reference(dtype, shape, masking, splits):
     key_mask = random_key_mask(B, M, device="cuda") if masking in ("key_mask", "both") else None
     causal = masking in ("causal", "both")
     scale = dqk ** -0.5
-    out, lse = attention(q, k, v, key_mask, causal, scale, "cuda", "cross", [splits])
+    out, lse = attention(q, k, v, key_mask, causal, scale, 0.0, None, "cuda", "cross", [splits])
     dout = torch.zeros_like(out)
     expected, expected_lse, _ = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=causal)
     same_dtype, _, _ = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=causal, compute_dtype=dtype)

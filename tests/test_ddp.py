@@ -1,9 +1,10 @@
 """Patched models train under DistributedDataParallel: 2 processes, gloo on the CPU, a file rendezvous
 (no network), each rank its own data. After a few SGD steps the patched model's parameters equal the
 unpatched model's in the same setup (float32, dropout 0, within 1e-5 relative), for HF, lucidrains
-and krasserm models, with no fallback to the library's attention; with HF's default attention
-dropout (not fused yet: the patched model falls back) the losses stay finite and equal. The
-processes run under a deadline: a hang fails the test, naming where it stopped."""
+and krasserm models, with no fallback to the library's attention. With HF's default attention
+dropout (0.1) the patched model trains fused, and the unpatched one, given the library's masks
+(model_checks.SameMaskDropout), reaches the same parameters and losses. The processes run under a
+deadline: a hang fails the test, naming where it stopped."""
 
 from __future__ import annotations
 
@@ -90,11 +91,13 @@ CASES = {"hf": hf_case, "lucidrains": lucidrains_case, "krasserm": krasserm_case
 
 def train(base, batch, loss_of, rank: int, patched: bool):
     """STEPS steps of SGD on a DDP-wrapped copy of base: (parameters, losses, fallback reasons)."""
-    from model_checks import FallbackLog
+    from model_checks import FallbackLog, with_same_mask_dropout
 
     model = copy.deepcopy(base).train()
     if patched:
         pf.patch(model)
+    else:
+        with_same_mask_dropout(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
     data_seed, dropout_seed = torch.Generator().manual_seed(1000 + rank), 2000 + rank
@@ -132,13 +135,12 @@ def test_patched_models_train_under_ddp_to_the_unpatched_parameters(tmp_path):
     names += ["lucidrains"] if pytest.importorskip("perceiver_pytorch") else []
     names += ["krasserm"] if pytest.importorskip("perceiver.model.core") else []
     results = run_ranks(training_results, WORLD, tmp_path, names + ["hf-dropout"])[0]
-    for name in names:
+    for name in names + ["hf-dropout"]:
         r = results[name]
         assert r["moved"] > 1e-4, f"{name}: training did not move the parameters"
         assert r["max_relative_error"] <= 1e-5, f"{name}: patched parameters differ by {r['max_relative_error']:.2e}"
         assert not r["fallbacks"], f"{name}: the patched model fell back in training: {r['fallbacks']}"
     dropout = results["hf-dropout"]
-    # Attention dropout is not fused yet: with it the patched HF model runs HF's attention, and says so.
-    assert any("attention dropout p=0.1 in training" in reason for reason in dropout["fallbacks"])
     assert all(torch.isfinite(torch.tensor(dropout["fast_losses"] + dropout["plain_losses"])))
     assert torch.allclose(torch.tensor(dropout["fast_losses"]), torch.tensor(dropout["plain_losses"]), rtol=1e-4)
+    assert dropout["fast_losses"] != results["hf"]["fast_losses"]  # the dropout did drop

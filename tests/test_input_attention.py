@@ -185,7 +185,7 @@ def test_kernel_tile_edges_and_split_batches(shortcut, tiling):
         v = F.linear(normed, weights["v_weight"], weights["v_bias"]).view(B, M, H, dv).transpose(1, 2)
     expected, expected_lse = pf.attention_reference(q, k, v, key_mask=key_mask, causal=True, scale=0.3)
     projection = [weights.get(name) for name in ("k_weight", "k_bias", "v_weight", "v_bias")]
-    out, lse = input_attention(q, x, True, 1e-5, *projection, key_mask, True, 0.3, "cpu", list(tiling))
+    out, lse = input_attention(q, x, True, 1e-5, *projection, key_mask, True, 0.3, 0.0, None, "cpu", list(tiling))
     assert rel_error(out, expected) <= 1e-12
     finite = torch.isfinite(expected_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -346,7 +346,8 @@ def test_query_chunks_in_bfloat16(causal):
 
     def run(dtype, tiling):
         leaves = [t.to(dtype).requires_grad_() for t in (q, x, *weights)]
-        out, _ = input_attention(leaves[0], leaves[1], True, 1e-5, *leaves[2:], key_mask, causal, 0.3, "cpu", tiling)
+        out, _ = input_attention(leaves[0], leaves[1], True, 1e-5, *leaves[2:], key_mask, causal, 0.3, 0.0, None, "cpu",
+                                     tiling)
         return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
 
     exact = run(torch.float64, [0, 0, 0, 0])

@@ -13,8 +13,9 @@ from model_checks import relative_error
 FP32_TOLERANCE = 1e-4
 
 
-def reference_attention(q, k, v, key_mask, causal):
-    """(B, H, N, D) softmax attention, materialised; a query with no key gives 0."""
+def reference_attention(q, k, v, key_mask, causal, keep=None, dropout_p=0.0):
+    """(B, H, N, D) softmax attention, materialised; a query with no key gives 0; `keep`: a dropout
+    keep mask applied to the probabilities, kept ones scaled by 1 / (1 - dropout_p)."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     n, m = q.shape[2], k.shape[2]
     allowed = torch.ones(q.shape[0], 1, n, m, dtype=torch.bool)
@@ -23,6 +24,8 @@ def reference_attention(q, k, v, key_mask, causal):
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1 - dropout_p)
     return probs @ v
 
 
@@ -30,23 +33,23 @@ def heads(t, h):
     return t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
 
 
-def reference_cross(module, latents, inputs, key_mask, causal):
+def reference_cross(module, latents, inputs, key_mask, causal, keep=None):
     q = heads(F.linear(F.layer_norm(latents, (module.q_dim,), module.q_norm.weight, module.q_norm.bias),
                        module.q_proj.weight, module.q_proj.bias), module.heads)
     normed = F.layer_norm(inputs, (module.kv_dim,), module.kv_norm.weight, module.kv_norm.bias)
     k = heads(F.linear(normed, module.k_proj.weight, module.k_proj.bias), module.heads)
     v = heads(F.linear(normed, module.v_proj.weight, module.v_proj.bias), module.heads)
-    out = reference_attention(q, k, v, key_mask, causal).transpose(1, 2).flatten(2)
+    out = reference_attention(q, k, v, key_mask, causal, keep, module.dropout).transpose(1, 2).flatten(2)
     out = F.linear(out, module.out_proj.weight, module.out_proj.bias)
     return out + latents if module.query_residual else out
 
 
-def reference_self(module, x, causal):
+def reference_self(module, x, causal, keep=None):
     normed = F.layer_norm(x, (module.dim,), module.norm.weight, module.norm.bias)
     q, k, v = (heads(F.linear(normed, p.weight, p.bias), module.heads)
                for p in (module.q_proj, module.k_proj, module.v_proj))
-    out = F.linear(reference_attention(q, k, v, None, causal).transpose(1, 2).flatten(2), module.out_proj.weight,
-                   module.out_proj.bias)
+    attended = reference_attention(q, k, v, None, causal, keep, module.dropout)
+    out = F.linear(attended.transpose(1, 2).flatten(2), module.out_proj.weight, module.out_proj.bias)
     return out + x if module.residual else out
 
 
@@ -157,3 +160,28 @@ def test_bad_arguments_are_named():
         pf.nn.CrossAttention(16, 12, out_dim=8)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         pf.nn.SelfAttention(16, heads=2)([1.0])
+
+
+@pytest.mark.parametrize("kind", ["cross", "self"])
+def test_modules_drop_attention_in_training_only(kind):
+    # The dropout mask is the one pf.attention_dropout_mask shows for the same generator state.
+    if kind == "cross":
+        module = pf.nn.CrossAttention(24, 20, heads=2, dropout=0.3)
+        inputs, keys = (torch.randn(2, 6, 24), torch.randn(2, 40, 20)), 40
+        reference = lambda m, keep: reference_cross(m, *[t.double() for t in inputs], None, False, keep)  # noqa: E731
+    else:
+        module = pf.nn.SelfAttention(24, heads=2, dropout=0.3)
+        inputs, keys = (torch.randn(2, 6, 24),), 6
+        reference = lambda m, keep: reference_self(m, inputs[0].double(), True, keep)  # noqa: E731
+    call = (lambda: module(*inputs)) if kind == "cross" else (lambda: module(*inputs, causal=True))
+    module64 = copy.deepcopy(module).double()
+    torch.manual_seed(5)
+    keep = pf.attention_dropout_mask(2, 2, 6, keys, 0.3)
+    torch.manual_seed(5)
+    assert relative_error(call(), reference(module64, keep)) <= FP32_TOLERANCE
+    module.eval()
+    state = torch.get_rng_state()
+    assert relative_error(call(), reference(module64, None)) <= FP32_TOLERANCE
+    assert torch.equal(torch.get_rng_state(), state)  # eval draws no seed
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        pf.nn.SelfAttention(24, heads=2, dropout=1.0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import perceiver_fast as pf
-from model_checks import check_falls_back, check_patched_model, largest_tensor_in
+from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in
 
 pytest.importorskip("perceiver_pytorch")
 from perceiver_pytorch import Perceiver, PerceiverIO, PerceiverLM  # noqa: E402
@@ -68,23 +68,37 @@ def test_bare_attention_module():
     assert report.replaced == {"Attention": 1}
 
 
-def test_patched_forward_forms_no_score_sized_tensor():
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training-with-dropout"])
+def test_patched_step_forms_no_score_sized_tensor(training):
+    # inference: a forward; training: forward and backward with attention dropout, whose mask is never stored
     latents, side = 512, 40
-    model = image_perceiver(num_latents=latents, depth=1, self_per_cross_attn=1)
-    data, mask = torch.randn(1, side, side, 3), keep_mask((1, side, side))
+    model = image_perceiver(num_latents=latents, depth=1, self_per_cross_attn=1,
+                            attn_dropout=0.1 if training else 0.0).train(training)
+    data, mask = torch.randn(1, side, side, 3, requires_grad=training), keep_mask((1, side, side))
+
+    def step():
+        out = run_perceiver(model, data, mask)
+        if training:
+            out.square().sum().backward()
+
     score_bytes = latents * side * side * 4
-    assert largest_tensor_in(run_perceiver, model, data, mask)[0] >= score_bytes
+    assert largest_tensor_in(step)[0] >= score_bytes
     pf.patch(model)
-    patched, op = largest_tensor_in(run_perceiver, model, data, mask)
+    with FallbackLog() as fallbacks:
+        patched, op = largest_tensor_in(step)
+    assert not fallbacks.reasons
     assert patched < score_bytes, f"{op} produced {patched} bytes"
 
 
-@pytest.mark.parametrize("case", ["inverted attention", "dropout in training"])
-def test_unfused_features_fall_back(case):
-    model = image_perceiver(inverted_cross_attn=True) if case == "inverted attention" else \
-        image_perceiver(attn_dropout=0.2).train()
+def test_training_with_attention_dropout_runs_fused():
+    model = image_perceiver(attn_dropout=0.2).train()
+    check_patched_model(model, run_perceiver, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)))
+
+
+def test_inverted_attention_falls_back():
+    model = image_perceiver(inverted_cross_attn=True)
     reasons = check_falls_back(model, run_perceiver, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)))
-    assert case.split()[0] in reasons[0]
+    assert "inverted" in reasons[0]
 
 
 def test_state_dict_is_unchanged_and_unpatch_restores():

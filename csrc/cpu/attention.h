@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "dropout.h"
+
 namespace perceiver_fast::cpu {
 
 // A (batch, heads, rows, cols) operand with a contiguous last dimension.
@@ -34,6 +36,7 @@ struct AttentionInputs {
   bool causal;
   double scale;
   Tiling tiling;
+  Dropout dropout;  // of the attention probabilities (inactive: none)
 };
 
 // out (B, H, N, Dv) and lse (B, H, N) float32, both contiguous.

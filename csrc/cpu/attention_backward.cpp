@@ -48,7 +48,8 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
           Gemm::pack_transposed(in.v.row(b, h, j0), in.v.row_stride, tj, dv_, v_packed_t.data());
           Gemm::pack_rows(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed.data());
           backward_tile(s, in.causal, loop, KeyTile<acc_t>{j0, tj, tile_bias}, rows, k_packed_t.data(),
-                        v_packed_t.data(), k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, scratch);
+                        v_packed_t.data(), k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, in.dropout,
+                        seg.head, scratch);
           const int64_t key_offset = seg.head * m + j0;
           for (int64_t j = 0; j < tj; ++j) {
             for (int64_t d = 0; d < dqk; ++d) dk[(key_offset + j) * dqk + d] = static_cast<T>(dk_t[d * tj + j]);

@@ -45,7 +45,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
           Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, s.dim_qk, k_packed.data());
           Gemm::pack_rows(in.v.row(b, h, j0), in.v.row_stride, tj, dv, v_packed.data());
           forward_tile(s, in.causal, loop, KeyTile<acc_t>{j0, tj, tile_bias}, q_rows.data(), dqk, k_packed.data(),
-                       v_packed.data(), scale_log2, state, scratch);
+                       v_packed.data(), scale_log2, state, in.dropout, seg.head, scratch);
         }
 
         if (seg.slot < 0) {

@@ -12,6 +12,7 @@
 
 #include "attention.h"
 #include "attention_loops.h"
+#include "dropout.h"
 #include "softmax_rows.h"
 #include "tile_gemm.h"
 
@@ -25,6 +26,20 @@ template <typename acc_t>
 struct KeyTile {
   int64_t start, count;
   const acc_t* bias;
+};
+
+// The dropout of one head's rows over a key tile: its keep bits, a row at a time, into `words`.
+template <typename acc_t>
+struct TileDropout {
+  const Dropout& dropout;
+  int64_t head;  // flattened b * H + h
+  std::vector<uint64_t>& words;
+
+  KeepRow<acc_t> row(int64_t row, int64_t key_start, int64_t keys) const {
+    if (!dropout.active()) return {};
+    dropout_keep_bits(dropout, head, row, key_start, keys, words.data());
+    return {words.data(), static_cast<acc_t>(1.0 / (1.0 - dropout.p))};
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -51,21 +66,26 @@ struct ForwardScratch {
   static constexpr bool probs_in_place = std::is_same_v<T, acc_t>;
   std::vector<acc_t> scores;
   std::vector<T> probs;
+  std::vector<uint64_t> keep;  // one row's dropout keep bits
 
   explicit ForwardScratch(const LoopSizes& loop)
       : scores(loop.row_block * loop.key_tile),
-        probs(probs_in_place ? 0 : loop.row_block * TileGemm<T>::padded_k(loop.key_tile)) {}
+        probs(probs_in_place ? 0 : loop.row_block * TileGemm<T>::padded_k(loop.key_tile)),
+        keep(keep_words(loop.key_tile)) {}
 };
 
 // Folds one key tile into the state of every query row that sees it. q_rows: the head's queries,
-// rows q_ld apart (q_ld = padded dim_qk); k_packed: K^T of the tile, v_packed: V of the tile.
+// rows q_ld apart (q_ld = padded dim_qk); k_packed: K^T of the tile, v_packed: V of the tile;
+// head: the flattened b * H + h whose dropout mask applies.
 template <typename T>
 void forward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyTile<acc_type<T>>& tile,
                   const T* q_rows, int64_t q_ld, const T* k_packed, const T* v_packed, acc_type<T> scale_log2,
-                  const RowState<acc_type<T>>& state, ForwardScratch<T>& scratch) {
+                  const RowState<acc_type<T>>& state, const Dropout& dropout, int64_t head,
+                  ForwardScratch<T>& scratch) {
   using acc_t = acc_type<T>;
   using Gemm = TileGemm<T>;
   const int64_t n = s.queries, dv = s.dim_v, rb = loop.row_block, tj = tile.count, tjk = Gemm::padded_k(tj);
+  const TileDropout<acc_t> dropped{dropout, head, scratch.keep};
   for (int64_t r0 = first_row_seeing(s, causal, tile.start); r0 < n; r0 += rb) {
     const int64_t rows = std::min(rb, n - r0);
     acc_t* scores = scratch.scores.data();
@@ -73,9 +93,9 @@ void forward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyT
     T* probs;
     if constexpr (ForwardScratch<T>::probs_in_place) probs = scores; else probs = scratch.probs.data();
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t row = r0 + i;
-      const acc_t alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, keys_seen(s, causal, row, tile.start, tj),
-                                               tjk, scale_log2, tile.bias, state.max[row], state.sum[row]);
+      const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
+      const acc_t alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, seen, tjk, scale_log2, tile.bias,
+                                               state.max[row], state.sum[row], dropped.row(row, tile.start, seen));
       if (alpha != acc_t(1)) {
         acc_t* acc_row = state.acc + row * dv;
         for (int64_t d = 0; d < dv; ++d) acc_row[d] *= alpha;
@@ -190,8 +210,9 @@ struct BackwardScratch {
   static constexpr bool operands_in_place = std::is_same_v<T, acc_t>;
   std::vector<acc_t> scores, dprobs;
   std::vector<T> p_packed, ds_packed, ds_rows;
+  std::vector<uint64_t> keep;  // one row's dropout keep bits
 
-  explicit BackwardScratch(const LoopSizes& loop) {
+  explicit BackwardScratch(const LoopSizes& loop) : keep(keep_words(loop.key_tile)) {
     using Gemm = TileGemm<T>;
     const int64_t kt = loop.key_tile, rb = loop.row_block;
     scores.resize(rb * kt);
@@ -206,16 +227,19 @@ struct BackwardScratch {
 
 // Gradients of one tile for one head: writes dK^T (dim_qk x tile.count) to dk_t and dV^T to dv_t
 // (rows ld_t apart), and adds the tile's share of dQ to rows.dq. k_packed_t / v_packed_t: packed
-// K^T and V^T of the tile; k_packed: packed K rows.
+// K^T and V^T of the tile; k_packed: packed K rows; head: the flattened b * H + h whose dropout mask
+// applies.
 template <typename T>
 void backward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyTile<acc_type<T>>& tile,
                    HeadRows<T>& rows, const T* k_packed_t, const T* v_packed_t, const T* k_packed, double scale,
-                   acc_type<T>* dk_t, acc_type<T>* dv_t, int64_t ld_t, BackwardScratch<T>& scratch) {
+                   acc_type<T>* dk_t, acc_type<T>* dv_t, int64_t ld_t, const Dropout& dropout, int64_t head,
+                   BackwardScratch<T>& scratch) {
   using acc_t = acc_type<T>;
   using Gemm = TileGemm<T>;
   const int64_t n = s.queries, dqk = s.dim_qk, dv = s.dim_v, rb = loop.row_block;
   const int64_t tj = tile.count, tjk = Gemm::padded_k(tj);
   const acc_t scale_a = static_cast<acc_t>(scale), scale_log2 = static_cast<acc_t>(scale * M_LOG2E);
+  const TileDropout<acc_t> dropped{dropout, head, scratch.keep};
   bool first_block = true;
   for (int64_t r0 = first_row_seeing(s, causal, tile.start); r0 < n; r0 += rb) {
     const int64_t count = std::min(rb, n - r0), count_k = Gemm::padded_k(count);
@@ -226,9 +250,9 @@ void backward_tile(const Shape& s, bool causal, const LoopSizes& loop, const Key
     Gemm::multiply(count, tj, rows.dv_p, rows.do_rows.data() + r0 * rows.dv_p, rows.dv_p, v_packed_t, dprobs, tj,
                    false);
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t row = r0 + i;
-      softmax_backward_step(scores + i * tj, dprobs + i * tj, keys_seen(s, causal, row, tile.start, tj), tj,
-                            scale_log2, tile.bias, rows.lse2[row], rows.delta[row], scale_a);
+      const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
+      softmax_backward_step(scores + i * tj, dprobs + i * tj, seen, tj, scale_log2, tile.bias, rows.lse2[row],
+                            rows.delta[row], scale_a, dropped.row(row, tile.start, seen));
     }
     const T *p_operand, *ds_operand, *ds_a;
     if constexpr (BackwardScratch<T>::operands_in_place) {

@@ -33,6 +33,7 @@ struct InputAttentionInputs {
   bool causal;
   double scale;
   Tiling tiling;
+  Dropout dropout;  // of the attention probabilities (inactive: none)
 
   bool shortcut() const { return k_weight == nullptr; }
 };

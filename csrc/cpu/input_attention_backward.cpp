@@ -141,7 +141,8 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
             std::fill_n(dxn.begin(), c * tj, acc_t(0));
             for (int64_t h = 0; h < heads; ++h) {
               backward_tile(s, in.causal, loop, key_tile, rows[h], k_packed_t.data(), k_packed_t.data(),
-                            k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, scratch);
+                            k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, in.dropout, b * heads + h,
+                            scratch);
               for (int64_t x = 0; x < c * tj; ++x) dxn[x] += dk_t[x] + dv_t[x];
             }
             layer_norm_backward(in, tile, dxn.data(), 1, tj, tj, dx_tile.data());
@@ -153,7 +154,7 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
               Gemm::pack_rows(tile.k.data() + h * dqk, hk, tj, dqk, k_packed.data());
               backward_tile(s, in.causal, loop, key_tile, rows[h], k_packed_t.data(), v_packed_t.data(),
                             k_packed.data(), in.scale, dk_t.data() + h * dqk * tj, dv_t.data() + h * dv * tj, tj,
-                            scratch);
+                            in.dropout, b * heads + h, scratch);
             }
             const int64_t hk_p = Gemm::padded_k(hk), hv_p = Gemm::padded_k(hv);
             as_operands(dk_t.data(), hk, tj, dk_rows.data(), dk_t_op.data(), wg.k_bias.data());

@@ -68,7 +68,7 @@ void input_attention_forward(const InputAttentionInputs<T>& in, T* out, float* l
               Gemm::pack_rows(tile.v.data() + h * dv, tile.hv, tj, dv, v_packed.data());
             }
             forward_tile(s, in.causal, loop, key_tile, q_rows.data() + h * n * dqk, dqk, k_packed.data(),
-                         v_packed.data(), scale_log2, state(h), scratch);
+                         v_packed.data(), scale_log2, state(h), in.dropout, b * heads + h, scratch);
           }
         }
 

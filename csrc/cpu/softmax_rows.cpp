@@ -16,7 +16,7 @@ const bool use_avx512 = avx512::supported();
 // Portable versions: float64, and float32 on CPUs without AVX-512.
 template <typename acc_t, typename P>
 acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
-                            const acc_t* bias, acc_t& m, acc_t& l) {
+                            const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t row_max = neg_inf;
   for (int64_t j = 0; j < valid; ++j) {
@@ -33,7 +33,7 @@ acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t widt
   for (int64_t j = 0; j < valid; ++j) {
     const acc_t p = std::exp2(scores[j] - m_new);
     sum += p;
-    probs[j] = static_cast<P>(p);
+    probs[j] = static_cast<P>(keep.bits ? p * keep.factor(j) : p);
   }
   std::fill(probs + valid, probs + width, P(0));
   const acc_t alpha = std::exp2(m - m_new);
@@ -44,12 +44,13 @@ acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t widt
 
 template <typename acc_t>
 void backward_step_portable(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
-                            const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale) {
+                            const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale, KeepRow<acc_t> keep) {
   if (std::isinf(lse2) && lse2 < 0) valid = 0;
   for (int64_t j = 0; j < valid; ++j) {
     const acc_t p = std::exp2(scores[j] * scale_log2 + (bias ? bias[j] : acc_t(0)) - lse2);
-    scores[j] = p;
-    dprobs[j] = p * (dprobs[j] - delta) * scale;
+    const acc_t z = keep.bits ? keep.factor(j) : acc_t(1);
+    scores[j] = p * z;
+    dprobs[j] = p * (dprobs[j] * z - delta) * scale;
   }
   std::fill(scores + valid, scores + width, acc_t(0));
   std::fill(dprobs + valid, dprobs + width, acc_t(0));
@@ -59,29 +60,34 @@ void backward_step_portable(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t
 
 template <typename acc_t, typename P>
 acc_t softmax_forward_step(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
-                           const acc_t* bias, acc_t& m, acc_t& l) {
+                           const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx512) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+    if (use_avx512) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
   }
-  return forward_step_portable(scores, probs, valid, width, scale_log2, bias, m, l);
+  return forward_step_portable(scores, probs, valid, width, scale_log2, bias, m, l, keep);
 }
 
 template <typename acc_t>
 void softmax_backward_step(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
-                           const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale) {
+                           const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale, KeepRow<acc_t> keep) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx512) {
-      avx512::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale);
+      avx512::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale, keep);
       return;
     }
   }
-  backward_step_portable(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale);
+  backward_step_portable(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale, keep);
 }
 
-template float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&);
-template float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&);
-template double softmax_forward_step(double*, double*, int64_t, int64_t, double, const double*, double&, double&);
-template void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float);
-template void softmax_backward_step(double*, double*, int64_t, int64_t, double, const double*, double, double, double);
+template float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&,
+                                    KeepRow<float>);
+template float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&,
+                                    KeepRow<float>);
+template double softmax_forward_step(double*, double*, int64_t, int64_t, double, const double*, double&, double&,
+                                     KeepRow<double>);
+template void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float,
+                                    KeepRow<float>);
+template void softmax_backward_step(double*, double*, int64_t, int64_t, double, const double*, double, double, double,
+                                    KeepRow<double>);
 
 }  // namespace perceiver_fast::cpu

@@ -45,9 +45,14 @@ inline void store(c10::BFloat16* dst, __m512 x, __mmask16 k) {
   _mm256_mask_storeu_epi16(dst, k, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+// The keep bits of lanes j .. j + 15 (j a multiple of 16).
+inline __mmask16 keep_lanes(const KeepRow<float>& keep, int64_t j) {
+  return static_cast<__mmask16>(keep.bits[j >> 6] >> (j & 63));
+}
+
 template <typename P>
 float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float scale_log2, const float* bias,
-                   float& m, float& l) {
+                   float& m, float& l, KeepRow<float> keep) {
   const __m512 c = _mm512_set1_ps(scale_log2);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t j = 0; j < valid; j += 16) {
@@ -63,15 +68,16 @@ float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float 
     for (int64_t j = 0; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
     return 1.f;
   }
-  const __m512 vm = _mm512_set1_ps(m_new);
+  const __m512 vm = _mm512_set1_ps(m_new), keep_scale = _mm512_set1_ps(keep.scale);
   __m512 sum = zero;
   int64_t j = 0;
   for (; j < valid; j += 16) {
     const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
     const __m512 p = _mm512_maskz_mov_ps(k, exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + j), vm)));
     sum = _mm512_add_ps(sum, p);
+    const __m512 kept = keep.bits ? _mm512_maskz_mul_ps(keep_lanes(keep, j), p, keep_scale) : p;
     // The full 16 lanes are written (zeros past valid) while they stay inside the row.
-    store(probs + j, p, tail_mask(std::min<int64_t>(16, width - j)));
+    store(probs + j, kept, tail_mask(std::min<int64_t>(16, width - j)));
   }
   for (; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
   const float alpha = std::exp2(m - m_new);
@@ -83,18 +89,19 @@ float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float 
 }  // namespace
 
 float softmax_forward_step(float* scores, float* probs, int64_t valid, int64_t width, float scale_log2,
-                           const float* bias, float& m, float& l) {
-  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+                           const float* bias, float& m, float& l, KeepRow<float> keep) {
+  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
 }
 
 float softmax_forward_step(float* scores, c10::BFloat16* probs, int64_t valid, int64_t width, float scale_log2,
-                           const float* bias, float& m, float& l) {
-  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l);
+                           const float* bias, float& m, float& l, KeepRow<float> keep) {
+  return forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
 }
 
 void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t width, float scale_log2,
-                           const float* bias, float lse2, float delta, float scale) {
+                           const float* bias, float lse2, float delta, float scale, KeepRow<float> keep) {
   if (lse2 == -INFINITY) valid = 0;
+  const __m512 keep_scale = _mm512_set1_ps(keep.scale);
   const __m512 c = _mm512_set1_ps(scale_log2), vlse = _mm512_set1_ps(lse2);
   const __m512 vdelta = _mm512_set1_ps(delta), vscale = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
   int64_t j = 0;
@@ -104,9 +111,14 @@ void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t 
     __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, vlse);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
     const __m512 p = _mm512_maskz_mov_ps(k, exp2(x));
-    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dprobs + j), vdelta)),
-                                    vscale);
-    _mm512_mask_storeu_ps(scores + j, row, p);
+    __m512 dp = _mm512_maskz_loadu_ps(k, dprobs + j), dropped = p;
+    if (keep.bits) {
+      const __mmask16 kept = keep_lanes(keep, j);
+      dp = _mm512_maskz_mul_ps(kept, dp, keep_scale);
+      dropped = _mm512_maskz_mul_ps(kept, p, keep_scale);
+    }
+    const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, vdelta)), vscale);
+    _mm512_mask_storeu_ps(scores + j, row, dropped);
     _mm512_mask_storeu_ps(dprobs + j, row, ds);
   }
   for (; j < width; j += 16) {
@@ -119,11 +131,15 @@ void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t 
 #else
 
 bool supported() { return false; }
-float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&) { return 1.f; }
-float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&) {
+float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&, KeepRow<float>) {
   return 1.f;
 }
-void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float) {}
+float softmax_forward_step(float*, c10::BFloat16*, int64_t, int64_t, float, const float*, float&, float&,
+                           KeepRow<float>) {
+  return 1.f;
+}
+void softmax_backward_step(float*, float*, int64_t, int64_t, float, const float*, float, float, float,
+                           KeepRow<float>) {}
 
 #endif
 

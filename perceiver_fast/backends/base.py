@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dropout import draw_seed
 from ..ops.attention import attention
 from ..ops.sharded import sharded_attention
 from ..validation import ATTENTION, AttentionProblem, InputAttentionProblem, Problem
@@ -30,6 +31,7 @@ class Capabilities:
     key_mask: bool
     causal: bool
     grad: bool
+    dropout: bool
 
     def refusals(self, problem: Problem) -> list[str]:
         reasons = []
@@ -48,6 +50,8 @@ class Capabilities:
             reasons.append("causal not supported")
         if problem.needs_grad and not self.grad:
             reasons.append("gradients not supported (inputs require grad)")
+        if problem.dropout_p and not self.dropout:
+            reasons.append("dropout not supported (dropout_p > 0)")
         return reasons
 
 
@@ -57,8 +61,9 @@ class Backend:
     Subclasses set `name`, `capabilities` and `fused_input_methods`, set `unavailable` (why it
     cannot run at all on this installation, settled at import) where it applies, and may add
     input-specific refusals in `extra_refusals`. Their module registers the kernels under `name`
-    in the ops' kernel tables (perceiver_fast/ops/); a backend that runs no registered op (the
-    reference) overrides `run_attention`.
+    in the ops' kernel tables (perceiver_fast/ops/), and a backend with dropout gives the keep mask
+    its kernels draw (`dropout_keep_mask`); a backend that runs no registered op (the reference)
+    overrides `run_attention`.
     """
 
     name: str
@@ -90,6 +95,11 @@ class Backend:
             return "has no fused input attention"
         return f"fuses only the {', '.join(sorted(self.fused_input_methods))} method, not {problem.method}"
 
+    def dropout_keep_mask(self, seed: torch.Tensor, batch: int, heads: int, queries: int, keys: int,
+                          dropout_p: float) -> torch.Tensor:
+        """The bool (B, H, N, M) keep mask this backend's kernels draw from `seed` (a debug view)."""
+        raise NotImplementedError(f"backend {self.name!r} has no attention dropout")
+
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(out, lse) of a problem this backend accepted; lse is None for the input attention."""
         if isinstance(problem, AttentionProblem):
@@ -104,7 +114,8 @@ class Backend:
         p = problem
         if p.shards is not None:
             return sharded_attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, p.shards)
-        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, [])
+        seed = draw_seed(p.device) if p.dropout_p else None
+        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, p.dropout_p, seed, self.name, p.kind, [])
 
     def run_fused_input(self, problem: InputAttentionProblem) -> torch.Tensor:
         """The fused input attention of a backend with fused methods: its kernel's registered op."""

@@ -19,10 +19,13 @@ class CpuBackend(Backend):
     name = "cpu"
     capabilities = Capabilities(
         devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32, torch.float64}),
-        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
+        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True, dropout=True,
     )
     fused_input_methods = frozenset({"shortcut", "projection"})
     unavailable = extension.LOAD_ERROR
+
+    def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):
+        return extension.require().cpu_dropout_keep_mask(seed, batch, heads, queries, keys, dropout_p)
 
     def notes(self, problem) -> list[str]:
         if problem.dtype != torch.float32:
@@ -151,22 +154,31 @@ def _backward_in_chunks(q, chunks, call, key_axes):
     return (dq, *(total.to(q.dtype) for total in sums))
 
 
+def _loops(tiling, dropout_p, dropout_seed, rows: slice) -> dict:
+    """The kernels' keyword arguments after `scale`: loop sizes, and the dropout of a chunk of rows
+    (its mask indexed by the rows' positions in the whole problem)."""
+    key_tile, row_block, workers = (list(tiling[:3]) + [0, 0, 0])[:3]
+    return dict(key_tile=key_tile, row_block=row_block, workers=workers, dropout_p=dropout_p,
+                dropout_seed=dropout_seed, row_offset=rows.start or 0)
+
+
 # The ops' arguments less the kernel name (and `kind`, which picks Triton tiles); `tiling` is
 # (key_tile, row_block, workers[, query_chunk]).
-def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
+def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_forward
     chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
     return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
         q[:, :, rows], k[:, :, :seen], v[:, :, :seen], None if key_mask is None else key_mask[:, :seen], causal,
-        scale, *tiling[:3]))
+        scale, **_loops(tiling, dropout_p, dropout_seed, rows)))
 
 
-def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind, tiling):
+def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_backward
     chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
     return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
         dout[:, :, rows], q[:, :, rows], k[:, :, :seen], v[:, :, :seen], out[:, :, rows], lse[:, :, rows],
-        None if key_mask is None else key_mask[:, :seen], causal, scale, *tiling[:3]), key_axes=(2, 2))
+        None if key_mask is None else key_mask[:, :seen], causal, scale,
+        **_loops(tiling, dropout_p, dropout_seed, rows)), key_axes=(2, 2))
 
 
 def _value_dim(q, x, v_weight) -> int:
@@ -174,22 +186,24 @@ def _value_dim(q, x, v_weight) -> int:
     return x.shape[-1] if v_weight is None else v_weight.shape[0] // q.shape[1]
 
 
-def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, tiling):
+def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, dropout_p,
+                   dropout_seed, tiling):
     kernel = extension.require().cpu_input_attention_forward
     chunks = _query_chunks(q.shape[2], x.shape[1], causal, tiling, q.shape[-1], _value_dim(q, x, v_weight))
     return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
         q[:, :, rows], x[:, :seen], normalize, eps, k_weight, k_bias, v_weight, v_bias,
-        None if key_mask is None else key_mask[:, :seen], causal, scale, *tiling[:3]))
+        None if key_mask is None else key_mask[:, :seen], causal, scale,
+        **_loops(tiling, dropout_p, dropout_seed, rows)))
 
 
 def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale,
-                    tiling):
+                    dropout_p, dropout_seed, tiling):
     kernel = extension.require().cpu_input_attention_backward
     chunks = _query_chunks(q.shape[2], x.shape[1], causal, tiling, q.shape[-1], _value_dim(q, x, v_weight))
     return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
         dout[:, :, rows], q[:, :, rows], x[:, :seen], normalize, eps, k_weight, k_bias, v_weight, v_bias,
         out[:, :, rows], lse[:, :, rows], None if key_mask is None else key_mask[:, :seen], causal, scale,
-        *tiling[:3]), key_axes=(1, None, None, None, None))
+        **_loops(tiling, dropout_p, dropout_seed, rows)), key_axes=(1, None, None, None, None))
 
 
 attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_forward),

@@ -21,6 +21,7 @@ class CudaBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=False,
+        dropout=False,
     )
     unavailable = extension.LOAD_ERROR or (
         None if extension.HAS_CUDA_KERNELS
@@ -32,7 +33,9 @@ class CudaBackend(Backend):
         return []
 
 
-def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
+def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
+    if dropout_p:
+        raise ValueError(f"the 'cuda' kernel has no attention dropout, got dropout_p={dropout_p}")
     return extension.require().cuda_attention_forward(q, k, v, key_mask, causal, scale,
                                                       attention.forced_splits(tiling) or 0)
 

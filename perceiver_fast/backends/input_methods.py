@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dropout import draw_seed
 from ..ops.input_attention import input_attention
 from ..ops.sharded import sharded_input_attention, sum_gradients_across
 from ..validation import AttentionProblem, InputAttentionProblem, attention_kind
@@ -38,8 +39,9 @@ def _input_attention_call(problem: InputAttentionProblem, kernel: str, tiling: t
     if p.shards is not None:
         return lambda q, x, *weights_and_mask: sharded_input_attention(q, x, normalize, eps, *weights_and_mask,
                                                                        p.causal, p.scale, kernel, p.shards)
+    seed = draw_seed(p.device) if p.dropout_p else None
     return lambda q, x, *weights_and_mask: input_attention(q, x, normalize, eps, *weights_and_mask, p.causal, p.scale,
-                                                           kernel, list(tiling))
+                                                           p.dropout_p, seed, kernel, list(tiling))
 
 
 def run_fused(problem: InputAttentionProblem, kernel: str, tiling: tuple[int, ...] = ()) -> torch.Tensor:
@@ -77,4 +79,4 @@ def composed(problem: InputAttentionProblem) -> AttentionProblem:
     k = F.linear(x, k_weight, k_bias).view(p.batch, p.keys, p.heads, p.dim_qk).transpose(1, 2)
     v = F.linear(x, v_weight, v_bias).view(p.batch, p.keys, p.heads, p.dim_v).transpose(1, 2)
     return AttentionProblem(q=p.q, k=k, v=v, key_mask=p.key_mask, causal=p.causal, scale=p.scale,
-                            kind=attention_kind(p.queries, p.keys, p.key_mask), shards=p.shards)
+                            kind=attention_kind(p.queries, p.keys, p.key_mask), shards=p.shards, dropout_p=p.dropout_p)

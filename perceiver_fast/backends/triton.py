@@ -22,6 +22,7 @@ class TritonBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
+        dropout=True,
     )
     fused_input_methods = frozenset({"shortcut"})
     unavailable = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
@@ -36,19 +37,26 @@ class TritonBackend(Backend):
             return ["the Triton interpreter is a testing aid: it runs CPU tensors only when asked for by name"]
         return []
 
+    def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):
+        from ..kernels import dropout_keep_mask
+
+        return dropout_keep_mask(seed, batch, heads, queries, keys, dropout_p)
+
 
 # The ops' arguments less the kernel name; `tiling` is (splits,) for the forward. The kernels are
 # imported when first run: importing them needs triton.
-def _forward(q, k, v, key_mask, causal, scale, kind, tiling):
+def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     from ..kernels import attention_forward
 
-    return attention_forward(q, k, v, key_mask, causal, scale, kind, attention.forced_splits(tiling))
+    return attention_forward(q, k, v, key_mask, causal, scale, kind, attention.forced_splits(tiling),
+                             dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
-def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind, tiling):
+def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     from ..kernels import attention_backward
 
-    return attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind)
+    return attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, kind, dropout_p=dropout_p,
+                              dropout_seed=dropout_seed)
 
 
 def _shortcut_only(k_weight) -> None:
@@ -56,19 +64,22 @@ def _shortcut_only(k_weight) -> None:
         raise ValueError("the 'triton' kernels fuse the shortcut method only, not the projection (k_weight given)")
 
 
-def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, tiling):
+def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, dropout_p,
+                   dropout_seed, tiling):
     from ..kernels import input_attention_forward
 
     _shortcut_only(k_weight)
-    return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale)
+    return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale, dropout_p=dropout_p,
+                                   dropout_seed=dropout_seed)
 
 
 def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale,
-                    tiling):
+                    dropout_p, dropout_seed, tiling):
     from ..kernels import input_attention_backward
 
     _shortcut_only(k_weight)
-    dq, dx = input_attention_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale)
+    dq, dx = input_attention_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale,
+                                      dropout_p=dropout_p, dropout_seed=dropout_seed)
     # Four distinct empty weight gradients: the outputs of a registered op may not alias each other.
     return [dq, dx, *(q.new_empty(0) for _ in range(4))]
 

@@ -31,6 +31,7 @@ class Case:
     item masked out as padding (model level). `scaled` says how the published shape was reduced to
     fit the run, empty when it was not. ranks: processes the input is sharded over along M (the
     "sharded" level; gloo on the CPU); threads: torch threads per process (0: torch's default).
+    dropout: the attention dropout of a layer or model run in training mode (0: eval mode).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Case:
     padded_inputs: int = 0
     ranks: int = 1
     threads: int = 0
+    dropout: float = 0.0
     calls: int = 1  # calls per timed run: a tiny case times a loop, so the clock's resolution does not count
     scaled: str = ""
     sweep: str = field(default="", compare=False)  # cases of one sweep differ only in M
@@ -74,7 +76,8 @@ class Case:
         notes = (", causal" if self.causal else "") + (
             f", last {self.padded_inputs} inputs masked as padding" if self.padded_inputs else "") + (
             f", {self.ranks} process{'es' if self.ranks > 1 else ''}" if self.level == "sharded" else "") + (
-            f" x {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
+            f" x {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "") + (
+            f", training with attention dropout {self.dropout:g}" if self.dropout else "")
         return f"{self.name} ({dims}{notes})"
 
     def to_dict(self) -> dict:

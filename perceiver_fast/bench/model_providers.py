@@ -31,9 +31,20 @@ def _refusal(case: Case, dtype, device) -> str | None:
     return missing_module("transformers") or NAMED_MODELS[case.name].valid_length(case.M)
 
 
+def with_attention_dropout(model: torch.nn.Module, p: float) -> torch.nn.Module:
+    """model in training mode with every attention dropout at p (an HF Perceiver's only dropouts are
+    its attention's), or as it is for p = 0."""
+    if not p:
+        return model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    return model.train()
+
+
 def _provider(name: str, patched: bool) -> Provider:
     def prepare(case, dtype, device, backward):
-        model = NAMED_MODELS[case.name].build(case.M, dtype).to(device)
+        model = with_attention_dropout(NAMED_MODELS[case.name].build(case.M, dtype).to(device), case.dropout)
         if patched:
             import perceiver_fast as pf
 

@@ -244,7 +244,7 @@ def meta_inputs(case: Case, dtype, device) -> list[torch.Tensor]:
 def _registered_op(q, k, v, case):
     from ..ops.attention import attention
 
-    return attention(q, k, v, None, case.causal, case.dqk ** -0.5, "cpu", case.kind, [])[0]
+    return attention(q, k, v, None, case.causal, case.dqk ** -0.5, 0.0, None, "cpu", case.kind, [])[0]
 
 
 class _BareKernel(torch.autograd.Function):
@@ -298,16 +298,17 @@ def op_providers() -> list[Provider]:
 
 
 def hf_attention(case: Case, dtype, device):
-    """HF's PerceiverAttention: the cross-attention layer (latents -> input) or a latent self-attention layer."""
+    """HF's PerceiverAttention: the cross-attention layer (latents -> input) or a latent self-attention
+    layer; in training mode with the case's attention dropout, if any."""
     from transformers import PerceiverConfig
     from transformers.models.perceiver.modeling_perceiver import PerceiverAttention
 
     cross = case.kind != "latent"
-    layer = PerceiverAttention(PerceiverConfig(attention_probs_dropout_prob=0.0), is_cross_attention=cross,
+    layer = PerceiverAttention(PerceiverConfig(attention_probs_dropout_prob=case.dropout), is_cross_attention=cross,
                                qk_channels=case.H * case.dqk, v_channels=case.H * case.dv, num_heads=case.H,
                                q_dim=case.latent_dim, kv_dim=case.C if cross else case.latent_dim,
                                use_query_residual=True)
-    return layer.eval().to(device, dtype)
+    return layer.train(bool(case.dropout)).to(device, dtype)
 
 
 def sdpa_layer_forward(layer, latents, inputs, causal: bool):
@@ -342,12 +343,14 @@ def _layer_refusal(module: str):
     return refusal
 
 
-def unfused_layer_bytes(score_copies: int):
+def unfused_layer_bytes(score_copies: int, dropout_copies: int = 0):
     """predicted_bytes of a layer that stores LayerNorm(x), K and V of every input and `score_copies`
-    score tensors (measured on the 2-core CPU: within 4% of the forward's peak for HF's layer and SDPA's)."""
+    score tensors, `dropout_copies` more for a case with attention dropout (measured on the 2-core
+    CPU: within 4% of the forward's peak for HF's layer and SDPA's, without dropout)."""
     def forward_bytes(case, dtype):
         activations = case.B * case.M * (case.C + case.H * (case.dqk + case.dv)) * torch.finfo(dtype).bits // 8
-        return activations + score_copies * score_bytes(case, dtype)
+        copies = score_copies + (dropout_copies if case.dropout else 0)
+        return activations + copies * score_bytes(case, dtype)
     return with_backward(forward_bytes)
 
 
@@ -366,8 +369,9 @@ def _hf_provider(name: str, patched: bool, use_sdpa: bool) -> Provider:
         leaves = [t for t in (latents, inputs) if t is not None] + list(layer.parameters())
         return make_call(forward, leaves, backward)
 
-    # HF keeps scores and probabilities (its dropout is the identity in eval mode); the fused layer neither.
-    predicted = None if patched else unfused_layer_bytes(0 if use_sdpa else 2)
+    # HF keeps scores and probabilities, and with dropout in training its mask and the dropped
+    # probabilities (counted as 2 more); the fused layer none of them.
+    predicted = None if patched else unfused_layer_bytes(0 if use_sdpa else 2, dropout_copies=2)
     return Provider(name, "layer", _layer_refusal("transformers"), prepare, predicted_bytes=predicted,
                     kernel=(lambda case, dtype, device, backward: sdpa_kernel(case, dtype, device, backward, False))
                     if use_sdpa else None)  # sdpa_layer_forward's attention is never causal

@@ -76,6 +76,14 @@ def model_cases(device: str) -> list[Case]:
     return [model_case("hf-vision-fourier", pixels), model_case("hf-vision-fourier", pixels, padded_inputs=pixels // 2)]
 
 
+def training_cases(device: str) -> list[Case]:
+    """Training steps with HF's default attention dropout (0.1): HF vision-fourier's cross-attention
+    layer at batch 4 (and the same step without dropout, what dropout costs) and the whole HF
+    vision-fourier classifier on 224 x 224 images."""
+    layer = case_from_shape("hf-vision-fourier-cross", "layer", batch=4)
+    return [layer, replace(layer, dropout=0.1), replace(model_case("hf-vision-fourier", 224 * 224), dropout=0.1)]
+
+
 def overhead_cases(device: str) -> list[Case]:
     """A tiny cross-attention, timed over loops of 2000 calls: what the Python layer adds to a call."""
     return [Case(name="tiny", level="op", kind="cross", B=1, H=1, N=4, M=8, dqk=16, dv=16, calls=2000)]
@@ -117,4 +125,8 @@ SETS = {s.name: s for s in (
             sharded_cases, devices=("cpu",), dtypes=("float32",)),
     CaseSet("model", "the whole HF vision-fourier classifier, unpatched and after pf.patch, inference",
             model_cases, passes=("forward",)),
+    CaseSet("training", "training steps (forward+backward) with attention dropout 0.1: HF's vision-fourier "
+                        "cross-attention layer at batch 4 (and without dropout) and the whole classifier, HF "
+                        "against HF + pf.patch",
+            training_cases, providers=("HF", "HF + pf.patch"), passes=("forward+backward",)),
 )}

@@ -6,7 +6,9 @@ query that can see it, keeps its dk/dv rows in registers and writes them once,
 and adds its share of dq into an fp32 buffer with atomics.
 
 Probabilities are recomputed from q, k and the forward's lse; `_row_dot_kernel`
-first computes delta = rowsum(dO * O), the softmax-gradient correction.
+first computes delta = rowsum(dO * O), the softmax-gradient correction. With dropout the keep mask
+is regenerated from the seed, never stored: with Z = keep / (1 - p), dV += (P Z)^T dO, dP = Z (dO V^T),
+dS = P (dP - delta).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .attention_forward import LOG2E, cast, decode_program_id, device_guard, dot, dot_options, normalize_tile
+from .attention_forward import LOG2E, cast, decode_program_id, dot, dot_options, normalize_tile
+from .devices import device_guard
+from .dropout import dropout_arguments, keep_tile, load_seed
 
 
 @triton.jit
@@ -45,9 +49,9 @@ def _row_dot_kernel(
     tl.store(Delta + bh.to(tl.int64) * N + offs_n, delta, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _attention_backward_kernel(
-    Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_, Mean, Rstd,
+    Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_, Mean, Rstd, DropoutSeed,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vm, stride_vd,
@@ -59,9 +63,10 @@ def _attention_backward_kernel(
     H, N, M, DQK, DV,
     scale, qk_scale_log2,
     num_d_blocks,
+    dropout_threshold, dropout_scale,  # as in the forward kernel
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     # Program (key block, d_block) writes dk[:, d_block chunk] and dv[:, d_block chunk];
@@ -100,6 +105,8 @@ def _attention_backward_kernel(
         k_own = normalize_tile(k_own, mean, rstd, INTERPRETED_BF16)
     dk = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if DROPOUT:
+        seed, seed_offset = load_seed(DropoutSeed)
 
     n_start = 0
     if CAUSAL:
@@ -145,7 +152,15 @@ def _attention_backward_kernel(
 
         do_own = tl.load(do_rows + own_dv[None, :] * stride_dod,
                          mask=row_in[:, None] & (own_dv[None, :] < DV), other=0.0)
-        dv += dot(cast(p_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
+        if DROPOUT:
+            # Z = keep / (1 - p), regenerated from the seed (drawn queries x keys, used transposed):
+            # dV += (P Z)^T dO and dP = Z (dO V^T); dS below keeps the undropped P.
+            z_t = tl.trans(tl.where(keep_tile(seed, seed_offset, bh, offs_n, m_block * BLOCK_M, BLOCK_M,
+                                              dropout_threshold), dropout_scale, 0.0))
+            dp_t = dp_t * z_t
+            dv += dot(cast(p_t * z_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
+        else:
+            dv += dot(cast(p_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
 
         delta = tl.load(Delta + bh.to(tl.int64) * N + offs_n, mask=row_in, other=0.0)
         ds_t = cast(p_t * (dp_t - delta[None, :]), k_own.dtype, INTERPRETED_BF16)
@@ -173,7 +188,7 @@ def _attention_backward_kernel(
 
 
 def _launch(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str, dk, dv,
-            stats: tuple[torch.Tensor, torch.Tensor] | None):
+            stats: tuple[torch.Tensor, torch.Tensor] | None, dropout_p: float, dropout_seed: torch.Tensor | None):
     """Runs the backward kernels, writing dk and dv (or, with stats, adding into them); returns dq."""
     B, H, N, DQK = q.shape
     M, DV = k.shape[2], v.shape[3]
@@ -185,34 +200,39 @@ def _launch(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind:
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
     row_block = tiles.ROW_BLOCK
+    dropout, seed_arg, threshold, dropout_scale = dropout_arguments(dropout_p, dropout_seed, lse)
     with device_guard(q):
         _row_dot_kernel[(triton.cdiv(N, row_block) * B * H,)](
             out, dout, delta, *out.stride(), *dout.stride(), H, N, DV,
             BLOCK_N=row_block, BLOCK_DV=cfg.block_dv, num_warps=4,
         )
         _attention_backward_kernel[(triton.cdiv(M, cfg.block_m) * num_d_blocks * B * H,)](
-            q, k, v, mask_arg, dout, lse, delta, dq, dk, dv, *(stats or (lse, lse)),
+            q, k, v, mask_arg, dout, lse, delta, dq, dk, dv, *(stats or (lse, lse)), seed_arg,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
             H, N, M, DQK, DV,
-            scale, scale * LOG2E, num_d_blocks,
+            scale, scale * LOG2E, num_d_blocks, threshold, dropout_scale,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, **dot_options(q.dtype),
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, DROPOUT=dropout,
+            **dot_options(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dq.to(q.dtype)
 
 
-def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str):
-    """Returns dq, dk, dv in the dtypes of q, k, v (dk, dv contiguous)."""
+def attention_backward(dout, q, k, v, out, lse, key_mask, causal: bool, scale: float, kind: str,
+                       dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None):
+    """Returns dq, dk, dv in the dtypes of q, k, v (dk, dv contiguous). dropout_p and dropout_seed: those
+    the forward ran with; the keep mask is regenerated from the seed."""
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    dq = _launch(dout, q, k, v, out, lse, key_mask, causal, scale, kind, dk, dv, None)
+    dq = _launch(dout, q, k, v, out, lse, key_mask, causal, scale, kind, dk, dv, None, dropout_p, dropout_seed)
     return dq, dk, dv
 
 
 def shared_input_backward(dout, q, kv, out, lse, key_mask, causal: bool, scale: float,
-                          stats: tuple[torch.Tensor, torch.Tensor]):
+                          stats: tuple[torch.Tensor, torch.Tensor], dropout_p: float = 0.0,
+                          dropout_seed: torch.Tensor | None = None):
     """The backward of attention whose K and V are one input kv (B, H, M, C), the same for every head
     (head stride 0), normalised by `stats` (mean, rstd as in `attention_forward`): (dq, dxn) with dxn
     (B, M, C) float32 the gradient of the normalised input, dK + dV summed over heads inside the
@@ -220,5 +240,6 @@ def shared_input_backward(dout, q, kv, out, lse, key_mask, causal: bool, scale: 
     B, H, M, C = kv.shape
     dxn = torch.zeros((B, M, C), device=kv.device, dtype=torch.float32)
     every_head = dxn.unsqueeze(1).expand(B, H, M, C)
-    dq = _launch(dout, q, kv, kv, out, lse, key_mask, causal, scale, "cross", every_head, every_head, stats)
+    dq = _launch(dout, q, kv, kv, out, lse, key_mask, causal, scale, "cross", every_head, every_head, stats,
+                 dropout_p, dropout_seed)
     return dq, dxn

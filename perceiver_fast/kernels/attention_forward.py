@@ -8,11 +8,14 @@ programs share one query block, each over its own key range, writing a partial
 Layout is SDPA's: q (B, H, N, Dqk), k (B, H, M, Dqk), v (B, H, M, Dv).
 Query i may attend key j when key_mask[b, j] and, if causal, j <= i + M - N.
 A query with no key to attend gets output 0 and lse -inf.
+
+With dropout (DROPOUT, FlashAttention's way) the online softmax statistics and the lse stay those of
+the undropped scores; only the P V accumulation sees the dropped probabilities, whose keep mask
+`dropout.keep_tile` draws from the seed per (query, key) tile, and the output is scaled by 1 / (1 - p).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -20,6 +23,8 @@ import triton
 import triton.language as tl
 
 from . import tiles
+from .devices import device_guard
+from .dropout import dropout_arguments, keep_tile, load_seed
 
 LOG2E = 1.4426950408889634
 
@@ -70,9 +75,9 @@ def normalize_tile(t, mean, rstd, INTERPRETED_BF16: tl.constexpr):
     return cast((t.to(tl.float32) - mean) * rstd, t.dtype, INTERPRETED_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_threshold"])
 def _attention_forward_kernel(
-    Q, K, V, KeyMask, Out, Lse, Mean, Rstd,
+    Q, K, V, KeyMask, Out, Lse, Mean, Rstd, DropoutSeed,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_km, stride_kd,
     stride_vb, stride_vh, stride_vm, stride_vd,
@@ -83,9 +88,11 @@ def _attention_forward_kernel(
     qk_scale_log2,  # softmax scale times log2(e): the kernel works with exp2
     keys_per_split,
     num_dv_blocks,
+    dropout_threshold,  # keep_threshold(p): a Philox word at or above it keeps its probability
+    dropout_scale,  # 1 / (1 - p)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     bh, n_block, dv_block = decode_program_id(tl.cdiv(N, BLOCK_N), num_dv_blocks)
@@ -113,6 +120,8 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if DROPOUT:
+        seed, seed_offset = load_seed(DropoutSeed)
 
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + arange_m
@@ -146,6 +155,10 @@ def _attention_forward_kernel(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(scores - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # The statistics above are the undropped scores'; only P V sees the dropped probabilities
+            # (their 1 / (1 - p) is applied once, to the output).
+            p = tl.where(keep_tile(seed, seed_offset, bh, offs_n, start, BLOCK_M, dropout_threshold), p, 0.0)
 
         v = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vm + offs_dv[None, :] * stride_vd,
                     mask=key_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -157,6 +170,8 @@ def _attention_forward_kernel(
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     out_ptrs = (Out + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                 + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
     tl.store(out_ptrs, cast(out, Out.dtype.element_ty, INTERPRETED_BF16), mask=row_in[:, None] & (offs_dv[None, :] < DV))
@@ -227,11 +242,6 @@ def dot_options(dtype: torch.dtype) -> dict:
     return {"INPUT_PRECISION": precision, "INTERPRETED_BF16": interpreted_bf16}
 
 
-def device_guard(t: torch.Tensor):
-    """Launches go to the tensor's GPU, not whichever is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -239,8 +249,13 @@ def num_sms(device: torch.device) -> int:
 
 
 def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, num_splits: int | None = None,
+                      dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None, *,
                       stats: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Runs the forward kernels. Returns out (B, H, N, Dv) in q's dtype and lse (B, H, N) float32.
+
+    dropout_p > 0 drops probabilities by the keep mask drawn from dropout_seed (int64 (2,) on q's
+    device: seed, offset; perceiver_fast/dropout.py), kept ones scaled by 1 / (1 - dropout_p); lse is
+    that of the undropped scores. dropout_p == 0 runs the kernels without dropout code.
 
     `stats`: (mean, rstd) (B, M) float32 of raw input rows that k and v are views of; the
     kernel then attends over (k - mean) * rstd and (v - mean) * rstd (fused input attention).
@@ -270,16 +285,17 @@ def attention_forward(q, k, v, key_mask, causal: bool, scale: float, kind: str, 
 
     mask_arg = key_mask if key_mask is not None else q  # never read when HAS_KEY_MASK is False
     mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
+    dropout, seed_arg, threshold, dropout_scale = dropout_arguments(dropout_p, dropout_seed, lse)
     options = dot_options(q.dtype)
     with device_guard(q):
         _attention_forward_kernel[(triton.cdiv(N, cfg.block_n) * num_dv_blocks * B * H, num_splits)](
-            q, k, v, mask_arg, part_out, part_lse, *(stats or (lse, lse)),
+            q, k, v, mask_arg, part_out, part_lse, *(stats or (lse, lse)), seed_arg,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *part_out.stride(), *part_lse.stride(),
             H, N, M, DQK, DV,
-            scale * LOG2E, keys_per_split, num_dv_blocks,
+            scale * LOG2E, keys_per_split, num_dv_blocks, threshold, dropout_scale,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_DQK=cfg.block_dqk, BLOCK_DV=cfg.block_dv,
-            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, **options,
+            HAS_KEY_MASK=key_mask is not None, CAUSAL=causal, NORMALIZE=stats is not None, DROPOUT=dropout, **options,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if num_splits > 1:

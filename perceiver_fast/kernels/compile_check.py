@@ -45,9 +45,12 @@ class Job:
 # Kernel modules and the kernels their launchers call, looked up by name in the module.
 KERNELS = {"attention_forward": ("_attention_forward_kernel", "_merge_splits_kernel"),
            "attention_backward": ("_row_dot_kernel", "_attention_backward_kernel"),
-           "layer_norm": ("_layer_norm_stats_kernel", "_layer_norm_backward_kernel")}
+           "layer_norm": ("_layer_norm_stats_kernel", "_layer_norm_backward_kernel"),
+           "dropout": ("_dropout_mask_kernel",)}
 H100_SMS = 132  # the dry runs take the launchers' split decisions as on an H100
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1"}
+POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1",
+                 torch.int64: "*i64"}
+DROPOUT_P = 0.1  # the dry runs' dropout: its keep threshold fits an i32, as every p below 0.5 gives
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs, for launches that do not choose
 # A launch's signature as Triton forms it: tensors are pointers, floats fp32, integers i32 except
@@ -55,7 +58,8 @@ DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs, for launches that do not choo
 
 
 def _job(kernel, values: dict, num_warps: int, num_stages: int) -> Job:
-    """The compile job of one recorded launch: kernel parameter names with their values' types."""
+    """The compile job of one recorded launch: kernel parameter names with their values' types. (The
+    kernels that take a dropout threshold mark it do_not_specialize: its value is never a constant.)"""
     params = inspect.signature(kernel.fn).parameters
     signature, constexprs = [], []
     for name, param in params.items():
@@ -126,14 +130,17 @@ def launch_jobs() -> list[Job]:
     kernels.
 
     The attention op's launchers, per kind, dtype and pair of head dims: forward with mask and causal
-    on and one key split, and with both off and two splits (fp32 partials and the merge), each with its
-    backward. The input attention's (cross, the shortcut: K = V = x), per dtype and channel count, with
-    and without LayerNorm, mask and causal both on or off: its row statistics, forward and backward.
+    on and one key split, with both off and two splits (fp32 partials and the merge), and with both on,
+    two splits and dropout, each with its backward. The input attention's (cross, the shortcut:
+    K = V = x), per dtype and channel count, with and without LayerNorm, mask and causal both on or off,
+    and with LayerNorm, mask, causal and dropout: its row statistics, forward and backward. And the
+    debug kernel of the dropout mask.
     """
     from . import tiles
 
     jobs: list[Job] = []
     B, H, N = 2, 2, 20
+    seed = torch.zeros(2, dtype=torch.int64)
     with _recording(jobs) as modules:
         forward, backward = modules["attention_forward"].attention_forward, modules["attention_backward"].attention_backward
         for kind, dtype, dqk, dv in itertools.product(tiles.KINDS, FLOAT_DTYPES, _dims_hitting_every_tile(),
@@ -141,18 +148,21 @@ def launch_jobs() -> list[Job]:
             M = 8 * tiles.forward_config(kind, dqk, dv, dtype == torch.float32).block_m
             q, k, v, dout = (torch.empty(B, H, rows, dim, dtype=dtype)
                              for rows, dim in ((N, dqk), (M, dqk), (M, dv), (N, dv)))
-            for flags_on, splits in ((True, 1), (False, 2)):
+            for flags_on, splits, dropout_p in ((True, 1, 0.0), (False, 2, 0.0), (True, 2, DROPOUT_P)):
                 mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
-                out, lse = forward(q, k, v, mask, flags_on, 0.5, kind, splits)
-                backward(dout, q, k, v, out, lse, mask, flags_on, 0.5, kind)
+                out, lse = forward(q, k, v, mask, flags_on, 0.5, kind, splits, dropout_p, seed)
+                backward(dout, q, k, v, out, lse, mask, flags_on, 0.5, kind, dropout_p, seed)
         inputs = modules["input_attention"]
-        for dtype, channels, normalize, flags_on in itertools.product(FLOAT_DTYPES, _dims_hitting_every_tile(),
-                                                                      (True, False), (True, False)):
+        input_variants = (*itertools.product((True, False), (True, False), (0.0,)), (True, True, DROPOUT_P))
+        for dtype, channels, (normalize, flags_on, dropout_p) in itertools.product(
+                FLOAT_DTYPES, _dims_hitting_every_tile(), input_variants):
             M = 8 * tiles.forward_config("cross", channels, channels, dtype == torch.float32).block_m
             q, x = torch.empty(B, H, N, channels, dtype=dtype), torch.empty(B, M, channels, dtype=dtype)
             mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
-            out, lse = inputs.input_attention_forward(q, x, normalize, 1e-5, mask, flags_on, 0.5)
-            inputs.input_attention_backward(torch.empty_like(out), q, x, normalize, 1e-5, out, lse, mask, flags_on, 0.5)
+            out, lse = inputs.input_attention_forward(q, x, normalize, 1e-5, mask, flags_on, 0.5, dropout_p, seed)
+            inputs.input_attention_backward(torch.empty_like(out), q, x, normalize, 1e-5, out, lse, mask, flags_on, 0.5,
+                                            dropout_p, seed)
+        modules["dropout"].dropout_keep_mask(seed, B, H, N, 70, DROPOUT_P)
     return list(dict.fromkeys(jobs))
 
 

@@ -31,15 +31,20 @@ def _row_stats(x: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tens
             torch.ones(shape, device=x.device, dtype=torch.float32))
 
 
-def input_attention_forward(q, x, normalize: bool, eps: float, key_mask, causal: bool, scale: float):
-    """(out (B, H, N, C), lse (B, H, N) float32)."""
+def input_attention_forward(q, x, normalize: bool, eps: float, key_mask, causal: bool, scale: float,
+                            dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None):
+    """(out (B, H, N, C), lse (B, H, N) float32). Dropout as in `attention_forward`, over the scores of
+    q's heads (the mask's head index is q's, though every head attends the same K = V)."""
     kv = _shared_input(x, q.shape[1])
-    return attention_forward(q, kv, kv, key_mask, causal, scale, "cross", stats=_row_stats(x, normalize, eps))
+    return attention_forward(q, kv, kv, key_mask, causal, scale, "cross", None, dropout_p, dropout_seed,
+                             stats=_row_stats(x, normalize, eps))
 
 
-def input_attention_backward(dout, q, x, normalize: bool, eps: float, out, lse, key_mask, causal: bool, scale: float):
-    """(dq, dx). The row statistics are recomputed: two length-M vectors, cheaper to remake than to keep."""
+def input_attention_backward(dout, q, x, normalize: bool, eps: float, out, lse, key_mask, causal: bool, scale: float,
+                             dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None):
+    """(dq, dx). The row statistics are recomputed: two length-M vectors, cheaper to remake than to keep;
+    the dropout mask is regenerated from the seed the forward ran with."""
     mean, rstd = _row_stats(x, normalize, eps)
     dq, dxn = shared_input_backward(dout, q, _shared_input(x, q.shape[1]), out, lse, key_mask, causal, scale,
-                                    (mean, rstd))
+                                    (mean, rstd), dropout_p, dropout_seed)
     return dq, layer_norm_backward(x, dxn, mean, rstd) if normalize else dxn.to(x.dtype)

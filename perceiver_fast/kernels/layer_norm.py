@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_forward import cast, device_guard, dot_options
+from .attention_forward import cast, dot_options
+from .devices import device_guard
 
 BLOCK_ROWS = 16
 BLOCK_C = 64

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dropout import check_dropout_p
 from ..shards import check_group
 from .functional import attention, input_attention, merge_heads, split_heads
 
@@ -28,7 +29,8 @@ class CrossAttention(nn.Module):
     (values) split over `heads`, an output projection to `out_dim`, and, with `query_residual`,
     the latents added back. The input's LayerNorm and K/V projections go through
     `input_attention`, so nothing of size N x M is formed. `backend` as in
-    `perceiver_fast.cross_attention` (None: the best one for the inputs).
+    `perceiver_fast.cross_attention` (None: the best one for the inputs). `dropout`: attention
+    dropout on the probabilities, inside the kernel, in training mode only.
 
     process_group: each rank passes its own shard of the input (and of key_mask) along M, the
     latents the same on every rank; the output is the whole input's, on every rank. Made for
@@ -38,7 +40,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, q_dim: int, kv_dim: int, *, heads: int = 1, qk_channels: int | None = None,
                  v_channels: int | None = None, out_dim: int | None = None, query_residual: bool = True,
-                 bias: bool = True, backend: str | None = None, process_group=None):
+                 bias: bool = True, dropout: float = 0.0, backend: str | None = None, process_group=None):
         super().__init__()
         qk_channels = qk_channels or q_dim
         v_channels = v_channels or qk_channels
@@ -49,6 +51,7 @@ class CrossAttention(nn.Module):
             raise ValueError(f"query_residual needs out_dim == q_dim, got out_dim={out_dim}, q_dim={q_dim}")
         if process_group is not None:
             check_group(process_group)
+        self.dropout = check_dropout_p(dropout)
         self.heads, self.query_residual, self.backend = heads, query_residual, backend
         self.process_group = process_group
         self.q_dim, self.kv_dim = q_dim, kv_dim
@@ -69,18 +72,20 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q_proj(self.q_norm(latents)), self.heads)
         context = input_attention(q, inputs, norm=self.kv_norm, k_weight=self.k_proj.weight,
                                   k_bias=self.k_proj.bias, v_weight=self.v_proj.weight, v_bias=self.v_proj.bias,
-                                  key_mask=key_mask, causal=causal, backend=self.backend,
-                                  process_group=self.process_group)
+                                  key_mask=key_mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                                  backend=self.backend, process_group=self.process_group)
         out = self.out_proj(merge_heads(context))
         return out + latents if self.query_residual else out
 
 
 class SelfAttention(nn.Module):
-    """Latent self-attention: LayerNorm, q/k/v projections over `heads`, output projection, residual."""
+    """Latent self-attention: LayerNorm, q/k/v projections over `heads`, output projection, residual;
+    `dropout` on the attention probabilities in training mode."""
 
     def __init__(self, dim: int, *, heads: int = 8, qk_channels: int | None = None, v_channels: int | None = None,
-                 residual: bool = True, bias: bool = True, backend: str | None = None):
+                 residual: bool = True, bias: bool = True, dropout: float = 0.0, backend: str | None = None):
         super().__init__()
+        self.dropout = check_dropout_p(dropout)
         qk_channels = qk_channels or dim
         v_channels = v_channels or qk_channels
         _check_channels("qk_channels", qk_channels, heads)
@@ -97,5 +102,6 @@ class SelfAttention(nn.Module):
         _check_sequence("x", x, self.dim)
         normed = self.norm(x)
         q, k, v = (split_heads(proj(normed), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = self.out_proj(merge_heads(attention(q, k, v, causal=causal, backend=self.backend)))
+        dropout_p = self.dropout if self.training else 0.0
+        out = self.out_proj(merge_heads(attention(q, k, v, causal=causal, dropout_p=dropout_p, backend=self.backend)))
         return out + x if self.residual else out

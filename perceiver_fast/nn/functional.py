@@ -40,7 +40,8 @@ def _one_dtype(q, k, v) -> tuple[torch.Tensor, ...]:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-              causal: bool = False, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+              causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+              backend: str | None = None) -> torch.Tensor:
     """(B, H, N, D) attention: `latent_attention` or `cross_attention` as `validation.attention_kind` decides.
 
     q, k and v are first brought to one dtype as a matmul of them would be: autocast's dtype
@@ -49,8 +50,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: to
     """
     q, k, v = _one_dtype(q, k, v)
     if attention_kind(q.shape[2], k.shape[2], key_mask) == "latent":
-        return latent_attention(q, k, v, causal=causal, scale=scale, backend=backend)
-    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+        return latent_attention(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, backend=backend)
+    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+                           backend=backend)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -74,13 +76,13 @@ def scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
 def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module | None, k_weight: torch.Tensor,
                     k_bias: torch.Tensor | None, v_weight: torch.Tensor, v_bias: torch.Tensor | None,
                     key_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                    backend: str | None = None, process_group=None) -> torch.Tensor:
+                    dropout_p: float = 0.0, backend: str | None = None, process_group=None) -> torch.Tensor:
     """Attention of projected queries over an input that is normalised and projected here.
 
     q (B, H, N, Dqk) projected queries; x (B, M, C) the raw input; norm the input's LayerNorm
     (None: x is used as it is); k_weight (H * Dqk, C), v_weight (H * Dv, C) with optional
-    biases, as in nn.Linear. Returns (B, H, N, Dv). key_mask, causal, scale and backend as in
-    `perceiver_fast.cross_attention`; a query with no key to attend gives 0.
+    biases, as in nn.Linear. Returns (B, H, N, Dv). key_mask, causal, scale, dropout_p and backend
+    as in `perceiver_fast.cross_attention`; a query with no key to attend gives 0.
 
     A plain nn.LayerNorm over the channels (or no norm) goes to `fused_input_attention`, which
     never stores LayerNorm(x), K or V; any other norm module is applied first, unfused.
@@ -100,18 +102,18 @@ def input_attention(q: torch.Tensor, x: torch.Tensor, *, norm: torch.nn.Module |
                                      norm_weight=None if norm is None else norm.weight,
                                      norm_bias=None if norm is None else norm.bias,
                                      norm_eps=None if norm is None else norm.eps, key_mask=key_mask, causal=causal,
-                                     scale=scale, backend=backend, process_group=process_group)
+                                     scale=scale, dropout_p=dropout_p, backend=backend, process_group=process_group)
     heads = q.shape[1]
     normed = norm(x)
     k = split_heads(F.linear(normed, k_weight, k_bias), heads)
     v = split_heads(F.linear(normed, v_weight, v_bias), heads)
     if process_group is None:
-        return attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+        return attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p, backend=backend)
     # The norm and projections ran on this shard only: their gradients, like x's, are the shard's
     # share, scaled so that the average over the ranks sums the shares.
     q, k, v = _one_dtype(q, scale_gradient(k, world), scale_gradient(v, world))
-    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend,
-                           process_group=process_group)
+    return cross_attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+                           backend=backend, process_group=process_group)
 
 
 def _is_plain_layer_norm(norm: torch.nn.Module, channels: int) -> bool:

@@ -41,13 +41,14 @@ class PerceiverEncoder(nn.Module):
 
     forward(inputs (B, M, input_dim), key_mask bool (B, M) True = attend) -> latents (B, num_latents, latent_dim).
     With a process_group, inputs and key_mask are this rank's shard along M (see CrossAttention);
-    everything after the cross-attention runs replicated.
+    everything after the cross-attention runs replicated. `dropout`: the attention dropout of every
+    attention module, in training mode (not with a process_group).
     """
 
     def __init__(self, input_dim: int, *, num_latents: int = 512, latent_dim: int = 1024, cross_heads: int = 1,
                  cross_qk_channels: int | None = None, cross_v_channels: int | None = None, self_heads: int = 8,
-                 self_layers: int = 6, blocks: int = 1, widening: int = 1, backend: str | None = None,
-                 process_group=None):
+                 self_layers: int = 6, blocks: int = 1, widening: int = 1, dropout: float = 0.0,
+                 backend: str | None = None, process_group=None):
         super().__init__()
         if blocks < 1 or self_layers < 0:
             raise ValueError(f"blocks must be >= 1 and self_layers >= 0, got {blocks} and {self_layers}")
@@ -56,9 +57,10 @@ class PerceiverEncoder(nn.Module):
         nn.init.trunc_normal_(self.latents, std=0.02)
         self.cross = PerceiverLayer(CrossAttention(latent_dim, input_dim, heads=cross_heads,
                                                    qk_channels=cross_qk_channels, v_channels=cross_v_channels,
-                                                   backend=backend, process_group=process_group), widening)
+                                                   dropout=dropout, backend=backend, process_group=process_group),
+                                    widening)
         self.self_attends = nn.ModuleList(
-            PerceiverLayer(SelfAttention(latent_dim, heads=self_heads, backend=backend), widening)
+            PerceiverLayer(SelfAttention(latent_dim, heads=self_heads, dropout=dropout, backend=backend), widening)
             for _ in range(self_layers))
 
     def forward(self, inputs: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

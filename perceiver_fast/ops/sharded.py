@@ -98,11 +98,11 @@ class _AttentionShard:
         return v.shape[3]
 
     def forward(self, causal, q, k, v, key_mask):
-        return attention(q, k, v, key_mask, causal, self.scale, self.kernel, self.kind, [])
+        return attention(q, k, v, key_mask, causal, self.scale, 0.0, None, self.kernel, self.kind, [])
 
     def backward(self, causal, dout, out, lse, q, k, v, key_mask):
-        return (*attention_backward(dout, q, k, v, out, lse, key_mask, causal, self.scale, self.kernel, self.kind,
-                                    []), None)
+        return (*attention_backward(dout, q, k, v, out, lse, key_mask, causal, self.scale, 0.0, None, self.kernel,
+                                    self.kind, []), None)
 
 
 class _InputAttentionShard:
@@ -124,11 +124,12 @@ class _InputAttentionShard:
 
     def forward(self, causal, q, x, k_weight, k_bias, v_weight, v_bias, key_mask):
         return input_attention(q, x, self.normalize, self.eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal,
-                               self.scale, self.kernel, [])
+                               self.scale, 0.0, None, self.kernel, [])
 
     def backward(self, causal, dout, out, lse, q, x, k_weight, k_bias, v_weight, v_bias, key_mask):
         dq, dx, *weights = input_attention_backward(dout, q, x, self.normalize, self.eps, k_weight, k_bias, v_weight,
-                                                    v_bias, out, lse, key_mask, causal, self.scale, self.kernel, [])
+                                                    v_bias, out, lse, key_mask, causal, self.scale, 0.0, None,
+                                                    self.kernel, [])
         weights = [None if given is None else g for g, given in zip(weights, (k_weight, k_bias, v_weight, v_bias))]
         return (dq, dx, *weights, None)
 

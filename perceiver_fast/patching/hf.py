@@ -8,18 +8,20 @@ from transformers.models.perceiver import modeling_perceiver as hf
 
 from ..nn.functional import attention, input_attention, merge_heads, split_heads
 from .masks import NotPerKey, additive_to_key_mask, settled_reason
-from .registry import FastModule, Swap, dropout_reason, submodules_reason
+from .registry import FastModule, Swap, attention_dropout, dropout_reason, submodules_reason
 
 
 class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
-    """Same forward signature and outputs; the attention runs fused. With output_attentions, dropout
-    in training, a mask that is not per key, or a query with no key to attend, it runs HF's code."""
+    """Same forward signature and outputs; the attention runs fused, with the configured attention
+    dropout inside the kernels in training. With output_attentions, a mask that is not per key, or a
+    query with no key to attend, it runs HF's code."""
 
     def forward(self, hidden_states, attention_mask=None, inputs=None, inputs_mask=None, output_attentions=False):
         cross = inputs is not None
         source = inputs if cross else hidden_states
         batch, keys = source.shape[0], source.shape[1]
-        reason = "output_attentions=True" if output_attentions else dropout_reason(self, self.dropout)
+        dropout_p = attention_dropout(self, self.dropout)
+        reason = "output_attentions=True" if output_attentions else dropout_reason(self, dropout_p)
         reason = reason or submodules_reason(self, (self.query, self.key, self.value),
                                              (self.layernorm1, self.layernorm2))
         key_mask = None
@@ -39,11 +41,12 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
         if cross:
             context = input_attention(q, inputs, norm=self.layernorm2, k_weight=self.key.weight,
                                       k_bias=self.key.bias, v_weight=self.value.weight, v_bias=self.value.bias,
-                                      key_mask=key_mask, backend=self.pf_backend, process_group=group)
+                                      key_mask=key_mask, dropout_p=dropout_p, backend=self.pf_backend,
+                                      process_group=group)
         else:
             k = split_heads(self.key(normed), self.num_heads)
             v = split_heads(self.value(normed), self.num_heads)
-            context = attention(q, k, v, key_mask=key_mask, backend=self.pf_backend)
+            context = attention(q, k, v, key_mask=key_mask, dropout_p=dropout_p, backend=self.pf_backend)
         return (merge_heads(context),)
 
 

@@ -10,7 +10,7 @@ from perceiver.model.core.utils import ModuleOutput
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, dropout_reason, submodules_reason
+from .registry import FastModule, Swap, attention_dropout, dropout_reason, submodules_reason
 
 
 def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache, process_group=None):
@@ -25,7 +25,7 @@ def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_c
 
 def _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache):
     """_unfused_reason before the check of rows without keys."""
-    reason = dropout_reason(mha, mha.dropout)
+    reason = dropout_reason(module, attention_dropout(mha, mha.dropout))
     norms = [getattr(module, name, None) for name in ("q_norm", "kv_norm", "norm")]
     reason = reason or submodules_reason(module, (mha.q_proj, mha.k_proj, mha.v_proj, mha.o_proj), norms)
     if reason:
@@ -41,6 +41,7 @@ def _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache):
 def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_cache, backend, process_group=None):
     """MultiHeadAttention.forward on x_q (normalised) and x_kv (raw, normalised here by kv_norm)."""
     heads, causal, scale = mha.num_heads, mha.causal_attention, mha.dp_scale
+    dropout_p = attention_dropout(mha, mha.dropout)
     q = split_heads(mha.q_proj(x_q), heads)
     if q.shape[0] == 1 < x_kv.shape[0]:
         q = q.expand(x_kv.shape[0], -1, -1, -1)  # a decoder's query array, broadcast over the batch as the library does
@@ -49,7 +50,7 @@ def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_
     if kv_cache is None and rot_pos_emb_k is None and x_kv is not x_q:
         out = input_attention(q, x_kv, norm=kv_norm, k_weight=mha.k_proj.weight, k_bias=mha.k_proj.bias,
                               v_weight=mha.v_proj.weight, v_bias=mha.v_proj.bias, key_mask=key_mask, causal=causal,
-                              scale=scale, backend=backend, process_group=process_group)
+                              scale=scale, dropout_p=dropout_p, backend=backend, process_group=process_group)
     else:
         normed = layer_norm(x_kv, kv_norm)
         k, v = mha.k_proj(normed), mha.v_proj(normed)
@@ -59,7 +60,7 @@ def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_
         k, v = split_heads(k, heads), split_heads(v, heads)
         if rot_pos_emb_k is not None:
             k = rot_pos_emb_k.rotate(k)
-        out = attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, backend=backend)
+        out = attention(q, k, v, key_mask=key_mask, causal=causal, scale=scale, dropout_p=dropout_p, backend=backend)
     return ModuleOutput(last_hidden_state=mha.o_proj(merge_heads(out)), kv_cache=kv_cache)
 
 

@@ -11,7 +11,7 @@ from perceiver_pytorch import perceiver_pytorch as pp
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, dropout_reason, submodules_reason
+from .registry import FastModule, Swap, attention_dropout, dropout_reason, submodules_reason
 
 ATTENTION_CLASSES = (pp.Attention, io.Attention)
 
@@ -29,7 +29,7 @@ def _call_reason(module, attn, x, context, mask, inverted_attention) -> tuple[st
     keys = x.shape[1] if context is None else context.shape[1]
     if inverted_attention:
         return "inverted attention", None, keys
-    reason = dropout_reason(attn, getattr(attn, "dropout", None))
+    reason = dropout_reason(module, attention_dropout(attn, getattr(attn, "dropout", None)))
     reason = reason or submodules_reason(module, (attn.to_q, attn.to_kv, attn.to_out),
                                          (getattr(module, "norm", None), getattr(module, "norm_context", None)))
     if reason:
@@ -48,12 +48,13 @@ def _attend(attn, x, context, context_norm, key_mask, backend, process_group=Non
     """lucidrains Attention.forward, fused: x the (normalised) queries' input, context the raw
     key/value input (None: x itself) and context_norm its LayerNorm (None: none)."""
     q = split_heads(attn.to_q(x), attn.heads)
+    dropout_p = attention_dropout(attn, getattr(attn, "dropout", None))
     k_weight, v_weight = attn.to_kv.weight.chunk(2, dim=0)
     k_bias, v_bias = attn.to_kv.bias.chunk(2) if attn.to_kv.bias is not None else (None, None)
     if context is None:
         k = split_heads(F.linear(x, k_weight, k_bias), attn.heads)
         v = split_heads(F.linear(x, v_weight, v_bias), attn.heads)
-        out = attention(q, k, v, key_mask=key_mask, scale=attn.scale, backend=backend)
+        out = attention(q, k, v, key_mask=key_mask, scale=attn.scale, dropout_p=dropout_p, backend=backend)
     else:
         if getattr(attn, "queries_contribute_kv", False):
             if process_group is not None:  # the latents would count once per rank
@@ -61,8 +62,8 @@ def _attend(attn, x, context, context_norm, key_mask, backend, process_group=Non
                                    "process group")
             context, context_norm = torch.cat((x, layer_norm(context, context_norm)), dim=1), None
         out = input_attention(q, context, norm=context_norm, k_weight=k_weight, k_bias=k_bias, v_weight=v_weight,
-                              v_bias=v_bias, key_mask=key_mask, scale=attn.scale, backend=backend,
-                              process_group=process_group)
+                              v_bias=v_bias, key_mask=key_mask, scale=attn.scale, dropout_p=dropout_p,
+                              backend=backend, process_group=process_group)
     return attn.to_out(merge_heads(out))
 
 

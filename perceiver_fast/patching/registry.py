@@ -100,10 +100,18 @@ def fast_instance_of(original: type):
     return fast.__new__(fast)
 
 
-def dropout_reason(module: nn.Module, dropout: nn.Module | float | None) -> str | None:
-    """Attention dropout is not fused: in training with p > 0 the library's computation runs."""
+def attention_dropout(module: nn.Module, dropout: nn.Module | float | None) -> float:
+    """The attention dropout probability of the module's call, fused into the kernels: its
+    configured p in training, 0 in eval."""
     p = dropout.p if isinstance(dropout, nn.Dropout) else (dropout or 0.0)
-    return f"attention dropout p={p} in training" if module.training and p > 0 else None
+    return float(p) if module.training else 0.0
+
+
+def dropout_reason(module: "FastModule", dropout_p: float) -> str | None:
+    """Attention dropout runs fused, but not over an input sharded across processes."""
+    if dropout_p and module.pf_process_group is not None:
+        return f"attention dropout p={dropout_p} in training over an input sharded across processes"
+    return None
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
