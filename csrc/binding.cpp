@@ -6,6 +6,7 @@
 #include "cpu/attention.h"
 #include "cpu/dropout.h"
 #include "cpu/input_attention.h"
+#include "cpu/key_rows.h"
 #include "cpu/softmax_rows_avx512.h"
 #include "cpu/tile_gemm.h"
 
@@ -360,8 +361,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},
         {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
         {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
+        {"portable_key_rows_forced", perceiver_fast::cpu::portable_key_rows()},
     };
   });
+  m.def("set_portable_key_rows", &perceiver_fast::cpu::set_portable_key_rows,
+        "Force the portable loops of the few-query forward instead of AVX-512 (for tests of the path other CPUs "
+        "take).");
   m.def("set_portable_gemm", &perceiver_fast::cpu::set_portable_gemm,
         "Force the at::mm GEMM path instead of oneDNN brgemm (for tests of the path other CPUs take).");
 }

@@ -1,6 +1,6 @@
 """perceiver-fast: fused attention kernels for Perceiver-family models."""
 
-from . import nn
+from . import generation, nn
 from .attention import attention_dropout_mask, cross_attention, latent_attention
 from .dispatch import BACKEND_NAMES, BackendUnsupportedError
 from .explain import explain
@@ -10,6 +10,6 @@ from .reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "cross_attention", "latent_attention", "fused_input_attention", "attention_dropout_mask",
+__all__ = ["nn", "generation", "cross_attention", "latent_attention", "fused_input_attention", "attention_dropout_mask",
            "attention_reference", "explain", "BACKEND_NAMES", "BackendUnsupportedError", "patch", "unpatch",
            "PatchReport", "__version__"]

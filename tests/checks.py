@@ -39,10 +39,12 @@ def reference_with_grads(q, k, v, dout, *, key_mask=None, causal=False, scale=No
 
 
 def kernel_runner(kernel: str, kind: str = "cross", tiling=()):
-    """run(q, k, v, key_mask, causal) -> (out, lse) on one kernel family's registered op, past dispatch:
-    `tiling` overrides its loop sizes (see perceiver_fast.ops.attention)."""
-    def run(q, k, v, key_mask, causal):
-        return attention(q, k, v, key_mask, causal, q.shape[-1] ** -0.5, 0.0, None, kernel, kind, list(tiling))
+    """run(q, k, v, key_mask, causal[, dropout_p]) -> (out, lse) on one kernel family's registered op,
+    past dispatch, the dropout seed drawn as the public functions draw it: `tiling` overrides its
+    loop sizes (see perceiver_fast.ops.attention)."""
+    def run(q, k, v, key_mask, causal, dropout_p=0.0):
+        seed = draw_seed(q.device) if dropout_p else None
+        return attention(q, k, v, key_mask, causal, q.shape[-1] ** -0.5, dropout_p, seed, kernel, kind, list(tiling))
     return run
 
 

@@ -61,7 +61,8 @@ def test_full_set_covers_every_published_shape():
 
 
 def test_sets_are_named_and_quick_and_full_keep_their_cases():
-    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model", "training"]
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model", "training",
+                          "generation"]
     assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
@@ -145,6 +146,34 @@ def test_training_set_runs_hf_layer_and_model_steps_with_attention_dropout():
     assert (model.name, model.level, model.B, model.M, model.dropout) == ("hf-vision-fourier", "model", 1, 50176, 0.1)
     assert model.label() == "hf-vision-fourier (B=1 M=50176, training with attention dropout 0.1)"
     assert training.providers == ("HF", "HF + pf.patch") and training.passes == ("forward+backward",)
+
+
+def test_generation_set_is_issue_14s_prompts():
+    generation = SETS["generation"]
+    cases = generation.cases("cpu")
+    assert [(c.level, c.B, c.M, c.N, c.H, c.C, c.new_tokens) for c in cases] == [
+        ("generation", 1, m, 512, 8, 512, 16) for m in (4096, 16384, 65536)]
+    assert cases[1].label() == ("krasserm-ar-prompt-16k (B=1, prompt of 16384 tokens, 512 latents, H=8 C=512, "
+                                "16 new tokens)")
+    assert generation.providers == ("pf.generation", "krasserm cached forward") and generation.passes == ("decode",)
+    assert cases[0].attention_flops("decode") is None
+
+
+@pytest.mark.skipif(providers.missing_module("perceiver"), reason="needs krasserm perceiver-io")
+def test_generation_providers_time_tokens_and_the_report_reads_them_against_the_memory_floor():
+    from perceiver_fast.bench.generation_providers import decode_read_bytes
+
+    case = replace(SETS["generation"].cases("cpu")[0], M=40, N=8, H=2, C=16, dqk=8, dv=8, new_tokens=3)
+    rows = measure(case, "float32", "decode", "cpu", repeats=1)
+    assert [r["provider"] for r in rows] == ["pf.generation", "krasserm cached forward"]
+    assert all(r["ms"] > 0 and r["peak_extra_mib"] >= 0 for r in rows), rows
+    text = markdown(SETS["generation"], {**INFO, "read_gbs": 10.0}, rows, [])
+    assert "## Generation level: Perceiver AR decoding" in text
+    line = next(line for line in text.splitlines() if "| pf.generation |" in line)
+    ratio = rows[1]["ms"] / rows[0]["ms"]
+    assert f"| {ratio:.2f}x |" in line
+    achieved = decode_read_bytes(case, torch.float32) / (rows[0]["ms"] / 1e3) / 1e9
+    assert f"| {achieved:.1f} | {100 * achieved / 10:.0f}% |" in line
 
 
 def test_layer_providers_train_with_the_cases_dropout():

@@ -59,6 +59,32 @@ def test_portable_gemm_path(shape, dtype):
         _C.set_portable_gemm(False)
 
 
+# Heads of at most 4 queries (a decode step) take the few-query forward (csrc/cpu/attention_forward.cpp):
+# K and V rows read in place by csrc/cpu/key_rows*.cpp. Head dims below, at and across the 16 float lanes.
+FEW_QUERY_SHAPES = {"n1-d64": (2, 2, 1, 300, 64, 64), "n2-d100-v40": (1, 3, 2, 257, 100, 40),
+                    "n3-d7-v9": (2, 1, 3, 90, 7, 9), "n4-d261": (1, 1, 4, 130, 261, 261),
+                    "n4-m2": (2, 2, 4, 2, 16, 16)}
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512-where-present", "portable"])
+@pytest.mark.parametrize("tiling", [(0, 0, 0), (16, 8, 3), (7, 5, 4)], ids=["default", "small-tiles", "odd-tiles"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", FEW_QUERY_SHAPES.values(), ids=FEW_QUERY_SHAPES.keys())
+def test_few_query_forward(shape, key_mask, causal, dtype, tiling, portable):
+    _C.set_portable_key_rows(portable)
+    try:
+        check_attention(cpu(*tiling), shape, dtype, key_mask, causal)
+    finally:
+        _C.set_portable_key_rows(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+def test_few_query_forward_with_dropout(key_mask, causal, dtype):
+    check_attention(cpu(16, 8, 3), FEW_QUERY_SHAPES["n3-d7-v9"], dtype, key_mask, causal, dropout_p=0.3)
+
+
 def test_public_functions_dispatch_to_cpu():
     q, k, v = random_inputs(2, 2, 10, 40, 16, 24)
     mask = random_key_mask(2, 40)
@@ -97,8 +123,8 @@ def test_binding_rejects_bad_inputs():
 
 def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
-    assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced"}
-    assert features["portable_gemm_forced"] is False
+    assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced", "portable_key_rows_forced"}
+    assert features["portable_gemm_forced"] is False and features["portable_key_rows_forced"] is False
 
 
 def test_long_query_axes_run_in_chunks_of_bounded_workspace():

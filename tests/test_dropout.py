@@ -109,7 +109,7 @@ def test_latent_attention_matches_reference_with_the_same_mask(backend, dtype, c
     want_grads = torch.autograd.grad(want, leaves, dout.double())
     same = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     same_out = pf.attention_reference(*same, causal=causal, dropout_p=0.2, dropout_keep=keep,
-                                      compute_dtype=torch.float32)[0].to(dtype)
+                                      compute_dtype=dtype)[0].to(dtype)
     same_grads = torch.autograd.grad(same_out, same, dout)
     assert_matches("out", out, want, same_out)
     for name, g, w, s in zip(("dq", "dk", "dv"), grads, want_grads, same_grads):

@@ -18,7 +18,7 @@ LAYERS = [
     ["dispatch"],
     ["attention", "input_attention"],
     ["explain", "nn"],
-    ["patching"],
+    ["patching", "generation"],
     ["__init__"],  # the package's face, `import perceiver_fast as pf`
     ["bench", "profiler"],
     ["cli"],

@@ -15,6 +15,8 @@ from ..flops import visible_pairs
 from ..profiler.models import NAMED_MODELS
 
 PASSES = ("forward", "forward+backward")
+# The generation level's one pass: new tokens, one decode step each, after the prompt's forward.
+DECODE = "decode"
 # FLOPs of each pass per forward FLOP, FlashAttention's convention: the backward's five matmuls
 # (the scores recomputed, dP, dV, dQ, dK) are 2.5x the forward's two.
 PASS_FLOP_FACTOR = {"forward": 1.0, "forward+backward": 3.5}
@@ -32,6 +34,8 @@ class Case:
     fit the run, empty when it was not. ranks: processes the input is sharded over along M (the
     "sharded" level; gloo on the CPU); threads: torch threads per process (0: torch's default).
     dropout: the attention dropout of a layer or model run in training mode (0: eval mode).
+    "generation": Perceiver AR decoding after a prompt of M tokens with N latents, H heads of dqk
+    channels, C channels; new_tokens per timed call, and its times are per new token.
     """
 
     name: str
@@ -49,6 +53,7 @@ class Case:
     ranks: int = 1
     threads: int = 0
     dropout: float = 0.0
+    new_tokens: int = 0
     calls: int = 1  # calls per timed run: a tiny case times a loop, so the clock's resolution does not count
     scaled: str = ""
     sweep: str = field(default="", compare=False)  # cases of one sweep differ only in M
@@ -62,7 +67,7 @@ class Case:
         matmuls, 2 B H P (dqk + dv) forward with P the scored query-key pairs, times PASS_FLOP_FACTOR.
         Layers: the attention only, not the projections. Model level: None, not counted (the
         attention is a small part of a whole model's work)."""
-        if self.level == "model":
+        if self.level in ("model", "generation"):
             return None
         pairs = visible_pairs(self.N, self.M, self.causal)
         return 2 * self.B * self.H * pairs * (self.dqk + self.dv) * PASS_FLOP_FACTOR[pass_name]
@@ -70,6 +75,9 @@ class Case:
     def label(self) -> str:
         if self.level == "model":
             dims = f"B={self.B} M={self.M}"  # the model's configuration fixes the rest
+        elif self.level == "generation":
+            return (f"{self.name} (B={self.B}, prompt of {self.M} tokens, {self.N} latents, H={self.H} C={self.C}, "
+                    f"{self.new_tokens} new tokens)")
         else:
             dims = f"B={self.B} H={self.H} N={self.N} M={self.M} D={self.dqk}" + (
                 f"/{self.dv}" if self.dv != self.dqk else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cases import PASSES
+from .cases import DECODE, PASSES
 from .levels import LEVELS
 from .run import DTYPES
 from .sets import SETS
@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated from {', '.join(DTYPES)} (default: float32,bfloat16{other_dtypes})")
     other_passes = "".join(f"; the {s.name} set: {','.join(s.passes)}" for s in SETS.values() if s.passes != PASSES)
     parser.add_argument("--passes", default=None,
-                        help=f"comma-separated from {', '.join(PASSES)} (default: both{other_passes})")
+                        help=f"comma-separated from {', '.join(PASSES)} (default: both{other_passes}); the "
+                             f"generation set's only pass is {DECODE}")
     parser.add_argument("--levels", default=",".join(LEVELS),
                         help="comma-separated from " + ", ".join(LEVELS) + ": run only the set's cases of these")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider (median)")
@@ -70,7 +71,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     dtypes = _split(parser, "dtypes", args.dtypes, DTYPES) if args.dtypes else list(case_set.dtypes)
-    passes = _split(parser, "passes", args.passes, PASSES) if args.passes else list(case_set.passes)
+    allowed_passes = (DECODE,) if DECODE in case_set.passes else PASSES  # decoding has no forward+backward
+    passes = _split(parser, "passes", args.passes, allowed_passes) if args.passes else list(case_set.passes)
     levels = _split(parser, "levels", args.levels, LEVELS)
 
     import torch

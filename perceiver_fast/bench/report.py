@@ -61,6 +61,8 @@ def machine_line(info: dict) -> str:
     if info.get("matmul_gflops"):
         line += " One torch matmul (2048^3): " + ", ".join(
             f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in info["matmul_gflops"].items()) + "."
+    if info.get("read_gbs"):
+        line += f" Memory read rate (a sum over 1 GiB of float32): {info['read_gbs']:.1f} GB/s."
     return line
 
 
@@ -113,6 +115,7 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
                              f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | " + " | ".join(ratios) + " |")
         lines.append("")
     lines += sharded_section(rows)
+    lines += generation_section(rows, info)
     lines += not_run_section(rows)
     if plots:
         lines += ["## Scaling with the input length", ""]
@@ -147,6 +150,42 @@ def sharded_section(rows: list[dict]) -> list[str]:
         moved = f"{r['collective_bytes']:,}" if "collective_bytes" in r else "0"
         lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {format_ms(r['ms'])} | {ratio} | {peaks} | "
                      f"{moved} |")
+    return lines + [""]
+
+
+def generation_section(rows: list[dict], info: dict) -> list[str]:
+    """The generation level: ms per new token, each provider against krasserm's cached forward, and
+    how close each comes to the memory floor: the bytes a decode step must read at least
+    (generation_providers.decode_read_bytes) over its time, against the machine's read rate."""
+    import torch
+
+    from .generation_providers import cache_bytes, decode_read_bytes
+
+    found = [r for r in rows if r["case"]["level"] == "generation" and "ms" in r]
+    if not found:
+        return []
+    baseline = {(r["case"]["M"], r["dtype"]): r["ms"] for r in found if r["provider"] == "krasserm cached forward"}
+    rate = info.get("read_gbs")
+    lines = ["## Generation level: Perceiver AR decoding", "",
+             "ms per new token: the median timed call's time over its new tokens, from the state right after the "
+             "prompt's forward (not timed). Peak extra MiB: as above, over one call (all its tokens), beyond "
+             "the cache as it was after the prompt. KV cache MiB: the cache after the call's tokens. MiB read "
+             "per token: what a decode step must read at least (every weight matrix once, the cross-attention "
+             "cache and the latent layers' caches); GB/s: that over the step's time"
+             + (f"; % of read rate: of this machine's {rate:.1f} GB/s" if rate else "") + ".", "",
+             "| case | dtype | provider | ms per token | vs krasserm cached forward | peak extra MiB | KV cache MiB | "
+             "MiB read per token | GB/s | % of read rate |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in found:
+        case, dtype = Case(**r["case"]), getattr(torch, r["dtype"])
+        reference = baseline.get((case.M, r["dtype"]))
+        read = decode_read_bytes(case, dtype)
+        achieved = read / (r["ms"] / 1e3) / 1e9
+        speedup = f"{reference / r['ms']:.2f}x" if reference else ""
+        share = f"{100 * achieved / rate:.0f}%" if rate else ""
+        lines.append(f"| {case.label()} | {r['dtype']} | {r['provider']} | {format_ms(r['ms'])} | {speedup} | "
+                     f"{r['peak_extra_mib']:.1f} | {cache_bytes(case, dtype) / 2**20:.0f} | {read / 2**20:.0f} | "
+                     f"{achieved:.1f} | {share} |")
     return lines + [""]
 
 

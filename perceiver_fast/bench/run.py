@@ -48,7 +48,8 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
         try:
             torch.manual_seed(0)
             call = provider.prepare(case, dtype, device, backward)
-            seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls
+            # a generation call makes new_tokens tokens: its times are per token
+            seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls / (case.new_tokens or 1)
             (result, peak), moved = collective_bytes(lambda: peak_extra_mib(call, device))
             outputs = tensors_mib(result)
             del call, result

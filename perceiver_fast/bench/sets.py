@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
-from .cases import KINDS, PASSES, Case, case_from_shape, load_shapes, model_case, sweep
+from .cases import DECODE, KINDS, PASSES, Case, case_from_shape, load_shapes, model_case, sweep
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ def training_cases(device: str) -> list[Case]:
     return [layer, replace(layer, dropout=0.1), replace(model_case("hf-vision-fourier", 224 * 224), dropout=0.1)]
 
 
+def generation_cases(device: str) -> list[Case]:
+    """Perceiver AR decoding (issue 14): a krasserm CausalSequenceModel of 8 latent layers of 512
+    channels (8 heads), 512 latents, after prompts of 4k, 16k and 64k tokens; 16 new tokens per call."""
+    decode = partial(Case, level="generation", kind="causal", B=1, H=8, N=512, dqk=64, dv=64, C=512,
+                     latent_dim=512, new_tokens=16)
+    return [decode(name=f"krasserm-ar-prompt-{m // 1024}k", M=m) for m in (4096, 16384, 65536)]
+
+
 def overhead_cases(device: str) -> list[Case]:
     """A tiny cross-attention, timed over loops of 2000 calls: what the Python layer adds to a call."""
     return [Case(name="tiny", level="op", kind="cross", B=1, H=1, N=4, M=8, dqk=16, dv=16, calls=2000)]
@@ -129,4 +137,8 @@ SETS = {s.name: s for s in (
                         "cross-attention layer at batch 4 (and without dropout) and the whole classifier, HF "
                         "against HF + pf.patch",
             training_cases, providers=("HF", "HF + pf.patch"), passes=("forward+backward",)),
+    CaseSet("generation", "Perceiver AR decoding, ms per new token: krasserm's CausalSequenceModel (8 latent "
+                          "layers of 512 channels, 512 latents) after 4k, 16k and 64k-token prompts, its own "
+                          "cached forward against perceiver_fast.generation", generation_cases,
+            providers=("pf.generation", "krasserm cached forward"), passes=(DECODE,)),
 )}

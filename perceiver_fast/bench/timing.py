@@ -47,8 +47,16 @@ def matmul_gflops(dtype: torch.dtype, device: str) -> float:
     return 2 * 2048**3 / median_seconds(lambda: a @ b, 5, device) / 1e9
 
 
+def read_gbs(device: str) -> float:
+    """This machine's memory read rate: one sum over 1 GiB of float32, median of 5 (GB/s). The
+    ceiling a memory-bound call (a decode step) is read against."""
+    x = torch.ones(2**28, dtype=torch.float32, device=device)
+    return x.numel() * 4 / median_seconds(lambda: x.sum(), 5, device) / 1e9
+
+
 def machine(device: str, dtypes: dict[str, torch.dtype]) -> dict:
-    """What the results depend on: versions, CPU (and its kernel paths), GPU, and the matmul rate of each dtype."""
+    """What the results depend on: versions, CPU (and its kernel paths), GPU, the matmul rate of each
+    dtype and the memory read rate."""
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": cpu_model(), "cpu_threads": torch.get_num_threads(), "device": device}
     for module in ("triton", "transformers"):
@@ -66,4 +74,5 @@ def machine(device: str, dtypes: dict[str, torch.dtype]) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     info["matmul_gflops"] = {name: matmul_gflops(dtype, device) for name, dtype in dtypes.items()}
+    info["read_gbs"] = read_gbs(device)
     return info
