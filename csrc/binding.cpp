@@ -6,9 +6,10 @@
 #include "cpu/attention.h"
 #include "cpu/dropout.h"
 #include "cpu/input_attention.h"
-#include "cpu/key_rows.h"
+#include "cpu/phase_timer.h"
 #include "cpu/softmax_rows_avx512.h"
 #include "cpu/tile_gemm.h"
+#include "cpu/vector_paths.h"
 
 namespace perceiver_fast {
 namespace {
@@ -361,12 +362,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},
         {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
         {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
-        {"portable_key_rows_forced", perceiver_fast::cpu::portable_key_rows()},
+        {"portable_rows_forced", perceiver_fast::cpu::portable_rows_forced()},
     };
   });
-  m.def("set_portable_key_rows", &perceiver_fast::cpu::set_portable_key_rows,
-        "Force the portable loops of the few-query forward instead of AVX-512 (for tests of the path other CPUs "
-        "take).");
+  m.def("set_phase_timing", &perceiver_fast::cpu::set_phase_timing,
+        "Start (True) or stop timing the cpu attention kernels by phase (the benchmark engine's breakdown).");
+  m.def("take_phase_seconds", [] {
+    const auto taken = perceiver_fast::cpu::take_phase_nanoseconds();
+    std::map<std::string, double> seconds;
+    for (size_t p = 0; p < taken.size(); ++p) seconds[perceiver_fast::cpu::kPhaseNames[p]] = taken[p] * 1e-9;
+    return seconds;
+  }, "Seconds per phase of the cpu attention kernels, summed over threads, since the last call (then reset).");
+  m.def("set_portable_rows", &perceiver_fast::cpu::set_portable_rows,
+        "Force the portable loops of the row code (softmax steps, few-query rows, bfloat16 packing) instead of "
+        "AVX-512 (for tests of the path other CPUs take).");
   m.def("set_portable_gemm", &perceiver_fast::cpu::set_portable_gemm,
         "Force the at::mm GEMM path instead of oneDNN brgemm (for tests of the path other CPUs take).");
 }

@@ -299,8 +299,23 @@ def test_measure_gives_a_row_per_provider_with_time_memory_or_reason():
     assert "CUDA" in by_name["flash_attn"]["not_run"]
     # SDPA's rows say which of its kernels ran; the report shows it beside the provider.
     assert by_name["sdpa"]["kernel"] == providers.sdpa_kernel(TINY, torch.float32, "cpu", True)
-    assert "kernel" not in by_name["perceiver_fast[cpu]"]
+    assert by_name["perceiver_fast[cpu]"]["kernel"] == "float32 products"  # the cpu kernels name their products
     assert f"| sdpa ({by_name['sdpa']['kernel']}) |" in markdown(SETS["quick"], INFO, rows, [])
+
+
+def test_cpu_rows_carry_their_products_and_a_breakdown_by_phase():
+    rows = measure(replace(TINY, M=600, N=40), "float32", "forward+backward", "cpu", repeats=1,
+                   only=["perceiver_fast[cpu]", "sdpa"])
+    ours, sdpa_row = rows
+    assert ours["kernel"] == "float32 products" and "phase_seconds" not in sdpa_row
+    assert ours["threads"] == torch.get_num_threads() and ours["phase_wall_s"] > 0
+    assert ours["phase_seconds"]["gemm"] > 0 and ours["phase_seconds"]["softmax"] > 0
+    assert sum(ours["phase_seconds"].values()) <= ours["phase_wall_s"] * ours["threads"] * 1.05
+    text = markdown(SETS["cpu-backend"], INFO, rows, [])
+    assert "## Where the cpu kernels' time goes" in text
+    line = next(line for line in text.splitlines() if line.startswith("| tiny") and "float32 products" in line
+                and "%" in line)
+    assert line.count("%") == 9  # eight phases and the rest
 
 
 def test_sdpa_kernel_is_the_one_sdpa_runs():

@@ -72,17 +72,55 @@ FEW_QUERY_SHAPES = {"n1-d64": (2, 2, 1, 300, 64, 64), "n2-d100-v40": (1, 3, 2, 2
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("shape", FEW_QUERY_SHAPES.values(), ids=FEW_QUERY_SHAPES.keys())
 def test_few_query_forward(shape, key_mask, causal, dtype, tiling, portable):
-    _C.set_portable_key_rows(portable)
+    _C.set_portable_rows(portable)
     try:
         check_attention(cpu(*tiling), shape, dtype, key_mask, causal)
     finally:
-        _C.set_portable_key_rows(False)
+        _C.set_portable_rows(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 def test_few_query_forward_with_dropout(key_mask, causal, dtype):
     check_attention(cpu(16, 8, 3), FEW_QUERY_SHAPES["n3-d7-v9"], dtype, key_mask, causal, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase_timing_covers_each_phase_only_while_on(dtype):
+    # The benchmark engine's per-phase breakdown (csrc/cpu/phase_timer.h): 3 workers over one head
+    # split it, so merge runs; a 1-query call takes the few-query path.
+    q, k, v = random_inputs(1, 1, 40, 600, 32, 32, dtype=dtype)
+    one = random_inputs(1, 2, 1, 600, 32, 32, dtype=dtype)[0]
+    run = cpu(64, 16, 3)
+    _C.take_phase_seconds()
+    run(q, k, v, None, False)
+    assert set(_C.take_phase_seconds().values()) == {0.0}, "nothing is timed while timing is off"
+    _C.set_phase_timing(True)
+    try:
+        out, _ = run(q, k, v, None, False)
+        out.backward(torch.randn_like(out))
+        run(one, k[:, :1].expand(1, 2, -1, -1), v[:, :1].expand(1, 2, -1, -1), None, False)
+    finally:
+        _C.set_phase_timing(False)
+    seconds = _C.take_phase_seconds()
+    timed = {"load", "pack", "gemm", "softmax", "store", "merge", "key_rows"} | (
+        {"convert"} if dtype == torch.bfloat16 else set())
+    assert set(seconds) == {"load", "pack", "gemm", "softmax", "convert", "store", "merge", "key_rows"}
+    assert {name for name, s in seconds.items() if s > 0} == timed, seconds
+    assert set(_C.take_phase_seconds().values()) == {0.0}, "taking the seconds resets them"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "tiny-heads"])
+def test_portable_row_code(shape, key_mask, causal, dtype):
+    # The loops CPUs without AVX-512 run for the softmax steps and the bfloat16 packing of P and dS.
+    _C.set_portable_rows(True)
+    try:
+        assert _C.cpu_features()["portable_rows_forced"]
+        check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask, causal)
+    finally:
+        _C.set_portable_rows(False)
 
 
 def test_public_functions_dispatch_to_cpu():
@@ -123,8 +161,8 @@ def test_binding_rejects_bad_inputs():
 
 def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
-    assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced", "portable_key_rows_forced"}
-    assert features["portable_gemm_forced"] is False and features["portable_key_rows_forced"] is False
+    assert set(features) == {"avx512_softmax", "brgemm_bf16_vnni", "portable_gemm_forced", "portable_rows_forced"}
+    assert features["portable_gemm_forced"] is False and features["portable_rows_forced"] is False
 
 
 def test_long_query_axes_run_in_chunks_of_bounded_workspace():

@@ -10,6 +10,7 @@
 #include "attention.h"
 #include "attention_loops.h"
 #include "attention_tiles.h"
+#include "phase_timer.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
 
@@ -36,7 +37,10 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
     for (int64_t w = begin; w < end; ++w) {
       for (const Segment& seg : plan.segments_of_worker[w]) {
         const int64_t b = seg.head / s.heads, h = seg.head % s.heads;
-        rows.load(in.q, dout, b, h, out + seg.head * n * dv_, lse + seg.head * n);
+        {
+          PhaseScope timed(Phase::load);
+          rows.load(in.q, dout, b, h, out + seg.head * n * dv_, lse + seg.head * n);
+        }
         const bool* mask_row = in.key_mask ? in.key_mask + b * m : nullptr;
 
         for (int64_t t = seg.tile_begin; t < seg.tile_end; ++t) {
@@ -44,12 +48,16 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
           bool all_masked;
           const acc_t* tile_bias = key_mask_bias(mask_row, j0, tj, bias.data(), all_masked);
           if (all_masked) continue;  // dk, dv of these keys stay 0
-          Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed_t.data());
-          Gemm::pack_transposed(in.v.row(b, h, j0), in.v.row_stride, tj, dv_, v_packed_t.data());
-          Gemm::pack_rows(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed.data());
+          {
+            PhaseScope timed(Phase::pack);
+            Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed_t.data());
+            Gemm::pack_transposed(in.v.row(b, h, j0), in.v.row_stride, tj, dv_, v_packed_t.data());
+            Gemm::pack_rows(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed.data());
+          }
           backward_tile(s, in.causal, loop, KeyTile<acc_t>{j0, tj, tile_bias}, rows, k_packed_t.data(),
                         v_packed_t.data(), k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, in.dropout,
                         seg.head, scratch);
+          PhaseScope timed(Phase::store);
           const int64_t key_offset = seg.head * m + j0;
           for (int64_t j = 0; j < tj; ++j) {
             for (int64_t d = 0; d < dqk; ++d) dk[(key_offset + j) * dqk + d] = static_cast<T>(dk_t[d * tj + j]);
@@ -57,6 +65,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
           }
         }
 
+        PhaseScope timed(Phase::store);
         if (seg.slot < 0) {
           T* dq_head = dq + seg.head * n * dqk;
           for (int64_t x = 0; x < n * dqk; ++x) dq_head[x] = static_cast<T>(rows.dq[x]);
@@ -71,6 +80,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head].empty()) continue;
+      PhaseScope timed(Phase::merge);
       sum_dq_slots(plan.slots_of_head[head], slot_dq, n * dqk, dq + head * n * dqk);
     }
   });

@@ -10,6 +10,7 @@
 #include "attention_loops.h"
 #include "attention_tiles.h"
 #include "key_rows.h"
+#include "phase_timer.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
 
@@ -32,13 +33,20 @@ void few_query_tile(const AttentionInputs<T>& in, int64_t b, int64_t h, const Ke
   acc_t* probs = scratch.scores.data();
   for (int64_t i = first_row_seeing(s, in.causal, tile.start); i < s.queries; ++i) {
     const int64_t seen = keys_seen(s, in.causal, i, tile.start, tile.count);
-    dot_rows<T>(q_rows + i * s.dim_qk, in.k.row(b, h, tile.start), in.k.row_stride, seen, s.dim_qk, probs);
-    const acc_t alpha = softmax_forward_step(probs, probs, seen, seen, scale_log2, tile.bias, state.max[i],
-                                             state.sum[i], dropped.row(i, tile.start, seen));
-    acc_t* acc = state.acc + i * s.dim_v;
-    if (alpha != acc_t(1)) {
-      for (int64_t d = 0; d < s.dim_v; ++d) acc[d] *= alpha;
+    {
+      PhaseScope timed(Phase::key_rows);
+      dot_rows<T>(q_rows + i * s.dim_qk, in.k.row(b, h, tile.start), in.k.row_stride, seen, s.dim_qk, probs);
     }
+    acc_t* acc = state.acc + i * s.dim_v;
+    {
+      PhaseScope timed(Phase::softmax);
+      const acc_t alpha = softmax_forward_step(probs, probs, seen, seen, scale_log2, tile.bias, state.max[i],
+                                               state.sum[i], dropped.row(i, tile.start, seen));
+      if (alpha != acc_t(1)) {
+        for (int64_t d = 0; d < s.dim_v; ++d) acc[d] *= alpha;
+      }
+    }
+    PhaseScope timed(Phase::key_rows);
     accumulate_rows<T>(probs, in.v.row(b, h, tile.start), in.v.row_stride, seen, s.dim_v, acc);
   }
 }
@@ -68,11 +76,14 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
     for (int64_t w = begin; w < end; ++w) {
       for (const Segment& seg : plan.segments_of_worker[w]) {
         const int64_t b = seg.head / s.heads, h = seg.head % s.heads;
-        for (int64_t i = 0; i < n; ++i) {
-          if (few) {
-            std::copy_n(in.q.row(b, h, i), s.dim_qk, q_wide.data() + i * s.dim_qk);
-          } else {
-            std::copy_n(in.q.row(b, h, i), s.dim_qk, q_rows.data() + i * dqk);
+        {
+          PhaseScope timed(Phase::load);
+          for (int64_t i = 0; i < n; ++i) {
+            if (few) {
+              std::copy_n(in.q.row(b, h, i), s.dim_qk, q_wide.data() + i * s.dim_qk);
+            } else {
+              std::copy_n(in.q.row(b, h, i), s.dim_qk, q_rows.data() + i * dqk);
+            }
           }
         }
         state.reset(n, dv);
@@ -87,12 +98,16 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
             few_query_tile(in, b, h, KeyTile<acc_t>{j0, tj, tile_bias}, q_wide.data(), scale_log2, state, scratch);
             continue;
           }
-          Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, s.dim_qk, k_packed.data());
-          Gemm::pack_rows(in.v.row(b, h, j0), in.v.row_stride, tj, dv, v_packed.data());
+          {
+            PhaseScope timed(Phase::pack);
+            Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, s.dim_qk, k_packed.data());
+            Gemm::pack_rows(in.v.row(b, h, j0), in.v.row_stride, tj, dv, v_packed.data());
+          }
           forward_tile(s, in.causal, loop, KeyTile<acc_t>{j0, tj, tile_bias}, q_rows.data(), dqk, k_packed.data(),
                        v_packed.data(), scale_log2, state, in.dropout, seg.head, scratch);
         }
 
+        PhaseScope timed(Phase::store);
         if (seg.slot < 0) {
           write_output(s, state, out + seg.head * n * dv, lse + seg.head * n);
         } else {
@@ -106,6 +121,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head].empty()) continue;
+      PhaseScope timed(Phase::merge);
       merge_slots(s, plan.slots_of_head[head], slots, out + head * n * dv, lse + head * n);
     }
   });

@@ -13,6 +13,7 @@
 #include "attention.h"
 #include "attention_loops.h"
 #include "dropout.h"
+#include "phase_timer.h"
 #include "softmax_rows.h"
 #include "tile_gemm.h"
 
@@ -89,18 +90,25 @@ void forward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyT
   for (int64_t r0 = first_row_seeing(s, causal, tile.start); r0 < n; r0 += rb) {
     const int64_t rows = std::min(rb, n - r0);
     acc_t* scores = scratch.scores.data();
-    Gemm::multiply(rows, tj, q_ld, q_rows + r0 * q_ld, q_ld, k_packed, scores, tj, false);
+    {
+      PhaseScope timed(Phase::gemm);
+      Gemm::multiply(rows, tj, q_ld, q_rows + r0 * q_ld, q_ld, k_packed, scores, tj, false);
+    }
     T* probs;
     if constexpr (ForwardScratch<T>::probs_in_place) probs = scores; else probs = scratch.probs.data();
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
-      const acc_t alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, seen, tjk, scale_log2, tile.bias,
-                                               state.max[row], state.sum[row], dropped.row(row, tile.start, seen));
-      if (alpha != acc_t(1)) {
-        acc_t* acc_row = state.acc + row * dv;
-        for (int64_t d = 0; d < dv; ++d) acc_row[d] *= alpha;
+    {
+      PhaseScope timed(Phase::softmax);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
+        const acc_t alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, seen, tjk, scale_log2, tile.bias,
+                                                 state.max[row], state.sum[row], dropped.row(row, tile.start, seen));
+        if (alpha != acc_t(1)) {
+          acc_t* acc_row = state.acc + row * dv;
+          for (int64_t d = 0; d < dv; ++d) acc_row[d] *= alpha;
+        }
       }
     }
+    PhaseScope timed(Phase::gemm);
     Gemm::multiply(rows, dv, tjk, probs, tjk, v_packed, state.acc + r0 * dv, dv, true);
   }
 }
@@ -245,31 +253,39 @@ void backward_tile(const Shape& s, bool causal, const LoopSizes& loop, const Key
     const int64_t count = std::min(rb, n - r0), count_k = Gemm::padded_k(count);
     acc_t* scores = scratch.scores.data();
     acc_t* dprobs = scratch.dprobs.data();
-    Gemm::multiply(count, tj, rows.dqk_p, rows.q_rows.data() + r0 * rows.dqk_p, rows.dqk_p, k_packed_t, scores, tj,
-                   false);
-    Gemm::multiply(count, tj, rows.dv_p, rows.do_rows.data() + r0 * rows.dv_p, rows.dv_p, v_packed_t, dprobs, tj,
-                   false);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
-      softmax_backward_step(scores + i * tj, dprobs + i * tj, seen, tj, scale_log2, tile.bias, rows.lse2[row],
-                            rows.delta[row], scale_a, dropped.row(row, tile.start, seen));
+    {
+      PhaseScope timed(Phase::gemm);
+      Gemm::multiply(count, tj, rows.dqk_p, rows.q_rows.data() + r0 * rows.dqk_p, rows.dqk_p, k_packed_t, scores,
+                     tj, false);
+      Gemm::multiply(count, tj, rows.dv_p, rows.do_rows.data() + r0 * rows.dv_p, rows.dv_p, v_packed_t, dprobs, tj,
+                     false);
+    }
+    {
+      PhaseScope timed(Phase::softmax);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
+        softmax_backward_step(scores + i * tj, dprobs + i * tj, seen, tj, scale_log2, tile.bias, rows.lse2[row],
+                              rows.delta[row], scale_a, dropped.row(row, tile.start, seen));
+      }
     }
     const T *p_operand, *ds_operand, *ds_a;
     if constexpr (BackwardScratch<T>::operands_in_place) {
       p_operand = scores;
       ds_operand = ds_a = dprobs;
     } else {
+      PhaseScope timed(Phase::convert);
       Gemm::pack_rows(scores, tj, count, tj, scratch.p_packed.data());
       Gemm::pack_rows(dprobs, tj, count, tj, scratch.ds_packed.data());
       for (int64_t i = 0; i < count; ++i) {
         T* dst = scratch.ds_rows.data() + i * tjk;
-        std::copy_n(dprobs + i * tj, tj, dst);
+        convert_row(dprobs + i * tj, tj, dst);
         std::fill(dst + tj, dst + tjk, T(0));
       }
       p_operand = scratch.p_packed.data();
       ds_operand = scratch.ds_packed.data();
       ds_a = scratch.ds_rows.data();
     }
+    PhaseScope timed(Phase::gemm);
     Gemm::multiply(dv, tj, count_k, rows.do_t.data() + r0, rows.n_p, p_operand, dv_t, ld_t, !first_block);
     Gemm::multiply(dqk, tj, count_k, rows.q_t.data() + r0, rows.n_p, ds_operand, dk_t, ld_t, !first_block);
     Gemm::multiply(count, dqk, tjk, ds_a, tjk, k_packed, rows.dq.data() + r0 * dqk, dqk, true);

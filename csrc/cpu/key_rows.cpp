@@ -2,29 +2,17 @@
 
 #include <c10/util/BFloat16.h>
 
-#include <atomic>
 #include <type_traits>
 
 #include "key_rows_avx512.h"
-#include "softmax_rows_avx512.h"
+#include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
-namespace {
-
-const bool has_avx512 = avx512::supported();
-std::atomic<bool> force_portable{false};
-
-bool use_avx512() { return has_avx512 && !force_portable.load(std::memory_order_relaxed); }
-
-}  // namespace
-
-void set_portable_key_rows(bool portable) { force_portable.store(portable); }
-bool portable_key_rows() { return force_portable.load(); }
 
 template <typename T>
 void dot_rows(const acc_type<T>* q, const T* k, int64_t stride, int64_t count, int64_t dim, acc_type<T>* scores) {
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_avx512()) return avx512::dot_rows(q, k, stride, count, dim, scores);
+    if (use_avx512_rows()) return avx512::dot_rows(q, k, stride, count, dim, scores);
   }
   for (int64_t j = 0; j < count; ++j) {
     const T* row = k + j * stride;
@@ -37,7 +25,7 @@ void dot_rows(const acc_type<T>* q, const T* k, int64_t stride, int64_t count, i
 template <typename T>
 void accumulate_rows(const acc_type<T>* p, const T* v, int64_t stride, int64_t count, int64_t dim, acc_type<T>* acc) {
   if constexpr (!std::is_same_v<T, double>) {
-    if (use_avx512()) return avx512::accumulate_rows(p, v, stride, count, dim, acc);
+    if (use_avx512_rows()) return avx512::accumulate_rows(p, v, stride, count, dim, acc);
   }
   for (int64_t j = 0; j < count; ++j) {
     if (p[j] == 0) continue;  // masked, dropped or underflowed: nothing to add

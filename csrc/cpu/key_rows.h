@@ -18,8 +18,4 @@ void dot_rows(const acc_type<T>* q, const T* k, int64_t stride, int64_t count, i
 template <typename T>
 void accumulate_rows(const acc_type<T>* p, const T* v, int64_t stride, int64_t count, int64_t dim, acc_type<T>* acc);
 
-// Forces the portable loops where AVX-512 would run (tests use it to cover the code other CPUs take).
-void set_portable_key_rows(bool portable);
-bool portable_key_rows();
-
 }  // namespace perceiver_fast::cpu

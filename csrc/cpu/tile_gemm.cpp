@@ -4,6 +4,10 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <atomic>
+#include <type_traits>
+
+#include "pack_avx512.h"
+#include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
 namespace {
@@ -62,6 +66,9 @@ void TileGemm<T>::pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n,
     }
     return;
   }
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<S, float>) {
+    if (use_avx512_rows()) return avx512::pack_rows_vnni(src, ld, k_rows, n, dst);
+  }
   for (int64_t r = 0; r < k_rows; r += 2) {
     const S* even = src + r * ld;
     const S* odd = r + 1 < k_rows ? even + ld : nullptr;
@@ -76,6 +83,13 @@ void TileGemm<T>::pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n,
 template <typename T>
 template <typename S>
 void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k, T* dst) {
+  if constexpr (std::is_same_v<T, S> && !std::is_same_v<T, double>) {
+    // float32 rows are words; bfloat16 pairs (d, d + 1) are the words of the VNNI-2 layout
+    if (use_avx512_rows() && (std::is_same_v<T, float> || vnni())) {
+      return avx512::transpose_words(src, ld * int64_t(sizeof(T)), n, k * int64_t(sizeof(T) / 2),
+                                     reinterpret_cast<uint32_t*>(dst));
+    }
+  }
   if (!vnni()) {
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t d = 0; d < k; ++d) dst[d * n + j] = static_cast<T>(src[j * ld + d]);
@@ -95,6 +109,11 @@ void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k
       dst[k_even * n + 2 * j + 1] = T(0);
     }
   }
+}
+
+void convert_row(const float* src, int64_t n, c10::BFloat16* dst) {
+  if (use_avx512_rows()) return avx512::convert_row(src, n, dst);
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(src[j]);
 }
 
 template <typename T>

@@ -24,6 +24,9 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 void set_portable_gemm(bool portable);
 bool portable_gemm();
 
+// dst[j] = bfloat16(src[j]) for j < n (A operands written from float32 results).
+void convert_row(const float* src, int64_t n, c10::BFloat16* dst);
+
 template <typename T>
 struct TileGemm {
   using acc_t = acc_type<T>;

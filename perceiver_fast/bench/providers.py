@@ -37,6 +37,8 @@ class Provider:
     full_set_only_on_cpu: str = ""
     # Which of a library's kernels runs the case (SDPA: flash, efficient, cudnn or math); None: one kernel.
     kernel: Callable[[Case, torch.dtype, str, bool], str] | None = None
+    # Its call runs the cpu backend's attention kernels: on the CPU, measure() times them by phase too.
+    cpu_phases: bool = False
 
 
 def free_bytes(device: str) -> int:
@@ -157,13 +159,14 @@ def sdpa_kernel(case: Case, dtype, device: str, backward: bool, causal: bool | N
 
 
 def _op_provider(name: str, fn, refusal=None, predicted_bytes=None, full_set_only_on_cpu: str = "",
-                 kernel=None) -> Provider:
+                 kernel=None, cpu_phases: bool = False) -> Provider:
     def prepare(case, dtype, device, backward):
         q, k, v = op_inputs(case, dtype, device, backward)
         return make_call(lambda: fn(q, k, v, case), [q, k, v], backward)
 
     return Provider(name, "op", refusal or (lambda case, dtype, device: None), prepare,
-                    predicted_bytes=predicted_bytes, full_set_only_on_cpu=full_set_only_on_cpu, kernel=kernel)
+                    predicted_bytes=predicted_bytes, full_set_only_on_cpu=full_set_only_on_cpu, kernel=kernel,
+                    cpu_phases=cpu_phases)
 
 
 def _flex_refusal(case, dtype, device):
@@ -218,7 +221,17 @@ def _ours(backend: str | None) -> Provider:
         # As auto dispatch would judge it: the Triton interpreter is not timed.
         return "; ".join(pf.explain(op, *meta_inputs(case, dtype, device), causal=case.causal)[backend]) or None
 
-    return _op_provider(f"perceiver_fast[{backend}]", fn, refusal)
+    if backend != "cpu":
+        return _op_provider(f"perceiver_fast[{backend}]", fn, refusal)
+    return _op_provider(f"perceiver_fast[{backend}]", fn, refusal, kernel=_cpu_products, cpu_phases=True)
+
+
+def _cpu_products(case, dtype, device, backward) -> str:
+    """The products the cpu kernels run: float32 inputs follow torch's float32 matmul precision."""
+    from ..backends.cpu import float32_products
+
+    name = float32_products() if dtype == torch.float32 else str(dtype).removeprefix("torch.")
+    return f"{name} products"
 
 
 def _below_the_python_layer(name: str, fn) -> Provider:

@@ -116,6 +116,7 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
         lines.append("")
     lines += sharded_section(rows)
     lines += generation_section(rows, info)
+    lines += phases_section(rows)
     lines += not_run_section(rows)
     if plots:
         lines += ["## Scaling with the input length", ""]
@@ -186,6 +187,33 @@ def generation_section(rows: list[dict], info: dict) -> list[str]:
         lines.append(f"| {case.label()} | {r['dtype']} | {r['provider']} | {format_ms(r['ms'])} | {speedup} | "
                      f"{r['peak_extra_mib']:.1f} | {cache_bytes(case, dtype) / 2**20:.0f} | {read / 2**20:.0f} | "
                      f"{achieved:.1f} | {share} |")
+    return lines + [""]
+
+
+PHASES = ("load", "pack", "gemm", "softmax", "convert", "store", "merge", "key_rows")
+
+
+def phases_section(rows: list[dict]) -> list[str]:
+    """Where the cpu kernels' time went, by phase (csrc/cpu/phase_timer.h), for the rows that timed
+    it: each phase's share of the threads' time in one more call (its wall time x threads); "rest"
+    is what no phase covers (the Python layer, thread start-up, waiting at the end of the call)."""
+    found = [r for r in rows if "phase_seconds" in r]
+    if not found:
+        return []
+    lines = ["## Where the cpu kernels' time goes", "",
+             "One more call per row, timed by phase: the share of the threads' time (the call's wall time x threads) "
+             "in loading a head's query rows, packing K/V tiles, the GEMMs, the softmax steps (bf16: the P "
+             "conversion too), converting P and dS for the backward GEMMs (bf16), storing results, merging split "
+             "heads, and the few-query path's in-place rows; rest: outside every phase.", "",
+             "| case | dtype | pass | provider | call ms | " + " | ".join(PHASES) + " | rest |",
+             "|---|---|---|---|---:|" + "---:|" * (len(PHASES) + 1)]
+    for r in found:
+        thread_time = r["phase_wall_s"] * r["threads"]
+        shares = [r["phase_seconds"].get(p, 0.0) / thread_time for p in PHASES]
+        provider = r["provider"] + (f" ({r['kernel']})" if "kernel" in r else "")
+        lines.append(f"| {Case(**r['case']).label()} | {r['dtype']} | {r['pass']} | {provider} | "
+                     f"{r['phase_wall_s'] * 1e3:.1f} | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
+                     + f" | {100 * (1 - sum(shares)):.0f}% |")
     return lines + [""]
 
 

@@ -52,13 +52,31 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls / (case.new_tokens or 1)
             (result, peak), moved = collective_bytes(lambda: peak_extra_mib(call, device))
             outputs = tensors_mib(result)
+            phases = cpu_phases(call) if provider.cpu_phases and device == "cpu" else {}
             del call, result
             rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs,
                          **({"collective_bytes": moved} if dist.is_initialized() else {}),
-                         **_kernel_label(provider, case, dtype, device, backward)})
+                         **_kernel_label(provider, case, dtype, device, backward), **phases})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
+
+
+def cpu_phases(call) -> dict:
+    """{"phase_seconds": the cpu attention kernels' seconds per phase (load, pack, gemm, softmax,
+    convert, store, merge, key_rows; csrc/cpu/phase_timer.h) summed over threads, "phase_wall_s":
+    the wall time of that call, "threads"}, from one more call timed by phase."""
+    from ..extension import compiled
+
+    compiled.take_phase_seconds()  # drops what untimed calls left (none: timing is off between)
+    compiled.set_phase_timing(True)
+    try:
+        start = time.perf_counter()
+        call()
+        wall = time.perf_counter() - start
+    finally:
+        compiled.set_phase_timing(False)
+    return {"phase_seconds": compiled.take_phase_seconds(), "phase_wall_s": wall, "threads": torch.get_num_threads()}
 
 
 def _kernel_label(provider, case, dtype, device, backward) -> dict:

@@ -1,0 +1,26 @@
+// AVX-512 versions of the float32 -> bfloat16 operand writes of the bf16 kernels (the backward's P
+// and dS, a quarter of its time when scalar): the same round-to-nearest-even as c10::BFloat16,
+// NaN to its quiet NaN, 16 values at a time. Called only where softmax_rows_avx512.h's
+// `supported` holds.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace perceiver_fast::cpu::avx512 {
+
+// dst = VNNI-2 packing of src (k_rows x n floats, rows ld apart) as bfloat16: row pairs
+// interleaved element by element, an odd last row paired with zeros (TileGemm::pack_rows).
+void pack_rows_vnni(const float* src, int64_t ld, int64_t k_rows, int64_t n, c10::BFloat16* dst);
+
+// dst[j] = bfloat16(src[j]) for j < n.
+void convert_row(const float* src, int64_t n, c10::BFloat16* dst);
+
+// The transpose of a matrix of 32-bit words, 16 x 16 blocks in registers: src has n rows, `ld_bytes`
+// apart, each of `halves` 16-bit values (a float32 row of k: 2k halves; a bfloat16 row of k: k, an
+// odd k's last word completed with 0); dst word (w, j) is at dst[w * n + j]. This is
+// TileGemm::pack_transposed for float32 (plain) and bfloat16 (VNNI-2: word w = elements 2w, 2w + 1).
+void transpose_words(const void* src, int64_t ld_bytes, int64_t n, int64_t halves, uint32_t* dst);
+
+}  // namespace perceiver_fast::cpu::avx512
