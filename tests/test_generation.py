@@ -158,6 +158,9 @@ def test_sampled_tokens_stay_in_the_top_k_and_top_p_sets():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     drawn = Sampling(True, top_k=2, generator=torch.Generator().manual_seed(0)).next_tokens(logits)
     assert set(drawn.tolist()) == {0, 1}
+    tied = torch.tensor([[2.0, 2.0, 2.0, 0.0]]).repeat(500, 1)
+    drawn = Sampling(True, top_k=1, generator=torch.Generator().manual_seed(0)).next_tokens(tied)
+    assert len(set(drawn.tolist())) == 1, "ties with the k-th score must not let more than top_k through"
     p = logits[0].softmax(0)
     # the smallest set reaching 0.8: tokens 0 and 1 hold p0 + p1 = 0.90 > 0.8 > p0 = 0.64
     assert p[0] < 0.8 < p[0] + p[1]

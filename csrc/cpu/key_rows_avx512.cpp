@@ -1,5 +1,7 @@
 #include "key_rows_avx512.h"
 
+#include <cstdint>
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #include <immintrin.h>
@@ -28,10 +30,15 @@ inline __mmask16 tail_mask(int64_t left) {
 // a core's own misses in flight bound its bandwidth; the hardware prefetcher alone left it at 14 GB/s.
 constexpr int64_t kPrefetchRows = 16;
 
+// The row `ahead` rows after `row`: past the last key of a tile it is the next tile's (the stream
+// goes on), past the tensor's end an address prefetching ignores; formed as an integer, not by
+// pointer arithmetic, which may not leave the array.
 template <typename T>
-inline void prefetch_row(const T* row, int64_t dim) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+inline void prefetch_row(const T* row, int64_t ahead, int64_t stride, int64_t dim) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(row) + uintptr_t(ahead * stride * int64_t(sizeof(T)));
+  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(start + uintptr_t(b)), _MM_HINT_T0);
+  }
 }
 
 template <typename T>
@@ -40,7 +47,7 @@ void dot_rows_impl(const float* q, const T* k, int64_t stride, int64_t count, in
   int64_t j = 0;
   for (; j + 4 <= count; j += 4) {
     const T* r = k + j * stride;
-    for (int64_t ahead = kPrefetchRows; ahead < kPrefetchRows + 4; ++ahead) prefetch_row(r + ahead * stride, dim);
+    for (int64_t ahead = kPrefetchRows; ahead < kPrefetchRows + 4; ++ahead) prefetch_row(r, ahead, stride, dim);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 m = tail_mask(dim - d);
@@ -75,7 +82,7 @@ void accumulate_rows_impl(const float* p, const T* v, int64_t stride, int64_t co
     __m512 a0 = _mm512_maskz_loadu_ps(m0, acc + d0), a1 = _mm512_maskz_loadu_ps(k1, acc + d0 + 16),
            a2 = _mm512_maskz_loadu_ps(k2, acc + d0 + 32), a3 = _mm512_maskz_loadu_ps(k3, acc + d0 + 48);
     for (int64_t j = 0; j < count; ++j) {
-      if (d0 == 0) prefetch_row(v + (j + kPrefetchRows) * stride, dim);
+      if (d0 == 0) prefetch_row(v, j + kPrefetchRows, stride, dim);
       if (p[j] == 0) continue;  // masked, dropped or underflowed
       const __m512 w = _mm512_set1_ps(p[j]);
       const T* r = v + j * stride + d0;

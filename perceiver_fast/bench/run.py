@@ -52,7 +52,7 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls / (case.new_tokens or 1)
             (result, peak), moved = collective_bytes(lambda: peak_extra_mib(call, device))
             outputs = tensors_mib(result)
-            phases = cpu_phases(call) if provider.cpu_phases and device == "cpu" else {}
+            phases = _cpu_phases_of(call) if provider.cpu_phases and device == "cpu" else {}
             del call, result
             rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs,
                          **({"collective_bytes": moved} if dist.is_initialized() else {}),
@@ -77,6 +77,14 @@ def cpu_phases(call) -> dict:
     finally:
         compiled.set_phase_timing(False)
     return {"phase_seconds": compiled.take_phase_seconds(), "phase_wall_s": wall, "threads": torch.get_num_threads()}
+
+
+def _cpu_phases_of(call) -> dict:
+    """cpu_phases(call); a failure to time by phase costs the row its breakdown, not its measurement."""
+    try:
+        return cpu_phases(call)
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        return {"phases_not_timed": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
 
 
 def _kernel_label(provider, case, dtype, device, backward) -> dict:

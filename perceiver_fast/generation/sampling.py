@@ -49,8 +49,9 @@ class Sampling:
             return logits.argmax(dim=-1)
         scores = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
-            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, -math.inf)
+            # by index, so that ties with the k-th score do not let more than top_k through
+            kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.top_k, dim=-1).indices, True)
+            scores = scores.masked_fill(~kept, -math.inf)
         if self.top_p is not None and self.top_p < 1:
             ordered, order = scores.sort(dim=-1, descending=True)
             probabilities = ordered.softmax(dim=-1)
