@@ -62,7 +62,7 @@ template <typename acc_t, typename P>
 acc_t softmax_forward_step(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
                            const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx512_rows()) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
+    if (use_avx512_bf16_rows()) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
   }
   return forward_step_portable(scores, probs, valid, width, scale_log2, bias, m, l, keep);
 }
@@ -71,7 +71,7 @@ template <typename acc_t>
 void softmax_backward_step(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t width, acc_t scale_log2,
                            const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale, KeepRow<acc_t> keep) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (use_avx512_rows()) {
+    if (use_avx512_bf16_rows()) {
       avx512::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale, keep);
       return;
     }
