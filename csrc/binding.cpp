@@ -359,7 +359,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("heads"), py::arg("queries"), py::arg("keys"), py::arg("dropout_p"));
   m.def("cpu_features", [] {
     return std::map<std::string, bool>{
-        {"avx512_softmax", perceiver_fast::cpu::avx512::supported()},
+        {"avx512_softmax", perceiver_fast::cpu::avx512_bf16_supported()},
         {"avx512_rows", perceiver_fast::cpu::avx512_rows_supported()},
         {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
         {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},

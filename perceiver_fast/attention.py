@@ -73,4 +73,6 @@ def attention_dropout_mask(batch: int, heads: int, queries: int, keys: int, drop
     chosen = get_backend(backend)
     if chosen.unavailable:
         raise ValueError(f"backend {backend!r} is unavailable: {chosen.unavailable}")
+    if not chosen.capabilities.dropout:
+        raise ValueError(f"backend {backend!r} has no attention dropout, so no dropout mask")
     return chosen.dropout_keep_mask(draw_seed(torch.device(device)), batch, heads, queries, keys, dropout_p)

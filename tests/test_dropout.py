@@ -261,6 +261,14 @@ def test_errors_name_the_argument():
         pf.attention_dropout_mask(1, 1, 2, 2, 0.0)
     with pytest.raises(ValueError, match="keys must be an int"):
         pf.attention_dropout_mask(1, 1, 2, -2, 0.5)
+    with pytest.raises(ValueError, match="backend 'cuda' (is unavailable|has no attention dropout)"):
+        pf.attention_dropout_mask(1, 1, 2, 2, 0.5, backend="cuda")
+
+
+def test_dropout_mask_of_a_backend_without_dropout_is_refused(monkeypatch):
+    monkeypatch.setattr(get_backend("cuda"), "unavailable", None)  # as on a machine with CUDA kernels
+    with pytest.raises(ValueError, match="backend 'cuda' has no attention dropout, so no dropout mask"):
+        pf.attention_dropout_mask(1, 1, 2, 2, 0.5, backend="cuda")
 
 
 def test_backends_without_dropout_say_so():

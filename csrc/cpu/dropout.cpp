@@ -4,13 +4,14 @@
 #include <vector>
 
 #include "dropout_avx512.h"
+#include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
 namespace {
 
 constexpr uint32_t kRoundA = 0xD2511F53, kRoundB = 0xCD9E8D57, kKeyA = 0x9E3779B9, kKeyB = 0xBB67AE85;
 
-const bool use_avx512 = avx512::philox_supported();
+const bool use_avx512 = avx512_bmi2_supported();
 
 void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {

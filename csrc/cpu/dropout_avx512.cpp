@@ -10,10 +10,6 @@ namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
 
-bool philox_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
-}
 
 namespace {
 
@@ -57,7 +53,6 @@ void philox_keep_words(uint32_t k0, uint32_t k1, uint32_t row, uint32_t head, ui
 
 #else
 
-bool philox_supported() { return false; }
 void philox_keep_words(uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, int64_t, int64_t, uint64_t*) {}
 
 #endif

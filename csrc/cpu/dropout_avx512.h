@@ -6,8 +6,6 @@
 
 namespace perceiver_fast::cpu::avx512 {
 
-bool philox_supported();
-
 // words[w] gets the keep bits of keys first_key + 64 w ... (first_key a multiple of 4) for `count`
 // keys, bits past count left as the Philox gave them.
 void philox_keep_words(uint32_t k0, uint32_t k1, uint32_t row, uint32_t head, uint32_t offset, uint32_t threshold,

@@ -113,7 +113,7 @@ void accumulate_rows(const float* p, const c10::BFloat16* v, int64_t stride, int
   accumulate_rows_impl(p, v, stride, count, dim, acc);
 }
 
-#else  // not x86-64 GCC/Clang: never called (supported() is false there)
+#else  // not x86-64 GCC/Clang: never called (vector_paths.h finds no AVX-512 there)
 
 void dot_rows(const float*, const float*, int64_t, int64_t, int64_t, float*) {}
 void dot_rows(const float*, const c10::BFloat16*, int64_t, int64_t, int64_t, float*) {}

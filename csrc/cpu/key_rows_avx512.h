@@ -1,5 +1,5 @@
 // AVX-512 versions of key_rows.h for float32 and bfloat16 rows (compiled for AVX-512 in their own
-// file, called only where the CPU has it: softmax_rows_avx512.h's `supported`).
+// file, called only where vector_paths.h says the CPU has it).
 #pragma once
 
 #include <c10/util/BFloat16.h>

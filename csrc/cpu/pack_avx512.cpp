@@ -104,7 +104,7 @@ void transpose_words(const void* src, int64_t ld_bytes, int64_t n, int64_t halve
   }
 }
 
-#else  // not x86-64 GCC/Clang: never called (supported() is false there)
+#else  // not x86-64 GCC/Clang: never called (vector_paths.h finds no AVX-512 there)
 
 void pack_rows_vnni(const float*, int64_t, int64_t, int64_t, c10::BFloat16*) {}
 void convert_row(const float*, int64_t, c10::BFloat16*) {}

@@ -14,11 +14,6 @@ namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
 
-bool supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16");
-}
 
 namespace {
 
@@ -130,7 +125,6 @@ void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t 
 
 #else
 
-bool supported() { return false; }
 float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&, KeepRow<float>) {
   return 1.f;
 }

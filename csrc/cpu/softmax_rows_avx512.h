@@ -10,8 +10,6 @@
 
 namespace perceiver_fast::cpu::avx512 {
 
-bool supported();
-
 float softmax_forward_step(float* scores, float* probs, int64_t valid, int64_t width, float scale_log2,
                            const float* bias, float& m, float& l, KeepRow<float> keep);
 float softmax_forward_step(float* scores, c10::BFloat16* probs, int64_t valid, int64_t width, float scale_log2,

@@ -97,7 +97,8 @@ class Backend:
 
     def dropout_keep_mask(self, seed: torch.Tensor, batch: int, heads: int, queries: int, keys: int,
                           dropout_p: float) -> torch.Tensor:
-        """The bool (B, H, N, M) keep mask this backend's kernels draw from `seed` (a debug view)."""
+        """The bool (B, H, N, M) keep mask this backend's kernels draw from `seed` (a debug view).
+        Every backend whose capabilities declare dropout overrides it."""
         raise NotImplementedError(f"backend {self.name!r} has no attention dropout")
 
     def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
