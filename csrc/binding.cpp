@@ -73,6 +73,12 @@ cpu::Dropout checked_dropout(double p, const std::optional<at::Tensor>& seed, in
   return {p, static_cast<uint64_t>(w[0]), static_cast<uint32_t>(w[1]), threshold, row_offset};
 }
 
+// split_bf16: float32 inputs multiplied as split bfloat16 (cpu/tile_gemm.h, SplitBF16).
+void check_split_bf16(bool split_bf16, const at::Tensor& q) {
+  TORCH_CHECK(!split_bf16 || q.scalar_type() == at::kFloat, "split_bf16 needs float32 inputs, got ",
+              q.scalar_type());
+}
+
 struct Checked {
   at::Tensor q, k, v, key_mask;
   cpu::Shape shape;
@@ -116,12 +122,20 @@ cpu::AttentionInputs<T> kernel_inputs(const Checked& c, bool causal, double scal
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& key_mask, bool causal, double scale,
                                            int64_t key_tile, int64_t row_block, int64_t workers, double dropout_p,
-                                           const std::optional<at::Tensor>& dropout_seed, int64_t row_offset) {
+                                           const std::optional<at::Tensor>& dropout_seed, int64_t row_offset,
+                                           bool split_bf16) {
   const Checked c = check_inputs(q, k, v, key_mask);
   const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
+  check_split_bf16(split_bf16, q);
   const auto& s = c.shape;
   auto out = at::empty({s.batch, s.heads, s.queries, s.dim_v}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.queries}, q.options().dtype(at::kFloat));
+  if (split_bf16) {
+    cpu::attention_forward<float, cpu::SplitBF16>(
+        kernel_inputs<float>(c, causal, scale, key_tile, row_block, workers, dropout), out.data_ptr<float>(),
+        lse.data_ptr<float>());
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_forward", [&] {
     cpu::attention_forward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers, dropout),
                                      out.data_ptr<scalar_t>(), lse.data_ptr<float>());
@@ -136,9 +150,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
                                                         double scale, int64_t key_tile, int64_t row_block,
                                                         int64_t workers, double dropout_p,
                                                         const std::optional<at::Tensor>& dropout_seed,
-                                                        int64_t row_offset) {
+                                                        int64_t row_offset, bool split_bf16) {
   const Checked c = check_inputs(q, k, v, key_mask);
   const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, row_offset);
+  check_split_bf16(split_bf16, q);
   const auto& s = c.shape;
   // Plain references, not structured bindings: the dispatch lambdas below capture them (C++17).
   const auto operands = checked_backward_operands(dout, out, lse, q, s);
@@ -146,6 +161,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
   auto dk = at::zeros({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
   auto dv = at::zeros({s.batch, s.heads, s.keys, s.dim_v}, q.options());
+  if (split_bf16) {
+    cpu::attention_backward<float, cpu::SplitBF16>(
+        kernel_inputs<float>(c, causal, scale, key_tile, row_block, workers, dropout), strided<float>(dout_c),
+        out_c.data_ptr<float>(), lse_c.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+        dv.data_ptr<float>());
+    return {dq, dk, dv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_backward", [&] {
     cpu::attention_backward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers, dropout),
                                       strided<scalar_t>(dout_c), out_c.data_ptr<scalar_t>(), lse_c.data_ptr<float>(),
@@ -337,11 +359,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_attention_forward", &perceiver_fast::forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0, py::arg("row_block") = 0,
         py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0, py::arg("split_bf16") = false);
   m.def("cpu_attention_backward", &perceiver_fast::backward, py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"),
         py::arg("key_tile") = 0, py::arg("row_block") = 0, py::arg("workers") = 0, py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0);
+        py::arg("dropout_seed") = py::none(), py::arg("row_offset") = 0, py::arg("split_bf16") = false);
   m.def("cpu_input_attention_forward", &perceiver_fast::input_forward, py::arg("q"), py::arg("x"),
         py::arg("normalize"), py::arg("eps"), py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"),
         py::arg("v_bias"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"), py::arg("key_tile") = 0,

@@ -1,13 +1,15 @@
-"""The cpu backend under torch's float32 matmul precision (perceiver_fast/backends/cpu.py): "ieee" and
-"tf32" run full float32; "bf16" runs bfloat16 products with float32 accumulation where the one-time
-probe finds them faster, within a bound from bfloat16's 8 significant bits, and says so in pf.explain."""
+"""The cpu backend under torch's float32 matmul precision (perceiver_fast/backends/cpu.py): "ieee" runs
+full float32; "tf32" runs the attention kernels' split bfloat16 products (about 16 significant bits)
+and "bf16" bfloat16 products, each with float32 accumulation, where the one-time probe finds them
+faster, within a bound from their significant bits, and says so in pf.explain."""
 
 import pytest
 import torch
-from checks import random_inputs, reference_with_grads
+from checks import CROSS_SHAPES, MASKINGS, check_attention, kernel_runner, random_inputs, reference_with_grads
 
 import perceiver_fast as pf
 from perceiver_fast.backends import cpu as cpu_backend
+from perceiver_fast.extension import compiled as _C
 
 
 @pytest.fixture
@@ -24,16 +26,18 @@ def precision():
     assert torch.get_float32_matmul_precision() == "highest"  # no mix of the two APIs left behind
 
 
-@pytest.fixture(params=[2.0, 1.0], ids=["bf16-faster", "bf16-slower"])
+@pytest.fixture(params=[2.0, 1.0], ids=["faster", "slower"])
 def probe(request, monkeypatch):
-    """Both answers of the one-time speed probe, whatever this CPU measures (a timing near the
+    """Both answers of the one-time speed probes, whatever this CPU measures (a timing near the
     threshold must not decide which branch a test checks)."""
     monkeypatch.setattr(cpu_backend, "bf16_products_speedup", lambda: request.param)
+    monkeypatch.setattr(cpu_backend, "split_products_speedup", lambda: request.param)
     return request.param
 
 
-def test_the_probe_measures_a_speedup():
-    speedup = cpu_backend.bf16_products_speedup.__wrapped__()
+@pytest.mark.parametrize("measure", ["bf16_products_speedup", "split_products_speedup"])
+def test_the_probes_measure_a_speedup(measure):
+    speedup = getattr(cpu_backend, measure).__wrapped__()
     assert 0.05 < speedup < 50, speedup
 
 
@@ -64,6 +68,13 @@ def relative_error(actual, expected) -> float:
     return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
+# Each mode's products against float64: bfloat16 rounds inputs to 8 significant bits, split
+# bfloat16 keeps about 16 (a float32 as hi + lo, lo * lo dropped); float32 sums. Outputs and
+# gradients stay within a few units of that rounding (2^-8, 2^-16) of the float64 results.
+SIGNIFICANT_BITS = {"bfloat16": 8, "split-bfloat16": 16}
+SPLIT_RTOL = 4 * 2.0 ** -16
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["attention", "fused-input"])
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
 def test_each_mode_against_full_float32_and_float64(precision, probe, mode, fused):
@@ -71,24 +82,62 @@ def test_each_mode_against_full_float32_and_float64(precision, probe, mode, fuse
     precision(mode)
     got = run(fused=fused)
     assert all(t.dtype == torch.float32 for t in got)
-    assert cpu_backend.float32_products() == ("bfloat16" if mode == "bf16" and probe >= cpu_backend.BF16_SPEEDUP_NEEDED else "float32")
-    if cpu_backend.float32_products() == "float32":  # tf32, or bf16 where bfloat16 is not faster
+    faster = probe >= cpu_backend.SPEEDUP_NEEDED
+    expected = {"bf16": "bfloat16" if faster else "float32",
+                "tf32": "split-bfloat16" if faster and not fused else "float32"}[mode]
+    products = cpu_backend.float32_products(fused=fused)
+    assert products == expected
+    if products == "float32":  # tf32 on the fused kernels or where split is slower; bf16 where it is slower
         for a, b in zip(got, full):
             assert torch.equal(a, b)
         return
-    # bf16: inputs rounded to 8 significant bits, products of two of them, float32 sums: the outputs
-    # and gradients stay within a few units of bfloat16's rounding (2^-8) of the float64 results.
     precision("ieee")
     exact = run(dtype=torch.float64, fused=fused)
+    unit = 2.0 ** -SIGNIFICANT_BITS[products]
     names = ("out", "dq", "dx", "dwk", "dbk", "dwv", "dbv") if fused else ("out", "dq", "dk", "dv")
     largest = max(t.norm().item() for t in exact)
     for name, a, b, reference in zip(names, got, full, exact):
         if name == "dbk":  # exactly 0: a shift of every key by one vector moves a row's scores by a constant
-            assert (a.double() - reference).norm() <= 4 * 2**-8 * largest, name
+            assert (a.double() - reference).norm() <= 4 * unit * largest, name
             continue
         error = relative_error(a, reference)
-        assert error <= 4 * 2**-8, (name, error)
-        assert error > relative_error(b, reference), (name, "no bfloat16 rounding seen: did bf16 run?")
+        assert error <= 4 * unit, (name, error)
+        assert error > relative_error(b, reference), (name, f"no {products} rounding seen: did it run?")
+
+
+@pytest.fixture
+def split_products(precision, monkeypatch):
+    """torch's precision "tf32" with the split products taken whatever the probe measures."""
+    monkeypatch.setattr(cpu_backend, "split_products_speedup", lambda: 2.0)
+    precision("tf32")
+    assert cpu_backend.float32_products() == "split-bfloat16"
+
+
+@pytest.mark.parametrize("gemm", ["brgemm-where-present", "portable-gemm", "portable-rows"])
+@pytest.mark.parametrize("tiling", [(0, 0, 0), (16, 8, 3), (7, 5, 4, 5)], ids=["default", "small-tiles", "chunks"])
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", CROSS_SHAPES.values(), ids=CROSS_SHAPES.keys())
+def test_split_products_pass_the_contract(split_products, shape, key_mask, causal, tiling, gemm):
+    """The split kernels (every packing path: AVX-512, scalar, and the at::mm layout) against float64
+    within 4 x 2^-16, with masks, causal rows without keys, tile tails and query chunks."""
+    _C.set_portable_gemm(gemm == "portable-gemm")
+    _C.set_portable_rows(gemm == "portable-rows")
+    try:
+        check_attention(kernel_runner("cpu", tiling=tiling), shape, torch.float32, key_mask, causal, rtol=SPLIT_RTOL)
+    finally:
+        _C.set_portable_gemm(False)
+        _C.set_portable_rows(False)
+
+
+def test_split_products_with_dropout(split_products):
+    check_attention(kernel_runner("cpu", tiling=(16, 8, 3)), CROSS_SHAPES["small"], torch.float32, True, True,
+                    dropout_p=0.3, rtol=SPLIT_RTOL)
+
+
+def test_split_products_need_float32_inputs():
+    q, k, v = (t.detach().double() for t in random_inputs(1, 1, 4, 8, 8, 8))
+    with pytest.raises(RuntimeError, match="split_bf16 needs float32 inputs, got Double"):
+        _C.cpu_attention_forward(q, k, v, None, False, 0.5, split_bf16=True)
 
 
 def test_bf16_mode_runs_the_bfloat16_kernels_on_rounded_inputs(precision, monkeypatch):
@@ -112,12 +161,21 @@ def test_other_dtypes_ignore_the_float32_precision(precision):
 
 def test_explain_says_which_mode_runs(precision, probe):
     q, k, v = random_inputs(1, 2, 7, 30, 16, 16)
+    x = torch.randn(1, 30, 16)
+    faster = probe >= cpu_backend.SPEEDUP_NEEDED
     assert pf.explain(q, k, v)["cpu"] == []
     precision("tf32")
-    assert pf.explain(q, k, v)["cpu"] == ["runs full float32 (more precise than the 'tf32' precision torch allows)"]
+    note = pf.explain(q, k, v)["cpu"]
+    expected = ("runs float32 with split bfloat16 products" if faster else
+                "runs full float32 (more precise than the 'tf32' precision torch allows): split bfloat16 products ran only")
+    assert len(note) == 1 and note[0].startswith(expected), note
+    weights = dict(k_weight=torch.randn(32, 16), v_weight=torch.randn(32, 16))
+    fused_note = pf.explain(pf.fused_input_attention, q, x, **weights, method="projection")["cpu"]
+    assert fused_note == ["runs full float32 (more precise than the 'tf32' precision torch allows): the fused input "
+                          "kernels have no split products"], fused_note
     torch.set_float32_matmul_precision("medium")  # torch's own API sets fp32_precision to "bf16"
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     note = pf.explain(q, k, v)["cpu"]
-    expected = "runs float32 with bfloat16 products" if probe >= cpu_backend.BF16_SPEEDUP_NEEDED else "runs full float32 although"
+    expected = "runs float32 with bfloat16 products" if faster else "runs full float32 although"
     assert len(note) == 1 and note[0].startswith(expected), note
     assert pf.explain(q.double(), k.double(), v.double())["cpu"] == []

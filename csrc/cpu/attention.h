@@ -39,13 +39,18 @@ struct AttentionInputs {
   Dropout dropout;  // of the attention probabilities (inactive: none)
 };
 
+// The GEMM operand type P of float32 inputs under torch's "tf32" precision (tile_gemm.h); by
+// default P = T. Instantiated for T in {float, double, bfloat16} with P = T, and for float with
+// P = SplitBF16.
+struct SplitBF16;
+
 // out (B, H, N, Dv) and lse (B, H, N) float32, both contiguous.
-template <typename T>
+template <typename T, typename P = T>
 void attention_forward(const AttentionInputs<T>& in, T* out, float* lse);
 
 // dout: any strides with a contiguous last dimension; out and lse as the forward wrote them.
 // dq, dk, dv contiguous; dk and dv must be zero-filled (keys no query attends are left untouched).
-template <typename T>
+template <typename T, typename P = T>
 void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, const T* out, const float* lse, T* dq,
                         T* dk, T* dv);
 

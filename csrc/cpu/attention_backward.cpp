@@ -16,11 +16,11 @@
 
 namespace perceiver_fast::cpu {
 
-template <typename T>
+template <typename T, typename P>
 void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, const T* out, const float* lse, T* dq,
                         T* dk, T* dv) {
   using acc_t = acc_type<T>;
-  using Gemm = TileGemm<T>;
+  using Gemm = TileGemm<P>;
   const Shape& s = in.shape;
   const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::backward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
@@ -29,10 +29,10 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
   std::vector<acc_t> slot_dq(plan.num_slots * n * dqk);
 
   at::parallel_for(0, plan.segments_of_worker.size(), 1, [&](int64_t begin, int64_t end) {
-    HeadRows<T> rows(s);
-    std::vector<T> k_packed_t(rows.dqk_p * kt), v_packed_t(rows.dv_p * kt), k_packed(Gemm::padded_k(kt) * dqk);
+    HeadRows<T, P> rows(s);
+    std::vector<P> k_packed_t(rows.dqk_p * kt), v_packed_t(rows.dv_p * kt), k_packed(Gemm::padded_k(kt) * dqk);
     std::vector<acc_t> bias(kt), dk_t(dqk * kt), dv_t(dv_ * kt);
-    BackwardScratch<T> scratch(loop);
+    BackwardScratch<P> scratch(loop);
 
     for (int64_t w = begin; w < end; ++w) {
       for (const Segment& seg : plan.segments_of_worker[w]) {
@@ -92,5 +92,8 @@ template void attention_backward(const AttentionInputs<double>&, Strided<const d
                                  double*, double*, double*);
 template void attention_backward(const AttentionInputs<c10::BFloat16>&, Strided<const c10::BFloat16>,
                                  const c10::BFloat16*, const float*, c10::BFloat16*, c10::BFloat16*, c10::BFloat16*);
+
+template void attention_backward<float, SplitBF16>(const AttentionInputs<float>&, Strided<const float>, const float*,
+                                                  const float*, float*, float*, float*);
 
 }  // namespace perceiver_fast::cpu

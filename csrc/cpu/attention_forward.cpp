@@ -23,10 +23,10 @@ constexpr int64_t kFewQueries = 4;
 
 // forward_tile for few queries: scores from K's rows in place, one query at a time (the tile stays
 // in cache across them), the same softmax step, and V's rows summed in place.
-template <typename T>
+template <typename T, typename P>
 void few_query_tile(const AttentionInputs<T>& in, int64_t b, int64_t h, const KeyTile<acc_type<T>>& tile,
                     const acc_type<T>* q_rows, acc_type<T> scale_log2, const RowState<acc_type<T>>& state,
-                    ForwardScratch<T>& scratch) {
+                    ForwardScratch<P>& scratch) {
   using acc_t = acc_type<T>;
   const Shape& s = in.shape;
   const TileDropout<acc_t> dropped{in.dropout, b * s.heads + h, scratch.keep};
@@ -53,10 +53,10 @@ void few_query_tile(const AttentionInputs<T>& in, int64_t b, int64_t h, const Ke
 
 }  // namespace
 
-template <typename T>
+template <typename T, typename P>
 void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   using acc_t = acc_type<T>;
-  using Gemm = TileGemm<T>;
+  using Gemm = TileGemm<P>;
   const Shape& s = in.shape;
   const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::forward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
@@ -67,12 +67,12 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   const bool few = n <= kFewQueries;
 
   at::parallel_for(0, plan.segments_of_worker.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> q_rows(few ? 0 : n * dqk, T(0)), k_packed(few ? 0 : dqk * kt),
+    std::vector<P> q_rows(few ? 0 : n * dqk, P()), k_packed(few ? 0 : dqk * kt),
         v_packed(few ? 0 : Gemm::padded_k(kt) * dv);
     std::vector<acc_t> q_wide(few ? n * s.dim_qk : 0);  // the few-query path's queries, widened once
     std::vector<acc_t> bias(kt), acc(n * dv), max(n), sum(n);
     const RowState<acc_t> state{acc.data(), max.data(), sum.data()};
-    ForwardScratch<T> scratch(loop);
+    ForwardScratch<P> scratch(loop);
     for (int64_t w = begin; w < end; ++w) {
       for (const Segment& seg : plan.segments_of_worker[w]) {
         const int64_t b = seg.head / s.heads, h = seg.head % s.heads;
@@ -130,5 +130,6 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
 template void attention_forward(const AttentionInputs<float>&, float*, float*);
 template void attention_forward(const AttentionInputs<double>&, double*, float*);
 template void attention_forward(const AttentionInputs<c10::BFloat16>&, c10::BFloat16*, float*);
+template void attention_forward<float, SplitBF16>(const AttentionInputs<float>&, float*, float*);
 
 }  // namespace perceiver_fast::cpu

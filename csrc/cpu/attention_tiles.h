@@ -60,10 +60,12 @@ struct RowState {
   }
 };
 
+// T here and below: the GEMM operand type (TileGemm), which the kernels' input type is converted to.
 template <typename T>
 struct ForwardScratch {
   using acc_t = acc_type<T>;
-  // float32 probabilities overwrite their scores in place; bfloat16 ones go to their own buffer.
+  // float32 probabilities overwrite their scores in place; bfloat16 ones go to their own buffer,
+  // and split ones are written there from the float32 row.
   static constexpr bool probs_in_place = std::is_same_v<T, acc_t>;
   std::vector<acc_t> scores;
   std::vector<T> probs;
@@ -100,8 +102,17 @@ void forward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyT
       PhaseScope timed(Phase::softmax);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i, seen = keys_seen(s, causal, row, tile.start, tj);
-        const acc_t alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, seen, tjk, scale_log2, tile.bias,
-                                                 state.max[row], state.sum[row], dropped.row(row, tile.start, seen));
+        acc_t alpha;
+        if constexpr (std::is_same_v<T, SplitBF16>) {
+          acc_t* row_probs = scores + i * tj;
+          alpha = softmax_forward_step(row_probs, row_probs, seen, tj, scale_log2, tile.bias, state.max[row],
+                                       state.sum[row], dropped.row(row, tile.start, seen));
+          convert_row(row_probs, tj, probs + i * tjk);
+          std::fill(probs + i * tjk + tj, probs + (i + 1) * tjk, T());
+        } else {
+          alpha = softmax_forward_step(scores + i * tj, probs + i * tjk, seen, tjk, scale_log2, tile.bias,
+                                       state.max[row], state.sum[row], dropped.row(row, tile.start, seen));
+        }
         if (alpha != acc_t(1)) {
           acc_t* acc_row = state.acc + row * dv;
           for (int64_t d = 0; d < dv; ++d) acc_row[d] *= alpha;
@@ -174,20 +185,21 @@ void merge_slots(const Shape& s, const std::vector<int64_t>& slots, const SlotSt
 // dK and dV are accumulated transposed so that every GEMM's B operand is a row-major block that
 // is already in memory (P and dS rows).
 
-// One head's query-side operands, loaded once per segment, and its dq accumulator.
-template <typename T>
+// One head's query-side operands (of the kernels' input type T, loaded once per segment as GEMM
+// operands of type P), and its dq accumulator.
+template <typename T, typename P = T>
 struct HeadRows {
   using acc_t = acc_type<T>;
-  using Gemm = TileGemm<T>;
+  using Gemm = TileGemm<P>;
   int64_t n, dqk, dv, dqk_p, dv_p, n_p;
-  std::vector<T> q_rows, do_rows, q_t, do_t;  // n x dqk_p, n x dv_p, dqk x n_p, dv x n_p
+  std::vector<P> q_rows, do_rows, q_t, do_t;  // n x dqk_p, n x dv_p, dqk x n_p, dv x n_p
   std::vector<acc_t> lse2, delta, dq;         // n, n, n x dqk
 
   // Transposed Q and dO are A operands whose depth runs over query rows: n_p pads them so that a
   // padded row block never reads past the end.
   HeadRows(const Shape& s)
       : n(s.queries), dqk(s.dim_qk), dv(s.dim_v), dqk_p(Gemm::padded_k(dqk)), dv_p(Gemm::padded_k(dv)), n_p(n + 2),
-        q_rows(n * dqk_p, T(0)), do_rows(n * dv_p, T(0)), q_t(dqk * n_p, T(0)), do_t(dv * n_p, T(0)), lse2(n),
+        q_rows(n * dqk_p, P()), do_rows(n * dv_p, P()), q_t(dqk * n_p, P()), do_t(dv * n_p, P()), lse2(n),
         delta(n), dq(n * dqk) {}
 
   // out_head: the forward's output of the head (n x dv contiguous); lse_head its lse.
@@ -237,9 +249,9 @@ struct BackwardScratch {
 // (rows ld_t apart), and adds the tile's share of dQ to rows.dq. k_packed_t / v_packed_t: packed
 // K^T and V^T of the tile; k_packed: packed K rows; head: the flattened b * H + h whose dropout mask
 // applies.
-template <typename T>
+template <typename In, typename T>
 void backward_tile(const Shape& s, bool causal, const LoopSizes& loop, const KeyTile<acc_type<T>>& tile,
-                   HeadRows<T>& rows, const T* k_packed_t, const T* v_packed_t, const T* k_packed, double scale,
+                   HeadRows<In, T>& rows, const T* k_packed_t, const T* v_packed_t, const T* k_packed, double scale,
                    acc_type<T>* dk_t, acc_type<T>* dv_t, int64_t ld_t, const Dropout& dropout, int64_t head,
                    BackwardScratch<T>& scratch) {
   using acc_t = acc_type<T>;

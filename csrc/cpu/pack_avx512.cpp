@@ -27,7 +27,56 @@ inline __m512i rounded_bf16(__m512 x) {
   return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
+// x split into bfloat16 terms: hi = bf16(x), lo = bf16(x - hi), each in the low 16 bits of its lane.
+inline void split_bf16(__m512 x, __m512i& hi, __m512i& lo) {
+  hi = rounded_bf16(x);
+  lo = rounded_bf16(_mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16))));
+}
+
 }  // namespace
+
+void convert_row_split(const float* src, int64_t n, uint16_t* dst) {
+  // 16 elements are 48 halves (hi, hi, lo each): positions 0..31 and 32..47 gathered from the
+  // 32 halves [hi 0..15 | lo 0..15] by two word permutes.
+  alignas(64) static const uint16_t order[48] = {
+      0,  0,  16, 1,  1,  17, 2,  2,  18, 3,  3,  19, 4,  4,  20, 5,  5,  21, 6,  6,  22, 7,  7,  23,
+      8,  8,  24, 9,  9,  25, 10, 10, 26, 11, 11, 27, 12, 12, 28, 13, 13, 29, 14, 14, 30, 15, 15, 31};
+  const __m512i first = _mm512_load_si512(order), second = _mm512_castsi256_si512(_mm256_load_si256(
+                                                       reinterpret_cast<const __m256i*>(order + 32)));
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t count = std::min<int64_t>(16, n - j);
+    __m512i hi, lo;
+    split_bf16(_mm512_maskz_loadu_ps(lanes(count), src + j), hi, lo);
+    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(hi)),
+                                              _mm512_cvtepi32_epi16(lo), 1);
+    const int64_t out = 3 * count;  // halves to write
+    _mm512_mask_storeu_epi16(dst + 3 * j, out >= 32 ? ~__mmask32(0) : (__mmask32(1) << out) - 1,
+                             _mm512_permutexvar_epi16(first, halves));
+    if (out > 32) {
+      _mm256_mask_storeu_epi16(dst + 3 * j + 32, __mmask16((1u << (out - 32)) - 1),
+                               _mm512_castsi512_si256(_mm512_permutexvar_epi16(second, halves)));
+    }
+  }
+}
+
+void pack_rows_split_vnni(const float* src, int64_t ld, int64_t k_rows, int64_t n, uint32_t* dst) {
+  // Source rows d, d + 1 give bfloat16 rows 3d .. 3d + 5: (hi_d, lo_d, hi_d, hi_d1, lo_d1, hi_d1),
+  // i.e. the VNNI words (hi_d, lo_d), (hi_d, hi_d1), (lo_d1, hi_d1); a missing row d + 1 is zero.
+  for (int64_t d = 0; d < k_rows; d += 2) {
+    const float* row = src + d * ld;
+    const float* next = d + 1 < k_rows ? row + ld : nullptr;
+    uint32_t* out = dst + (3 * d / 2) * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = lanes(n - j);
+      __m512i hi, lo, hi1 = _mm512_setzero_si512(), lo1 = _mm512_setzero_si512();
+      split_bf16(_mm512_maskz_loadu_ps(m, row + j), hi, lo);
+      if (next) split_bf16(_mm512_maskz_loadu_ps(m, next + j), hi1, lo1);
+      _mm512_mask_storeu_epi32(out + j, m, _mm512_or_si512(hi, _mm512_slli_epi32(lo, 16)));
+      _mm512_mask_storeu_epi32(out + n + j, m, _mm512_or_si512(hi, _mm512_slli_epi32(hi1, 16)));
+      _mm512_mask_storeu_epi32(out + 2 * n + j, m, _mm512_or_si512(lo1, _mm512_slli_epi32(hi1, 16)));
+    }
+  }
+}
 
 void pack_rows_vnni(const float* src, int64_t ld, int64_t k_rows, int64_t n, c10::BFloat16* dst) {
   for (int64_t r = 0; r < k_rows; r += 2) {
@@ -107,6 +156,8 @@ void transpose_words(const void* src, int64_t ld_bytes, int64_t n, int64_t halve
 #else  // not x86-64 GCC/Clang: never called (vector_paths.h finds no AVX-512 there)
 
 void pack_rows_vnni(const float*, int64_t, int64_t, int64_t, c10::BFloat16*) {}
+void convert_row_split(const float*, int64_t, uint16_t*) {}
+void pack_rows_split_vnni(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
 void convert_row(const float*, int64_t, c10::BFloat16*) {}
 void transpose_words(const void*, int64_t, int64_t, int64_t, uint32_t*) {}
 

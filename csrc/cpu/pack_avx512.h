@@ -14,6 +14,13 @@ namespace perceiver_fast::cpu::avx512 {
 // interleaved element by element, an odd last row paired with zeros (TileGemm::pack_rows).
 void pack_rows_vnni(const float* src, int64_t ld, int64_t k_rows, int64_t n, c10::BFloat16* dst);
 
+// The split bfloat16 forms of float32 values (tile_gemm.h, SplitBF16): convert_row_split writes
+// the A operand form (hi, hi, lo) of src[0..n) as 3n halves; pack_rows_split_vnni the VNNI-2 B
+// packing of src (k_rows x n, rows ld apart) as bfloat16 rows (hi, lo, hi) per source row, k_rows
+// padded to even with zeros: 3 * padded(k_rows) / 2 rows of n words.
+void convert_row_split(const float* src, int64_t n, uint16_t* dst);
+void pack_rows_split_vnni(const float* src, int64_t ld, int64_t k_rows, int64_t n, uint32_t* dst);
+
 // dst[j] = bfloat16(src[j]) for j < n.
 void convert_row(const float* src, int64_t n, c10::BFloat16* dst);
 

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <type_traits>
+#include <vector>
 
 #include "pack_avx512.h"
 #include "vector_paths.h"
@@ -47,6 +48,50 @@ bool brgemm_available() {
   }
 }
 
+// B of the split products: bfloat16 row 3d + t holds term t, in (hi, lo, hi) order, of the float32
+// value(d, j) of the k x n matrix, laid out as TileGemm<bfloat16> lays out its B (rows past 3k zero).
+template <typename Value>
+void pack_split(int64_t k, int64_t n, Value value, SplitBF16* packed) {
+  auto* dst = reinterpret_cast<c10::BFloat16*>(packed);
+  const bool vnni = TileGemm<c10::BFloat16>::vnni();
+  auto element = [&](int64_t r, int64_t j) -> c10::BFloat16& {
+    return vnni ? dst[(r / 2) * 2 * n + 2 * j + (r & 1)] : dst[r * n + j];
+  };
+  for (int64_t d = 0; d < k; ++d) {
+    for (int64_t j = 0; j < n; ++j) {
+      const SplitBF16 x(value(d, j));  // (hi, hi, lo)
+      element(3 * d, j) = x.term[0];
+      element(3 * d + 1, j) = x.term[2];
+      element(3 * d + 2, j) = x.term[0];
+    }
+  }
+  for (int64_t r = 3 * k; r < 3 * TileGemm<SplitBF16>::padded_k(k); ++r) {
+    for (int64_t j = 0; j < n; ++j) element(r, j) = c10::BFloat16(0.f);
+  }
+}
+
+template <typename T>
+void native_multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_type<T>* c,
+                     int64_t ldc, bool accumulate) {
+  using acc_t = acc_type<T>;
+  if constexpr (!std::is_same_v<T, double>) {
+    if (brgemm_available<T>()) {
+      at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, TileGemm<T>::vnni());
+      return;
+    }
+  }
+  const auto type = scalar_type<T>();
+  const auto acc = scalar_type<acc_t>();
+  auto a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, at::TensorOptions().dtype(type)).to(acc);
+  auto b_view = at::from_blob(const_cast<T*>(b), {k, n}, {n, 1}, at::TensorOptions().dtype(type)).to(acc);
+  auto c_view = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(acc));
+  if (accumulate) {
+    c_view.addmm_(a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
+  }
+}
+
 }  // namespace
 
 void set_portable_gemm(bool portable) { force_portable.store(portable); }
@@ -54,12 +99,22 @@ bool portable_gemm() { return force_portable.load(); }
 
 template <typename T>
 bool TileGemm<T>::vnni() {
-  return std::is_same_v<T, c10::BFloat16> && brgemm_available<T>();
+  if constexpr (std::is_same_v<T, SplitBF16>) {
+    return TileGemm<c10::BFloat16>::vnni();
+  } else {
+    return std::is_same_v<T, c10::BFloat16> && brgemm_available<T>();
+  }
 }
 
 template <typename T>
 template <typename S>
 void TileGemm<T>::pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, SplitBF16>) {
+    if (vnni() && use_avx512_rows()) {
+      return avx512::pack_rows_split_vnni(src, ld, k_rows, n, reinterpret_cast<uint32_t*>(dst));
+    }
+    return pack_split(k_rows, n, [&](int64_t d, int64_t j) { return src[d * ld + j]; }, dst);
+  }
   if (!vnni()) {
     for (int64_t r = 0; r < k_rows; ++r) {
       for (int64_t j = 0; j < n; ++j) dst[r * n + j] = static_cast<T>(src[r * ld + j]);
@@ -83,6 +138,15 @@ void TileGemm<T>::pack_rows(const S* src, int64_t ld, int64_t k_rows, int64_t n,
 template <typename T>
 template <typename S>
 void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k, T* dst) {
+  if constexpr (std::is_same_v<T, SplitBF16>) {
+    if (vnni() && use_avx512_rows()) {  // transpose in float32, then pack the rows
+      thread_local std::vector<float> transposed;
+      transposed.resize(k * n);
+      avx512::transpose_words(src, ld * int64_t(sizeof(float)), n, 2 * k, reinterpret_cast<uint32_t*>(transposed.data()));
+      return avx512::pack_rows_split_vnni(transposed.data(), n, k, n, reinterpret_cast<uint32_t*>(dst));
+    }
+    return pack_split(k, n, [&](int64_t d, int64_t j) { return src[j * ld + d]; }, dst);
+  }
   if constexpr (std::is_same_v<T, S> && !std::is_same_v<T, double>) {
     // float32 rows are words; bfloat16 pairs (d, d + 1) are the words of the VNNI-2 layout
     if (use_avx512_rows() && (std::is_same_v<T, float> || vnni())) {
@@ -116,33 +180,33 @@ void convert_row(const float* src, int64_t n, c10::BFloat16* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(src[j]);
 }
 
+void convert_row(const float* src, int64_t n, SplitBF16* dst) {
+  if (use_avx512_rows()) return avx512::convert_row_split(src, n, reinterpret_cast<uint16_t*>(dst));
+  for (int64_t j = 0; j < n; ++j) dst[j] = SplitBF16(src[j]);
+}
+
 template <typename T>
 void TileGemm<T>::multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t* c,
                            int64_t ldc, bool accumulate) {
-  if constexpr (!std::is_same_v<T, double>) {
-    if (brgemm_available<T>()) {
-      at::native::cpublas::brgemm(m, n, k, lda, n, ldc, accumulate, a, b, c, vnni());
-      return;
-    }
-  }
-  const auto type = scalar_type<T>();
-  const auto acc = scalar_type<acc_t>();
-  auto a_view = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, at::TensorOptions().dtype(type)).to(acc);
-  auto b_view = at::from_blob(const_cast<T*>(b), {k, n}, {n, 1}, at::TensorOptions().dtype(type)).to(acc);
-  auto c_view = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(acc));
-  if (accumulate) {
-    c_view.addmm_(a_view, b_view);
+  if constexpr (std::is_same_v<T, SplitBF16>) {  // one bfloat16 GEMM over the 3k terms
+    TileGemm<c10::BFloat16>::multiply(m, n, 3 * k, reinterpret_cast<const c10::BFloat16*>(a), 3 * lda,
+                                      reinterpret_cast<const c10::BFloat16*>(b), c, ldc, accumulate);
   } else {
-    at::mm_out(c_view, a_view, b_view);
+    native_multiply(m, n, k, a, lda, b, c, ldc, accumulate);
   }
 }
 
 template <typename T>
 void TileGemm<T>::release() {
-  if (brgemm_available<T>()) at::native::cpublas::brgemm_release(vnni());
+  if constexpr (std::is_same_v<T, SplitBF16>) {
+    TileGemm<c10::BFloat16>::release();
+  } else {
+    if (brgemm_available<T>()) at::native::cpublas::brgemm_release(vnni());
+  }
 }
 
 template struct TileGemm<float>;
+template struct TileGemm<SplitBF16>;
 template struct TileGemm<double>;
 template struct TileGemm<c10::BFloat16>;
 
@@ -153,6 +217,7 @@ PF_PACKERS(float, float)
 PF_PACKERS(double, double)
 PF_PACKERS(c10::BFloat16, c10::BFloat16)
 PF_PACKERS(c10::BFloat16, float)
+PF_PACKERS(SplitBF16, float)
 #undef PF_PACKERS
 
 }  // namespace perceiver_fast::cpu

@@ -5,7 +5,8 @@
 // A is row-major in the operand type T, C row-major in the accumulator type, and B is in the
 // "packed" layout written by pack_rows / pack_transposed: plain row-major (leading dimension n)
 // for float and double, VNNI-2 for bfloat16 (pairs of k rows interleaved element by element, k
-// padded to even with zeros: the layout the AVX512-BF16 dot instructions read). Callers pad A's
+// padded to even with zeros: the layout the AVX512-BF16 dot instructions read), and for SplitBF16
+// the bfloat16 layout of its 3k bfloat16 rows (m, n, k and lda count SplitBF16 elements). Callers pad A's
 // k columns the same way (padded_k). Where brgemm cannot run (another CPU, a torch without the
 // oneDNN micro-kernels), or for float64, a portable path computes the same products with at::mm.
 #pragma once
@@ -17,6 +18,22 @@
 
 namespace perceiver_fast::cpu {
 
+// A float32 operand of the "split bfloat16" products (torch's "tf32" float32 matmul precision):
+// x = hi + lo with hi = bf16(x), lo = bf16(x - hi), and a * b taken as hi_a hi_b + hi_a lo_b + lo_a hi_b
+// (about 16 significant bits; lo_a lo_b, below 2^-16 of the product, is dropped). Written as three
+// depth steps of one bfloat16 GEMM: an A operand element holds (hi, hi, lo), and the B packers
+// write (hi, lo, hi) for each depth step, so a single brgemm over 3x the depth sums the three terms.
+struct SplitBF16 {
+  c10::BFloat16 term[3];
+
+  SplitBF16() : term{c10::BFloat16(0.f), c10::BFloat16(0.f), c10::BFloat16(0.f)} {}
+  SplitBF16(float x) {  // NOLINT: the A operand form, converted from float32 like the other types
+    const c10::BFloat16 hi(x);
+    term[0] = term[1] = hi;
+    term[2] = c10::BFloat16(x - static_cast<float>(hi));
+  }
+};
+
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -24,8 +41,10 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 void set_portable_gemm(bool portable);
 bool portable_gemm();
 
-// dst[j] = bfloat16(src[j]) for j < n (A operands written from float32 results).
+// dst[j] = src[j] in the A operand form of the product type, for j < n (A operands written from
+// float32 results).
 void convert_row(const float* src, int64_t n, c10::BFloat16* dst);
+void convert_row(const float* src, int64_t n, SplitBF16* dst);
 
 template <typename T>
 struct TileGemm {

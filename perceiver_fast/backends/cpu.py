@@ -11,7 +11,7 @@ import torch
 
 from .. import extension
 from ..ops import attention, input_attention  # the op modules, whose KERNELS this fills
-from ..validation import MAX_HEAD_DIM
+from ..validation import INPUT_ATTENTION, MAX_HEAD_DIM
 from .base import Backend, Capabilities
 
 
@@ -31,56 +31,85 @@ class CpuBackend(Backend):
         if problem.dtype != torch.float32:
             return []
         precision = torch.backends.mkldnn.matmul.fp32_precision
-        if float32_products() == "bfloat16":
+        products = float32_products(fused=problem.op == INPUT_ATTENTION)
+        if products == "bfloat16":
             return [f"runs float32 with bfloat16 products and float32 accumulation: torch's float32 matmul "
                     f"precision is 'bf16' and they ran {bf16_products_speedup():.2f}x as fast here"]
+        if products == "split-bfloat16":
+            return [f"runs float32 with split bfloat16 products (three per product, about 16 significant bits) and "
+                    f"float32 accumulation: torch's float32 matmul precision is 'tf32' and they ran "
+                    f"{split_products_speedup():.2f}x as fast here"]
         if precision == "bf16":
             return [f"runs full float32 although torch's float32 matmul precision is 'bf16': bfloat16 products "
                     f"ran only {bf16_products_speedup():.2f}x as fast here"]
         if precision == "tf32":
-            return ["runs full float32 (more precise than the 'tf32' precision torch allows)"]
+            why = ("the fused input kernels have no split products" if problem.op == INPUT_ATTENTION
+                   else f"split bfloat16 products ran only {split_products_speedup():.2f}x as fast here")
+            return [f"runs full float32 (more precise than the 'tf32' precision torch allows): {why}"]
         return []
 
 
 # torch's float32 matmul precision (torch.backends.mkldnn.matmul.fp32_precision, which
-# torch.set_float32_matmul_precision sets) is honoured for float32 inputs: "ieee"/"none" and "tf32"
-# run full float32 (at least TF32's 10 mantissa bits, the most "tf32" asks); "bf16" runs the
-# bfloat16 kernels (bfloat16 products; softmax statistics and accumulation in float32; inputs, and
-# so x before the fused LayerNorm, rounded to bfloat16 once; outputs returned in float32) where a
-# one-time probe finds them at least BF16_SPEEDUP_NEEDED as fast, conversions included.
-BF16_SPEEDUP_NEEDED = 1.1
+# torch.set_float32_matmul_precision sets) is honoured for float32 inputs, each faster method only
+# where a one-time probe finds it at least SPEEDUP_NEEDED as fast as full float32 (else full float32,
+# always allowed):
+# - "ieee"/"none": full float32.
+# - "tf32" (at least TF32's 11 significant bits): the attention kernels' split bfloat16 products
+#   (csrc/cpu/tile_gemm.h: three bfloat16 products per float32 one, about 16 bits; softmax
+#   statistics and accumulation in float32). They pay where bfloat16 products run at least about
+#   3x float32's rate (AMX); with AVX512-BF16 alone they cost 1.4-2x full float32. The fused input
+#   kernels have no split products and run full float32.
+# - "bf16": the bfloat16 kernels (bfloat16 products; softmax statistics and accumulation in
+#   float32; inputs, and so x before the fused LayerNorm, rounded to bfloat16 once; outputs
+#   returned in float32).
+SPEEDUP_NEEDED = 1.1
+
+
+def _median_ms(call, repeats: int = 9) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2] * 1e3
+
+
+def _probe_speedup(faster) -> float:
+    """Time of the float32 forward over faster(kernel, q, k, v, scale) on one cross-attention (8 heads,
+    256 queries, 4096 keys, head dim 64), median of 9 each."""
+    kernel = extension.require().cpu_attention_forward
+    q, k, v = (torch.randn(1, 8, n, 64) for n in (256, 4096, 4096))
+    return _median_ms(lambda: kernel(q, k, v, None, False, 0.125)) / _median_ms(lambda: faster(kernel, q, k, v, 0.125))
 
 
 @functools.cache
 def bf16_products_speedup() -> float:
-    """Time of the float32 kernel over the bfloat16 one with its conversions, on one cross-attention
-    (8 heads, 256 queries, 4096 keys, head dim 64), median of 9 each, measured once per process."""
-    kernel = extension.require().cpu_attention_forward
-    q, k, v = (torch.randn(1, 8, n, 64) for n in (256, 4096, 4096))
-
-    def median_ms(call):
-        call()
-        times = []
-        for _ in range(9):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[4]
-
-    full = median_ms(lambda: kernel(q, k, v, None, False, 0.125))
-    halved = median_ms(lambda: kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False, 0.125)[0].float())
-    return full / halved
+    """The probe of the bfloat16 kernel, its conversions included; measured once per process."""
+    return _probe_speedup(lambda kernel, q, k, v, scale: kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, False,
+                                                               scale)[0].float())
 
 
-def float32_products() -> str:
-    """How the kernels multiply float32 inputs now: "bfloat16" or "float32" (see above)."""
-    if torch.backends.mkldnn.matmul.fp32_precision == "bf16" and bf16_products_speedup() >= BF16_SPEEDUP_NEEDED:
+@functools.cache
+def split_products_speedup() -> float:
+    """The probe of the split bfloat16 products; measured once per process."""
+    return _probe_speedup(lambda kernel, q, k, v, scale: kernel(q, k, v, None, False, scale, split_bf16=True))
+
+
+def float32_products(fused: bool = False) -> str:
+    """How the kernels multiply float32 inputs now (see above): "bfloat16", "split-bfloat16" or
+    "float32"; fused: for the fused input kernels."""
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    if precision == "bf16" and bf16_products_speedup() >= SPEEDUP_NEEDED:
         return "bfloat16"
+    if precision == "tf32" and not fused and split_products_speedup() >= SPEEDUP_NEEDED:
+        return "split-bfloat16"
     return "float32"
 
 
 def _honouring_float32_precision(kernel, lse_position: int | None = None):
-    """kernel, with float32 calls run in bfloat16 when float32_products() says so (lse stays float32)."""
+    """kernel, with float32 calls run in bfloat16 when float32_products() says so (lse stays float32);
+    the split products are the kernels' own (_split_products)."""
     @functools.wraps(kernel)
     def run(*args):
         if args[0].dtype != torch.float32 or float32_products() != "bfloat16":
@@ -89,6 +118,10 @@ def _honouring_float32_precision(kernel, lse_position: int | None = None):
                   for i, a in enumerate(args)]
         return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in kernel(*halved))
     return run
+
+
+def _split_products(q) -> bool:
+    return q.dtype == torch.float32 and float32_products() == "split-bfloat16"
 
 
 # The C++ kernels keep every query row of a head resident per worker (the row, its float32
@@ -167,18 +200,20 @@ def _loops(tiling, dropout_p, dropout_seed, rows: slice) -> dict:
 def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_forward
     chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
+    split = _split_products(q)
     return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
         q[:, :, rows], k[:, :, :seen], v[:, :, :seen], None if key_mask is None else key_mask[:, :seen], causal,
-        scale, **_loops(tiling, dropout_p, dropout_seed, rows)))
+        scale, **_loops(tiling, dropout_p, dropout_seed, rows), split_bf16=split))
 
 
 def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_backward
     chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
+    split = _split_products(q)
     return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
         dout[:, :, rows], q[:, :, rows], k[:, :, :seen], v[:, :, :seen], out[:, :, rows], lse[:, :, rows],
         None if key_mask is None else key_mask[:, :seen], causal, scale,
-        **_loops(tiling, dropout_p, dropout_seed, rows)), key_axes=(2, 2))
+        **_loops(tiling, dropout_p, dropout_seed, rows), split_bf16=split), key_axes=(2, 2))
 
 
 def _value_dim(q, x, v_weight) -> int:
