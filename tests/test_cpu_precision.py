@@ -72,7 +72,6 @@ def relative_error(actual, expected) -> float:
 # bfloat16 keeps about 16 (a float32 as hi + lo, lo * lo dropped); float32 sums. Outputs and
 # gradients stay within a few units of that rounding (2^-8, 2^-16) of the float64 results.
 SIGNIFICANT_BITS = {"bfloat16": 8, "split-bfloat16": 16}
-SPLIT_RTOL = 4 * 2.0 ** -16
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["attention", "fused-input"])
@@ -105,33 +104,63 @@ def test_each_mode_against_full_float32_and_float64(precision, probe, mode, fuse
         assert error > relative_error(b, reference), (name, f"no {products} rounding seen: did it run?")
 
 
-@pytest.fixture
-def split_products(precision, monkeypatch):
-    """torch's precision "tf32" with the split products taken whatever the probe measures."""
+@pytest.fixture(params=["tf32", "bf16"])
+def faster_products(request, precision, monkeypatch):
+    """torch's precision "tf32" or "bf16" with its faster products (split bfloat16, bfloat16) taken
+    whatever the probes measure; returns the relative error bound of those products."""
     monkeypatch.setattr(cpu_backend, "split_products_speedup", lambda: 2.0)
-    precision("tf32")
-    assert cpu_backend.float32_products() == "split-bfloat16"
+    monkeypatch.setattr(cpu_backend, "bf16_products_speedup", lambda: 2.0)
+    precision(request.param)
+    products = cpu_backend.float32_products()
+    assert products == {"tf32": "split-bfloat16", "bf16": "bfloat16"}[request.param]
+    return 4 * 2.0 ** -SIGNIFICANT_BITS[products]
 
 
-@pytest.mark.parametrize("gemm", ["brgemm-where-present", "portable-gemm", "portable-rows"])
+# The packing paths: AVX-512 packers on brgemm's VNNI layout, scalar packers, and at::mm's plain
+# layout. On a CPU without a bfloat16 brgemm the first is the third.
+GEMM_PATHS = ["brgemm-where-present", "portable-gemm", "portable-rows"]
+
+
+@pytest.fixture(params=GEMM_PATHS)
+def gemm_path(request):
+    _C.set_portable_gemm(request.param == "portable-gemm")
+    _C.set_portable_rows(request.param == "portable-rows")
+    yield request.param
+    _C.set_portable_gemm(False)
+    _C.set_portable_rows(False)
+
+
+def test_faster_products_run_on_every_path(faster_products, precision, gemm_path):
+    """The contract tests below would pass on full float32 too: here the products' own rounding shows."""
+    q, k, v = random_inputs(2, 2, 33, 70, 24, 40)
+    dout = torch.randn(2, 2, 33, 40)
+
+    def errors():
+        out = pf.cross_attention(q, k, v, causal=True, backend="cpu")
+        return [relative_error(a, b) for a, b in zip([out, *torch.autograd.grad(out, (q, k, v), dout)],
+                                                     [out64, *grads64])]
+
+    out64, _, grads64 = reference_with_grads(q, k, v, dout, causal=True)
+    faster = errors()
+    precision("ieee")
+    full = errors()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), faster, full):
+        assert faster_products / 64 < a <= faster_products and a > 8 * b, (name, a, b)
+
+
 @pytest.mark.parametrize("tiling", [(0, 0, 0), (16, 8, 3), (7, 5, 4, 5)], ids=["default", "small-tiles", "chunks"])
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("shape", CROSS_SHAPES.values(), ids=CROSS_SHAPES.keys())
-def test_split_products_pass_the_contract(split_products, shape, key_mask, causal, tiling, gemm):
-    """The split kernels (every packing path: AVX-512, scalar, and the at::mm layout) against float64
-    within 4 x 2^-16, with masks, causal rows without keys, tile tails and query chunks."""
-    _C.set_portable_gemm(gemm == "portable-gemm")
-    _C.set_portable_rows(gemm == "portable-rows")
-    try:
-        check_attention(kernel_runner("cpu", tiling=tiling), shape, torch.float32, key_mask, causal, rtol=SPLIT_RTOL)
-    finally:
-        _C.set_portable_gemm(False)
-        _C.set_portable_rows(False)
+def test_faster_products_pass_the_contract(faster_products, gemm_path, shape, key_mask, causal, tiling):
+    """float32 inputs on split bfloat16 or bfloat16 products (every packing path) against float64
+    within 4 units of their rounding, with masks, causal rows without keys, tile tails and query
+    chunks."""
+    check_attention(kernel_runner("cpu", tiling=tiling), shape, torch.float32, key_mask, causal, rtol=faster_products)
 
 
-def test_split_products_with_dropout(split_products):
+def test_faster_products_with_dropout(faster_products):
     check_attention(kernel_runner("cpu", tiling=(16, 8, 3)), CROSS_SHAPES["small"], torch.float32, True, True,
-                    dropout_p=0.3, rtol=SPLIT_RTOL)
+                    dropout_p=0.3, rtol=faster_products)
 
 
 def test_split_products_need_float32_inputs():

@@ -18,7 +18,8 @@ namespace perceiver_fast::cpu {
 namespace {
 
 // Heads of at most this many queries take the few-query path: a GEMM of so few rows runs far below
-// its rate, and packing K and V for it doubles the memory traffic that is the whole cost.
+// its rate, and packing K and V for it doubles the memory traffic that is the whole cost. It reads
+// K and V in their own type and multiplies in float32 whatever the GEMM operand type P.
 constexpr int64_t kFewQueries = 4;
 
 // forward_tile for few queries: scores from K's rows in place, one query at a time (the tile stays

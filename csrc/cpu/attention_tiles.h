@@ -60,7 +60,8 @@ struct RowState {
   }
 };
 
-// T here and below: the GEMM operand type (TileGemm), which the kernels' input type is converted to.
+// T in the scratch buffers and tile functions: the GEMM operand type (TileGemm), which the kernels'
+// input type is converted to (HeadRows names both).
 template <typename T>
 struct ForwardScratch {
   using acc_t = acc_type<T>;
@@ -226,7 +227,7 @@ struct HeadRows {
 template <typename T>
 struct BackwardScratch {
   using acc_t = acc_type<T>;
-  // float32/64: P and dS are used as GEMM operands where they are; bfloat16 packs copies.
+  // float32/64: P and dS are used as GEMM operands where they are; bfloat16 and split pack copies.
   static constexpr bool operands_in_place = std::is_same_v<T, acc_t>;
   std::vector<acc_t> scores, dprobs;
   std::vector<T> p_packed, ds_packed, ds_rows;

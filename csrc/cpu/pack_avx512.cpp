@@ -27,10 +27,13 @@ inline __m512i rounded_bf16(__m512 x) {
   return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
-// x split into bfloat16 terms: hi = bf16(x), lo = bf16(x - hi), each in the low 16 bits of its lane.
+// x split into bfloat16 terms: hi = bf16(x), lo = bf16(x - hi) (0 where hi is infinite or NaN), each
+// in the low 16 bits of its lane.
 inline void split_bf16(__m512 x, __m512i& hi, __m512i& lo) {
   hi = rounded_bf16(x);
-  lo = rounded_bf16(_mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16))));
+  const __m512 hi_value = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+  const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(hi_value, hi_value), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  lo = _mm512_maskz_mov_epi32(finite, rounded_bf16(_mm512_sub_ps(x, hi_value)));
 }
 
 }  // namespace

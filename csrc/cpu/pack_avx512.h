@@ -1,7 +1,7 @@
-// AVX-512 versions of the float32 -> bfloat16 operand writes of the bf16 kernels (the backward's P
-// and dS, a quarter of its time when scalar): the same round-to-nearest-even as c10::BFloat16,
-// NaN to its quiet NaN, 16 values at a time. Called only where vector_paths.h says the CPU has
-// AVX-512.
+// AVX-512 versions of the float32 -> bfloat16 operand writes of the bf16 and split-bf16 kernels
+// (the backward's P and dS, a quarter of its time when scalar) and of the K/V tile packing: the
+// same round-to-nearest-even as c10::BFloat16, NaN to its quiet NaN, 16 values at a time. Called
+// only where vector_paths.h says the CPU has AVX-512.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -140,8 +140,7 @@ template <typename S>
 void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k, T* dst) {
   if constexpr (std::is_same_v<T, SplitBF16>) {
     if (vnni() && use_avx512_rows()) {  // transpose in float32, then pack the rows
-      thread_local std::vector<float> transposed;
-      transposed.resize(k * n);
+      std::vector<float> transposed(k * n);
       avx512::transpose_words(src, ld * int64_t(sizeof(float)), n, 2 * k, reinterpret_cast<uint32_t*>(transposed.data()));
       return avx512::pack_rows_split_vnni(transposed.data(), n, k, n, reinterpret_cast<uint32_t*>(dst));
     }

@@ -13,6 +13,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -20,19 +21,24 @@ namespace perceiver_fast::cpu {
 
 // A float32 operand of the "split bfloat16" products (torch's "tf32" float32 matmul precision):
 // x = hi + lo with hi = bf16(x), lo = bf16(x - hi), and a * b taken as hi_a hi_b + hi_a lo_b + lo_a hi_b
-// (about 16 significant bits; lo_a lo_b, below 2^-16 of the product, is dropped). Written as three
+// (about 16 significant bits; lo_a lo_b, about 2^-18 of the product, is dropped). Written as three
 // depth steps of one bfloat16 GEMM: an A operand element holds (hi, hi, lo), and the B packers
 // write (hi, lo, hi) for each depth step, so a single brgemm over 3x the depth sums the three terms.
+// An infinite or NaN hi gets lo = 0 (not inf - inf). Still, a product with an infinite operand can
+// be NaN where float32 gives an infinity (0 x inf in a term whose other factor's lo is 0), and a
+// finite x beyond bfloat16's largest value (3.39e38) rounds to an infinite hi.
 struct SplitBF16 {
   c10::BFloat16 term[3];
 
   SplitBF16() : term{c10::BFloat16(0.f), c10::BFloat16(0.f), c10::BFloat16(0.f)} {}
   SplitBF16(float x) {  // NOLINT: the A operand form, converted from float32 like the other types
     const c10::BFloat16 hi(x);
+    const float hi_value = static_cast<float>(hi);
     term[0] = term[1] = hi;
-    term[2] = c10::BFloat16(x - static_cast<float>(hi));
+    term[2] = c10::BFloat16(std::isfinite(hi_value) ? x - hi_value : 0.f);
   }
 };
+static_assert(sizeof(SplitBF16) == 3 * sizeof(c10::BFloat16), "SplitBF16 arrays are read as bfloat16 arrays");
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -38,7 +38,8 @@ class CpuBackend(Backend):
         if products == "split-bfloat16":
             return [f"runs float32 with split bfloat16 products (three per product, about 16 significant bits) and "
                     f"float32 accumulation: torch's float32 matmul precision is 'tf32' and they ran "
-                    f"{split_products_speedup():.2f}x as fast here"]
+                    f"{split_products_speedup():.2f}x as fast here (a forward of at most 4 queries per head reads "
+                    f"K and V in place in full float32)"]
         if precision == "bf16":
             return [f"runs full float32 although torch's float32 matmul precision is 'bf16': bfloat16 products "
                     f"ran only {bf16_products_speedup():.2f}x as fast here"]
@@ -55,6 +56,7 @@ class CpuBackend(Backend):
 # always allowed):
 # - "ieee"/"none": full float32.
 # - "tf32" (at least TF32's 11 significant bits): the attention kernels' split bfloat16 products
+#   (but the few-query forward, at most 4 queries per head, reads K and V in place in float32)
 #   (csrc/cpu/tile_gemm.h: three bfloat16 products per float32 one, about 16 bits; softmax
 #   statistics and accumulation in float32). They pay where bfloat16 products run at least about
 #   3x float32's rate (AMX); with AVX512-BF16 alone they cost 1.4-2x full float32. The fused input
@@ -107,12 +109,12 @@ def float32_products(fused: bool = False) -> str:
     return "float32"
 
 
-def _honouring_float32_precision(kernel, lse_position: int | None = None):
-    """kernel, with float32 calls run in bfloat16 when float32_products() says so (lse stays float32);
-    the split products are the kernels' own (_split_products)."""
+def _honouring_float32_precision(kernel, lse_position: int | None = None, fused: bool = False):
+    """kernel, with float32 calls run in bfloat16 when float32_products(fused) says so (lse stays
+    float32); the split products are the kernels' own (_split_products)."""
     @functools.wraps(kernel)
     def run(*args):
-        if args[0].dtype != torch.float32 or float32_products() != "bfloat16":
+        if args[0].dtype != torch.float32 or float32_products(fused) != "bfloat16":
             return kernel(*args)
         halved = [a.bfloat16() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and i != lse_position else a
                   for i, a in enumerate(args)]
@@ -126,7 +128,8 @@ def _split_products(q) -> bool:
 
 # The C++ kernels keep every query row of a head resident per worker (the row, its float32
 # accumulator, and at most one partial state per worker for split keys): about
-# 4 (dim_qk + 2 dim_v + 4) bytes per row and worker, a workspace sized for a few hundred latents.
+# 4 (dim_qk + 2 dim_v + 4) bytes per row and worker (6 for the split products' operands of three
+# bfloat16 each, counted as 6 throughout), a workspace sized for a few hundred latents.
 # A decoder with one query per pixel would make it the model's largest allocation (about 2 GiB for
 # HF's optical-flow decoder at 182528 pixels), so a query axis whose workspace would pass
 # QUERY_WORKSPACE_BYTES runs in chunks of rows, each an attention of its own over the keys its rows
@@ -135,7 +138,8 @@ def _split_products(q) -> bool:
 QUERY_WORKSPACE_BYTES = 256 * 2**20
 
 
-def _query_chunks(queries: int, keys: int, causal: bool, tiling, dim_qk: int, dim_v: int) -> list[tuple[slice, int]]:
+def _query_chunks(queries: int, keys: int, causal: bool, tiling, dim_qk: int, dim_v: int,
+                  operand_bytes: int = 4) -> list[tuple[slice, int]]:
     """(rows, keys seen) per chunk, the last rows first (they see every key); one chunk when the
     workspace fits. tiling[3], when given and positive, sets the rows per chunk (tests). Bottom-right
     causal alignment: row i sees key j iff j <= i + keys - queries."""
@@ -143,7 +147,7 @@ def _query_chunks(queries: int, keys: int, causal: bool, tiling, dim_qk: int, di
         chunk = tiling[3]
     else:
         workers = tiling[2] if len(tiling) > 2 and tiling[2] > 0 else torch.get_num_threads()
-        chunk = max(4096, QUERY_WORKSPACE_BYTES // (workers * 4 * (dim_qk + 2 * dim_v + 4)))
+        chunk = max(4096, QUERY_WORKSPACE_BYTES // (workers * operand_bytes * (dim_qk + 2 * dim_v + 4)))
     return [(slice(start, min(start + chunk, queries)),
              max(0, min(keys, min(start + chunk, queries) + keys - queries)) if causal else keys)
             for start in reversed(range(0, queries, chunk))]
@@ -199,8 +203,8 @@ def _loops(tiling, dropout_p, dropout_seed, rows: slice) -> dict:
 # (key_tile, row_block, workers[, query_chunk]).
 def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_forward
-    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
     split = _split_products(q)
+    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1], 6 if split else 4)
     return _forward_in_chunks(q, chunks, lambda rows, seen: kernel(
         q[:, :, rows], k[:, :, :seen], v[:, :, :seen], None if key_mask is None else key_mask[:, :seen], causal,
         scale, **_loops(tiling, dropout_p, dropout_seed, rows), split_bf16=split))
@@ -208,8 +212,8 @@ def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, ti
 
 def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
     kernel = extension.require().cpu_attention_backward
-    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1])
     split = _split_products(q)
+    chunks = _query_chunks(q.shape[2], k.shape[2], causal, tiling, q.shape[-1], v.shape[-1], 6 if split else 4)
     return _backward_in_chunks(q, chunks, lambda rows, seen: kernel(
         dout[:, :, rows], q[:, :, rows], k[:, :, :seen], v[:, :, :seen], out[:, :, rows], lse[:, :, rows],
         None if key_mask is None else key_mask[:, :seen], causal, scale,
@@ -243,5 +247,5 @@ def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bi
 
 attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_forward),
                            _honouring_float32_precision(_backward, lse_position=5))
-input_attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_input_forward),
-                                 _honouring_float32_precision(_input_backward, lse_position=10))
+input_attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_input_forward, fused=True),
+                                 _honouring_float32_precision(_input_backward, lse_position=10, fused=True))
