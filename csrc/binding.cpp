@@ -386,6 +386,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
         {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
         {"portable_rows_forced", perceiver_fast::cpu::portable_rows_forced()},
+        {"without_avx512_bf16_forced", perceiver_fast::cpu::without_avx512_bf16_forced()},
     };
   });
   m.def("set_phase_timing", &perceiver_fast::cpu::set_phase_timing,
@@ -399,6 +400,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_portable_rows", &perceiver_fast::cpu::set_portable_rows,
         "Force the portable loops of the row code (softmax steps, few-query rows, bfloat16 packing) instead of "
         "AVX-512 (for tests of the path other CPUs take).");
+  m.def("set_without_avx512_bf16", &perceiver_fast::cpu::set_without_avx512_bf16,
+        "Run the row code as on a CPU with AVX-512 but no AVX512-BF16: AVX-512 packing and few-query rows, "
+        "portable softmax steps (for tests of the path other CPUs take).");
   m.def("set_portable_gemm", &perceiver_fast::cpu::set_portable_gemm,
         "Force the at::mm GEMM path instead of oneDNN brgemm (for tests of the path other CPUs take).");
 }

@@ -123,6 +123,23 @@ def test_portable_row_code(shape, key_mask, causal, dtype):
         _C.set_portable_rows(False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "tiny-heads", "one-query"])
+def test_avx512_without_bf16(shape, key_mask, causal, dtype):
+    # A CPU with AVX-512 but no AVX512-BF16 (Skylake-X to Ice Lake): AVX-512 packing and few-query
+    # rows, portable softmax steps, and, for bfloat16, no bfloat16 brgemm (oneDNN needs the
+    # instructions), so the at::mm path.
+    _C.set_without_avx512_bf16(True)
+    _C.set_portable_gemm(dtype == torch.bfloat16)
+    try:
+        assert _C.cpu_features()["without_avx512_bf16_forced"]
+        check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask, causal)
+    finally:
+        _C.set_without_avx512_bf16(False)
+        _C.set_portable_gemm(False)
+
+
 def test_public_functions_dispatch_to_cpu():
     q, k, v = random_inputs(2, 2, 10, 40, 16, 24)
     mask = random_key_mask(2, 40)
@@ -162,9 +179,10 @@ def test_binding_rejects_bad_inputs():
 def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
     assert set(features) == {"avx512_softmax", "avx512_rows", "brgemm_bf16_vnni", "portable_gemm_forced",
-                             "portable_rows_forced"}
+                             "portable_rows_forced", "without_avx512_bf16_forced"}
     assert features["avx512_rows"] or not features["avx512_softmax"]  # the rows need a subset of the softmax's ISA
-    assert features["portable_gemm_forced"] is False and features["portable_rows_forced"] is False
+    assert not (features["portable_gemm_forced"] or features["portable_rows_forced"]
+                or features["without_avx512_bf16_forced"])
 
 
 def test_long_query_axes_run_in_chunks_of_bounded_workspace():
