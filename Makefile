@@ -66,12 +66,21 @@ test-oldest-triton: install $(OLDEST_STAMP)
 # Every CUDA source compiled for the H100 (sm_90a) with nvcc, on any machine: they include only
 # CUDA headers. Fails on a compile error; skipped, saying so, where nvcc is missing.
 CUDA_SOURCES := $(shell find csrc -name '*.cu' 2>/dev/null)
-cuda-check:
+# The torch binding of the CUDA kernels is syntax-checked against torch's headers too; a CPU torch
+# lacks one header its CUDA build generates (c10/cuda/impl/cuda_cmake_macros.h): an empty stand-in.
+# C++17 as the GPU machine's torch 2.11 builds it; torch 2.13's headers warn of C++20 extensions.
+cuda-check: install
 	@if command -v nvcc >/dev/null; then \
 	  out=$$(mktemp -d) && for f in $(CUDA_SOURCES); do \
 	    echo "nvcc sm_90a $$f" && nvcc -gencode=arch=compute_90a,code=sm_90a -std=c++17 -O3 -c $$f \
 	      -o $$out/$$(basename $$f).o || exit 1; \
 	  done; \
+	  cuda_include=$$(dirname $$(dirname $$(nvcc -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p')))/include; \
+	  torch_include=$$($(PY) -c "import torch.utils.cpp_extension as e; print(' '.join('-I' + p for p in e.include_paths()))"); \
+	  python_include=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	  mkdir -p $$out/stub/c10/cuda/impl && echo '#pragma once' > $$out/stub/c10/cuda/impl/cuda_cmake_macros.h; \
+	  echo "syntax check csrc/cuda_binding.cpp" && $(CXX) -std=c++17 -Wno-c++20-extensions -fsyntax-only -I$$out/stub $$torch_include \
+	    -I$$python_include -I$$cuda_include -DTORCH_EXTENSION_NAME=_C csrc/cuda_binding.cpp || exit 1; \
 	else echo "cuda-check: nvcc not found, CUDA sources not compiled"; fi
 
 check: install

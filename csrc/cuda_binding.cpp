@@ -1,5 +1,6 @@
-// The CUDA backend's torch binding: checks inputs, allocates outputs and the split workspace,
-// picks the key-axis split count, and launches the kernels of csrc/cuda/ on the current stream.
+// The CUDA backend's torch binding: checks inputs, allocates outputs and workspaces (the forward's
+// splits; the backward's delta and fp32 dq), picks the forward's key-axis split count, and launches
+// the kernels of csrc/cuda/ on the current stream.
 // Built only where torch has CUDA (setup.py), which then defines PERCEIVER_FAST_CUDA so that
 // binding.cpp adds this function to perceiver_fast._C.
 #include <ATen/ATen.h>
@@ -36,9 +37,14 @@ int choose_splits(int64_t blocks, int64_t key_tiles, int requested, int device) 
   return static_cast<int>(std::clamp<int64_t>((2 * int64_t{sms} + blocks - 1) / blocks, 1, key_tiles));
 }
 
-std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                                const std::optional<at::Tensor>& key_mask, bool causal, double scale,
-                                                int64_t splits) {
+// q, k, v and the key mask of a call, checked, with unit last strides; shape (B, H, N, M, Dqk, Dv).
+struct Checked {
+  at::Tensor q, k, v, key_mask;
+  int64_t B, H, N, M, dqk, dv;
+};
+
+Checked check_inputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", q_in.device());
   check_operand("q", q_in, q_in);
   check_operand("k", k_in, q_in);
@@ -61,8 +67,20 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at
                 key_mask->sizes(), " on ", key_mask->device());
     mask = key_mask->contiguous();
   }
+  return {unit_last_stride(q_in), unit_last_stride(k_in), unit_last_stride(v_in), mask, B, H, N, M, dqk, dv};
+}
+
+cuda::DType kernel_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 ? cuda::DType::bfloat16 : cuda::DType::float16;
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                const std::optional<at::Tensor>& key_mask, bool causal, double scale,
+                                                int64_t splits) {
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Checked c = check_inputs(q_in, k_in, v_in, key_mask);
+  const at::Tensor &q = c.q, &k = c.k, &v = c.v, &mask = c.key_mask;
+  const int64_t B = c.B, H = c.H, N = c.N, M = c.M, dqk = c.dqk, dv = c.dv;
 
   using namespace cuda;
   const int64_t key_tiles = (M + kBlockKeys - 1) / kBlockKeys;
@@ -103,10 +121,62 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& q_in, const at
   p.causal = causal;
   p.splits = split_count;
   p.keys_per_split = static_cast<int>(keys_per_split);
-  const cudaError_t status = attention_forward(p, type == at::kBFloat16 ? DType::bfloat16 : DType::float16,
-                                               c10::cuda::getCurrentCUDAStream());
+  const cudaError_t status = attention_forward(p, kernel_dtype(q), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "cuda_attention_forward failed to launch: ", cudaGetErrorString(status));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                             const at::Tensor& k_in, const at::Tensor& v_in,
+                                                             const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                             const std::optional<at::Tensor>& key_mask, bool causal,
+                                                             double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Checked c = check_inputs(q_in, k_in, v_in, key_mask);
+  check_operand("dout", dout_in, q_in);
+  check_operand("out", out_in, q_in);
+  TORCH_CHECK(dout_in.sizes() == out_in.sizes() && out_in.sizes() == at::IntArrayRef({c.B, c.H, c.N, c.dv}),
+              "dout and out must be (B, H, N, Dv) = (", c.B, ", ", c.H, ", ", c.N, ", ", c.dv, "), got ",
+              dout_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.sizes() == at::IntArrayRef({c.B, c.H, c.N}) &&
+                  lse_in.device() == q_in.device(),
+              "lse must be float32 (B, H, N) on q's device, got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
+              lse_in.device());
+  const at::Tensor dout = unit_last_stride(dout_in), out = out_in.contiguous(), lse = lse_in.contiguous();
+
+  auto delta = at::empty({c.B, c.H, c.N}, lse.options());
+  auto dq_accum = at::zeros({c.B, c.H, c.N, c.dqk}, lse.options());
+  auto dk = at::empty({c.B, c.H, c.M, c.dqk}, c.q.options());
+  auto dv = at::empty({c.B, c.H, c.M, c.dv}, c.q.options());
+  cuda::AttentionBackwardParams p{};
+  p.q = c.q.data_ptr();
+  p.k = c.k.data_ptr();
+  p.v = c.v.data_ptr();
+  p.out = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.key_mask = c.key_mask.defined() ? c.key_mask.data_ptr<bool>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = c.q.stride(i);
+    p.k_stride[i] = c.k.stride(i);
+    p.v_stride[i] = c.v.stride(i);
+    p.dout_stride[i] = dout.stride(i);
+  }
+  p.batch = static_cast<int>(c.B);
+  p.heads = static_cast<int>(c.H);
+  p.queries = static_cast<int>(c.N);
+  p.keys = static_cast<int>(c.M);
+  p.dim_qk = static_cast<int>(c.dqk);
+  p.dim_v = static_cast<int>(c.dv);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  const cudaError_t status = cuda::attention_backward(p, kernel_dtype(c.q), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "cuda_attention_backward failed to launch: ", cudaGetErrorString(status));
+  return {dq_accum.to(c.q.scalar_type()), dk, dv};
 }
 
 }  // namespace
@@ -115,6 +185,8 @@ void add_cuda_functions(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("cuda_attention_forward", &cuda_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_mask"),
         py::arg("causal"), py::arg("scale"), py::arg("splits") = 0);
+  m.def("cuda_attention_backward", &cuda_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("causal"), py::arg("scale"));
 }
 
 }  // namespace perceiver_fast

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     shapes = SHAPES[:1] if args.one else SHAPES
     maskings = [(True, True)] if args.one else [(False, False), (True, False), (False, True), (True, True)]
     failures = 0
-    for backend, grad in (("triton", True), ("cuda", False)):
+    for backend, grad in (("triton", True), ("cuda", True)):
         for shape in shapes:
             for key_mask, causal in maskings:
                 try:

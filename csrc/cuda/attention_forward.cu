@@ -4,26 +4,20 @@
 // base 2 over the warp's rows, then O = alpha O + P V with O kept in shared memory (the WMMA
 // accumulator layout is opaque, so rescaling by row happens there). Split blocks write fp32
 // partial (out, lse) that merge_splits_kernel combines.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <mma.h>
 
 #include <cmath>
 
 #include "attention.cuh"
+#include "tiles.cuh"
 
 namespace perceiver_fast::cuda {
 namespace {
 
 using namespace nvcuda;
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kPad = 8;  // 16-byte row padding of the half-precision tiles (WMMA ldm multiple of 8)
-constexpr int kTileLd = kDimChunk + kPad;
 constexpr int kScoreLd = kBlockKeys + 4;
 constexpr int kOutLd = kDimChunk + 4;
-constexpr float kLog2e = 1.4426950408889634f;
 
 struct SharedLayout {
   static constexpr size_t q = 0;
@@ -35,24 +29,6 @@ struct SharedLayout {
   static constexpr size_t stats = o + sizeof(float) * kBlockQueries * kOutLd;
   static constexpr size_t bytes = stats + sizeof(float) * 3 * kBlockQueries;
 };
-
-template <typename T>
-__device__ T from_float(float x);
-template <>
-__device__ __half from_float(float x) { return __float2half_rn(x); }
-template <>
-__device__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-
-// rows x kDimChunk tile of a (rows, dim) operand into shared memory, zeros outside it.
-template <typename T>
-__device__ void load_tile(T* dst, const T* src, int64_t row_stride, int row0, int rows_total, int col0,
-                          int cols_total, int rows) {
-  for (int i = threadIdx.x; i < rows * kDimChunk; i += kThreads) {
-    const int r = i / kDimChunk, c = i % kDimChunk;
-    const int row = row0 + r, col = col0 + c;
-    dst[r * kTileLd + c] = (row < rows_total && col < cols_total) ? src[row * row_stride + col] : from_float<T>(0.f);
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {

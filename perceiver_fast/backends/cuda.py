@@ -1,9 +1,10 @@
-"""The cuda backend: hand-written CUDA forward kernels (csrc/cuda/), float16/bfloat16, forward only.
+"""The cuda backend: hand-written CUDA kernels (csrc/cuda/), float16/bfloat16, forward and backward.
 
 Built only where torch has CUDA. The kernels compile for sm_90a in `make test` but have not yet
 run on a GPU, so auto dispatch does not choose them: name backend="cuda" to use them. It has no
-fused input attention: that op runs composed on its attention kernel. Its kernel is
-perceiver_fast._C.cuda_attention_forward, registered here as the "cuda" kernel of the attention op.
+fused input attention: that op runs composed on its attention kernel, and no attention dropout.
+Its kernels are perceiver_fast._C.cuda_attention_forward and _backward, registered here as the
+"cuda" kernels of the attention op.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class CudaBackend(Backend):
     name = "cuda"
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
-        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=False,
+        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
         dropout=False,
     )
     unavailable = extension.LOAD_ERROR or (
@@ -40,4 +41,10 @@ def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, ti
                                                       attention.forced_splits(tiling) or 0)
 
 
-attention.KERNELS.register(CudaBackend.name, _forward)
+def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):
+    if dropout_p:
+        raise ValueError(f"the 'cuda' kernel has no attention dropout, got dropout_p={dropout_p}")
+    return extension.require().cuda_attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale)
+
+
+attention.KERNELS.register(CudaBackend.name, _forward, _backward)

@@ -8,7 +8,7 @@ drops attention probabilities by the mask drawn from dropout_seed (int64 (2,) on
 perceiver_fast/dropout.py); the backward regenerates it from the saved seed. `kernel`
 names the kernel family that runs it, as its backend registered it in KERNELS: "cpu" (C++,
 csrc/cpu), "triton" (perceiver_fast/kernels, CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1) or "cuda" (CUDA C++, forward only). `kind` ("cross" or "latent") picks the
+TRITON_INTERPRET=1) or "cuda" (CUDA C++). `kind` ("cross" or "latent") picks the
 Triton tile set. `tiling` overrides a kernel's loop sizes, for tests that reach tile edges with
 small inputs: (key_tile, row_block, workers[, query_chunk]) for "cpu" (query_chunk: rows per chunk of
 a long query axis, perceiver_fast/backends/cpu.py), (splits,) for "triton" and "cuda"; empty for the
