@@ -75,3 +75,20 @@ def test_cuda_backward_matches_float64_reference(dtype, shape, masking):
     for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, expected, same_dtype):
         assert g.dtype == dtype and g.shape == g64.shape
         assert_matches(name, g, g64, g_same.to(dtype))
+
+
+@pytest.mark.gpu
+def test_cuda_backward_takes_strided_operands():
+    """HF and lucidrains hold heads as (B, N, H, D): q, k, v and dout with row strides of H * D."""
+    B, H, N, M, dqk, dv = 2, 3, 70, 150, 48, 80
+    q, k, v = (torch.randn(B, rows, H, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for rows, dim in ((N, dqk), (M, dqk), (M, dv)))
+    key_mask = random_key_mask(B, M, device="cuda")
+    out = pf.cross_attention(q, k, v, key_mask=key_mask, causal=True, backend="cuda")
+    dout = torch.randn(B, N, H, dv, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _, _, expected = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=True)
+    _, _, same_dtype = reference_with_grads(q, k, v, dout, key_mask=key_mask, causal=True,
+                                            compute_dtype=torch.bfloat16)
+    for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, expected, same_dtype):
+        assert_matches(name, g, g64, g_same.to(torch.bfloat16))

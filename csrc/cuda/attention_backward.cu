@@ -103,9 +103,13 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionB
 
   const int dqk_chunks = (p.dim_qk + kDimChunk - 1) / kDimChunk, dv_chunks = (p.dim_v + kDimChunk - 1) / kDimChunk;
   const int chunks = max(dqk_chunks, dv_chunks);
-  const int key0 = (blockIdx.x / chunks) * kBlockKeys, chunk = blockIdx.x % chunks, c0 = chunk * kDimChunk;
-  const bool with_dk = chunk < dqk_chunks, with_dv = chunk < dv_chunks;
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  // Blocks in x only (gridDim.y and z stop at 65535): (batch x head, key block, chunk), chunk fastest.
+  const int key_blocks = (p.keys + kBlockKeys - 1) / kBlockKeys;
+  const int64_t block = blockIdx.x;
+  const int chunk = static_cast<int>(block % chunks), c0 = chunk * kDimChunk;
+  const int key0 = static_cast<int>(block / chunks % key_blocks) * kBlockKeys;
+  const int bh = static_cast<int>(block / chunks / key_blocks), b = bh / p.heads, h = bh % p.heads;
+  const bool with_dk = chunk < dqk_chunks, with_dv = chunk < dv_chunks;  // dP and dS serve dK and dQ only
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int shift_causal = p.keys - p.queries;
   const float scale_log2 = p.scale * kLog2e;
@@ -137,20 +141,26 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionB
     for (int j = 0; j < 4; ++j) {
       wmma::store_matrix_sync(s_s + warp * 16 * kScoreLd + j * 16, acc[j], kScoreLd, wmma::mem_row_major);
     }
-    scores(acc, do_s, dout, p.dout_stride[2], q0, p.queries, v_s, v, p.v_stride[2], key0, p.keys, p.dim_v, warp);
-    for (int j = 0; j < 4; ++j) {
-      wmma::store_matrix_sync(dp_s + warp * 16 * kScoreLd + j * 16, acc[j], kScoreLd, wmma::mem_row_major);
+    if (with_dk) {
+      scores(acc, do_s, dout, p.dout_stride[2], q0, p.queries, v_s, v, p.v_stride[2], key0, p.keys, p.dim_v, warp);
+      for (int j = 0; j < 4; ++j) {
+        wmma::store_matrix_sync(dp_s + warp * 16 * kScoreLd + j * 16, acc[j], kScoreLd, wmma::mem_row_major);
+      }
     }
     __syncwarp();
 
-    // P and dS of the warp's 16 rows; a masked pair, or a row that saw no key (lse = -inf), gives 0.
+    // P and dS of the warp's 16 rows; a masked pair, or a row that saw no key (lse = -inf), gives 0
+    // (selected, not multiplied: whatever V holds at a masked key never reaches dS).
     for (int i = lane; i < 16 * 64; i += 32) {
       const int r = warp * 16 + i / 64, c = i % 64, row = q0 + r, key = key0 + c;
       const bool allowed = row < p.queries && key < p.keys && (!mask || mask[key]) &&
                            (!p.causal || key <= row + shift_causal) && lse2_s[r] != -INFINITY;
       const float prob = allowed ? exp2f(s_s[r * kScoreLd + c] * scale_log2 - lse2_s[r]) : 0.f;
       p_s[r * kTileLd + c] = from_float<T>(prob);
-      ds_s[r * kTileLd + c] = from_float<T>(prob * (dp_s[r * kScoreLd + c] - delta_s[r]) * p.scale);
+      if (with_dk) {
+        ds_s[r * kTileLd + c] =
+            from_float<T>(allowed ? prob * (dp_s[r * kScoreLd + c] - delta_s[r]) * p.scale : 0.f);
+      }
     }
     __syncthreads();  // every warp's P and dS rows, and the chunk's operands below, are read by all warps
     if (with_dk) {
@@ -206,8 +216,10 @@ cudaError_t launch_backward(const AttentionBackwardParams& p, cudaStream_t strea
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.queries;
   delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
   const int chunks = (max(p.dim_qk, p.dim_v) + kDimChunk - 1) / kDimChunk;
-  const int key_blocks = (p.keys + kBlockKeys - 1) / kBlockKeys;
-  const dim3 grid(key_blocks * chunks, p.batch * p.heads);
+  const int64_t key_blocks = (p.keys + kBlockKeys - 1) / kBlockKeys;
+  const int64_t blocks = key_blocks * chunks * p.batch * p.heads;
+  if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks));
   cudaError_t status = cudaFuncSetAttribute(attention_backward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(BackwardShared::bytes));
   if (status != cudaSuccess) return status;

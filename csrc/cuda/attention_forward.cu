@@ -43,9 +43,16 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
   float* l_s = m_s + kBlockQueries;
   float* alpha_s = l_s + kBlockQueries;
 
+  // Blocks in x only (gridDim.y and z stop at 65535): (split, batch x head, query block, value
+  // chunk), the value chunk fastest.
   const int dv_chunks = (p.dim_v + kDimChunk - 1) / kDimChunk;
-  const int n_block = blockIdx.x / dv_chunks, dv0 = (blockIdx.x % dv_chunks) * kDimChunk;
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, split = blockIdx.z;
+  const int n_blocks = (p.queries + kBlockQueries - 1) / kBlockQueries;
+  const int64_t block = blockIdx.x;
+  const int dv0 = static_cast<int>(block % dv_chunks) * kDimChunk;
+  const int n_block = static_cast<int>(block / dv_chunks % n_blocks);
+  const int64_t outer = block / dv_chunks / n_blocks;
+  const int bh = static_cast<int>(outer % (static_cast<int64_t>(p.batch) * p.heads)), b = bh / p.heads,
+            h = bh % p.heads, split = static_cast<int>(outer / (static_cast<int64_t>(p.batch) * p.heads));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = n_block * kBlockQueries;
   const int shift_causal = p.keys - p.queries;
@@ -199,9 +206,11 @@ __global__ void merge_splits_kernel(AttentionParams p) {
 
 template <typename T>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  const int dv_chunks = (p.dim_v + kDimChunk - 1) / kDimChunk;
-  const int n_blocks = (p.queries + kBlockQueries - 1) / kBlockQueries;
-  const dim3 grid(n_blocks * dv_chunks, p.batch * p.heads, p.splits);
+  const int64_t dv_chunks = (p.dim_v + kDimChunk - 1) / kDimChunk;
+  const int64_t n_blocks = (p.queries + kBlockQueries - 1) / kBlockQueries;
+  const int64_t blocks = n_blocks * dv_chunks * p.batch * p.heads * p.splits;
+  if (blocks > 2147483647) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks));
   cudaError_t status = cudaFuncSetAttribute(attention_forward_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(SharedLayout::bytes));
   if (status != cudaSuccess) return status;
