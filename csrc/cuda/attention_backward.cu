@@ -47,8 +47,6 @@ __global__ void delta_kernel(AttentionBackwardParams p) {
   if (lane == 0) p.delta[row] = acc;
 }
 
-using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
 // acc[j] (16 x 16, j = 0..3) += A B over 64 of depth: A's 16 rows start at `a` (row- or column-major
 // with leading dimension kTileLd), B (64 x 64 row-major, kTileLd) at `b`.
 template <typename T, typename ALayout>
@@ -60,29 +58,6 @@ __device__ void multiply_accumulate(Accumulator (&acc)[4], const T* a, int a_dep
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
       wmma::load_matrix_sync(bf, b + kk * kTileLd + j * 16, kTileLd);
       wmma::mma_sync(acc[j], af, bf, acc[j]);
-    }
-  }
-}
-
-// acc[j] = rows x 64 keys of X Y^T over the full head dim: X (the warp's 16 of 64 query rows) and Y
-// (the block's 64 keys) staged chunk by chunk through x_s and y_s.
-template <typename T>
-__device__ void scores(Accumulator (&acc)[4], T* x_s, const T* x, int64_t x_row_stride, int q0, int queries, T* y_s,
-                       const T* y, int64_t y_row_stride, int key0, int keys, int dim, int warp) {
-  for (auto& f : acc) wmma::fill_fragment(f, 0.f);
-  for (int d0 = 0; d0 < dim; d0 += kDimChunk) {
-    __syncthreads();
-    load_tile(x_s, x, x_row_stride, q0, queries, d0, dim, 64);
-    load_tile(y_s, y, y_row_stride, key0, keys, d0, dim, 64);
-    __syncthreads();
-    for (int kk = 0; kk < kDimChunk; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-      wmma::load_matrix_sync(af, x_s + warp * 16 * kTileLd + kk, kTileLd);
-      for (int j = 0; j < 4; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // Y^T
-        wmma::load_matrix_sync(bf, y_s + j * 16 * kTileLd + kk, kTileLd);
-        wmma::mma_sync(acc[j], af, bf, acc[j]);
-      }
     }
   }
 }

@@ -75,23 +75,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
 
   for (int kt = lo; kt < hi; kt += kBlockKeys) {
     // S = Q K^T for the warp's 16 rows and the tile's 64 keys.
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag[kBlockKeys / 16];
-    for (auto& f : s_frag) wmma::fill_fragment(f, 0.f);
-    for (int d0 = 0; d0 < p.dim_qk; d0 += kDimChunk) {
-      __syncthreads();
-      load_tile(q_s, q, p.q_stride[2], row0, p.queries, d0, p.dim_qk, kBlockQueries);
-      load_tile(k_s, k, p.k_stride[2], kt, hi, d0, p.dim_qk, kBlockKeys);
-      __syncthreads();
-      for (int kk = 0; kk < kDimChunk; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, q_s + warp * 16 * kTileLd + kk, kTileLd);
-        for (int j = 0; j < kBlockKeys / 16; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-          wmma::load_matrix_sync(bt, k_s + j * 16 * kTileLd + kk, kTileLd);
-          wmma::mma_sync(s_frag[j], a, bt, s_frag[j]);
-        }
-      }
-    }
+    Accumulator s_frag[kBlockKeys / 16];
+    scores(s_frag, q_s, q, p.q_stride[2], row0, p.queries, k_s, k, p.k_stride[2], kt, hi, p.dim_qk, warp);
     for (int j = 0; j < kBlockKeys / 16; ++j) {
       wmma::store_matrix_sync(s_s + warp * 16 * kScoreLd + j * 16, s_frag[j], kScoreLd, wmma::mem_row_major);
     }

@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cstdint>
 
@@ -36,6 +37,31 @@ __device__ void load_tile(T* dst, const T* src, int64_t row_stride, int row0, in
     const int r = i / kDimChunk, c = i % kDimChunk;
     const int row = row0 + r, col = col0 + c;
     dst[r * kTileLd + c] = (row < rows_total && col < cols_total) ? src[row * row_stride + col] : from_float<T>(0.f);
+  }
+}
+
+using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc[j] = the warp's 16 rows x 64 keys of X Y^T over the full head dim: X (64 query rows from q0,
+// of `queries`) and Y (64 keys from key0, of `keys`) staged chunk by chunk through x_s and y_s.
+template <typename T>
+__device__ void scores(Accumulator (&acc)[4], T* x_s, const T* x, int64_t x_row_stride, int q0, int queries, T* y_s,
+                       const T* y, int64_t y_row_stride, int key0, int keys, int dim, int warp) {
+  for (auto& f : acc) nvcuda::wmma::fill_fragment(f, 0.f);
+  for (int d0 = 0; d0 < dim; d0 += kDimChunk) {
+    __syncthreads();
+    load_tile(x_s, x, x_row_stride, q0, queries, d0, dim, 64);
+    load_tile(y_s, y, y_row_stride, key0, keys, d0, dim, 64);
+    __syncthreads();
+    for (int kk = 0; kk < kDimChunk; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> af;
+      nvcuda::wmma::load_matrix_sync(af, x_s + warp * 16 * kTileLd + kk, kTileLd);
+      for (int j = 0; j < 4; ++j) {
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> bf;  // Y^T
+        nvcuda::wmma::load_matrix_sync(bf, y_s + j * 16 * kTileLd + kk, kTileLd);
+        nvcuda::wmma::mma_sync(acc[j], af, bf, acc[j]);
+      }
+    }
   }
 }
 
