@@ -159,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
   const auto operands = checked_backward_operands(dout, out, lse, q, s);
   const at::Tensor &dout_c = std::get<0>(operands), &out_c = std::get<1>(operands), &lse_c = std::get<2>(operands);
   auto dq = at::empty({s.batch, s.heads, s.queries, s.dim_qk}, q.options());
-  auto dk = at::zeros({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
-  auto dv = at::zeros({s.batch, s.heads, s.keys, s.dim_v}, q.options());
+  auto dk = at::empty({s.batch, s.heads, s.keys, s.dim_qk}, q.options());
+  auto dv = at::empty({s.batch, s.heads, s.keys, s.dim_v}, q.options());
   if (split_bf16) {
     cpu::attention_backward<float, cpu::SplitBF16>(
         kernel_inputs<float>(c, causal, scale, key_tile, row_block, workers, dropout), strided<float>(dout_c),

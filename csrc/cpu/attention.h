@@ -49,7 +49,7 @@ template <typename T, typename P = T>
 void attention_forward(const AttentionInputs<T>& in, T* out, float* lse);
 
 // dout: any strides with a contiguous last dimension; out and lse as the forward wrote them.
-// dq, dk, dv contiguous; dk and dv must be zero-filled (keys no query attends are left untouched).
+// dq, dk, dv contiguous, every element written (0 for keys no query attends).
 template <typename T, typename P = T>
 void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, const T* out, const float* lse, T* dq,
                         T* dk, T* dv);

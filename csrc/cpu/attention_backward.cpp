@@ -47,7 +47,13 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
           const int64_t j0 = t * kt, tj = std::min(kt, m - j0);
           bool all_masked;
           const acc_t* tile_bias = key_mask_bias(mask_row, j0, tj, bias.data(), all_masked);
-          if (all_masked) continue;  // dk, dv of these keys stay 0
+          const int64_t key_offset = seg.head * m + j0;
+          if (all_masked) {  // no query attends these keys
+            PhaseScope timed(Phase::store);
+            std::fill_n(dk + key_offset * dqk, tj * dqk, T(0));
+            std::fill_n(dv + key_offset * dv_, tj * dv_, T(0));
+            continue;
+          }
           {
             PhaseScope timed(Phase::pack);
             Gemm::pack_transposed(in.k.row(b, h, j0), in.k.row_stride, tj, dqk, k_packed_t.data());
@@ -58,11 +64,8 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
                         v_packed_t.data(), k_packed.data(), in.scale, dk_t.data(), dv_t.data(), tj, in.dropout,
                         seg.head, scratch);
           PhaseScope timed(Phase::store);
-          const int64_t key_offset = seg.head * m + j0;
-          for (int64_t j = 0; j < tj; ++j) {
-            for (int64_t d = 0; d < dqk; ++d) dk[(key_offset + j) * dqk + d] = static_cast<T>(dk_t[d * tj + j]);
-            for (int64_t d = 0; d < dv_; ++d) dv[(key_offset + j) * dv_ + d] = static_cast<T>(dv_t[d * tj + j]);
-          }
+          store_transposed(dk_t.data(), dqk, tj, dk + key_offset * dqk);
+          store_transposed(dv_t.data(), dv_, tj, dv + key_offset * dv_);
         }
 
         PhaseScope timed(Phase::store);

@@ -185,6 +185,30 @@ void convert_row(const float* src, int64_t n, SplitBF16* dst) {
 }
 
 template <typename T>
+void store_transposed(const acc_type<T>* src, int64_t rows, int64_t cols, T* dst) {
+  if constexpr (!std::is_same_v<T, double>) {
+    if (use_avx512_rows()) {
+      if constexpr (std::is_same_v<T, float>) {
+        return avx512::transpose_words(src, cols * int64_t(sizeof(float)), rows, 2 * cols,
+                                       reinterpret_cast<uint32_t*>(dst));
+      } else {  // transposed in float32, then rounded as one contiguous run
+        std::vector<float> transposed(rows * cols);
+        avx512::transpose_words(src, cols * int64_t(sizeof(float)), rows, 2 * cols,
+                                reinterpret_cast<uint32_t*>(transposed.data()));
+        return convert_row(transposed.data(), rows * cols, dst);
+      }
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = static_cast<T>(src[i * cols + j]);
+  }
+}
+
+template void store_transposed(const float*, int64_t, int64_t, float*);
+template void store_transposed(const double*, int64_t, int64_t, double*);
+template void store_transposed(const float*, int64_t, int64_t, c10::BFloat16*);
+
+template <typename T>
 void TileGemm<T>::multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, acc_t* c,
                            int64_t ldc, bool accumulate) {
   if constexpr (std::is_same_v<T, SplitBF16>) {  // one bfloat16 GEMM over the 3k terms

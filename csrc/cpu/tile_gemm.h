@@ -52,6 +52,11 @@ bool portable_gemm();
 void convert_row(const float* src, int64_t n, c10::BFloat16* dst);
 void convert_row(const float* src, int64_t n, SplitBF16* dst);
 
+// dst[j * rows + i] = src[i * cols + j] in T: a gradient block accumulated transposed (rows x cols,
+// fp32 or fp64) written back as cols contiguous rows of `rows` values.
+template <typename T>
+void store_transposed(const acc_type<T>* src, int64_t rows, int64_t cols, T* dst);
+
 template <typename T>
 struct TileGemm {
   using acc_t = acc_type<T>;
