@@ -7,8 +7,9 @@ cut by causal masking, split heads and the merge of their partial results are al
 
 import pytest
 import torch
-from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
-                    kernel_runner, random_inputs, random_key_mask, reference_with_grads)
+from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_lse_matches, assert_matches, check_attention,
+                    check_non_contiguous, kernel_runner, random_inputs, random_key_mask, reference_with_grads,
+                    same_seed_keep_mask)
 
 import perceiver_fast as pf
 from perceiver_fast.extension import compiled as _C
@@ -108,6 +109,48 @@ def test_phase_timing_covers_each_phase_only_while_on(dtype):
     assert set(seconds) == {"load", "pack", "gemm", "softmax", "convert", "store", "merge", "key_rows"}
     assert {name for name, s in seconds.items() if s > 0} == timed, seconds
     assert set(_C.take_phase_seconds().values()) == {0.0}, "taking the seconds resets them"
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512-where-present", "portable"])
+@pytest.mark.parametrize("key_tile", [16, 96])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_mask,causal", MASKINGS)
+@pytest.mark.parametrize("scores", ["rising", "wide"])
+def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile, portable):
+    """The forward's softmax keeps a row's running max until a score passes it by 2^8 (lazy rescaling,
+    csrc/cpu/softmax_rows_avx512.cpp); here scores jump past it within and across key tiles: "rising"
+    scores climb by about 10 (base e) over the keys, "wide" ones spread with a standard deviation of 8.
+    Key tiles of 96 keys put the jump after written probabilities, which float32 then rescales."""
+    B, H, N, M, D = 2, 2, 9, 200, 16
+    q, k, v = (t.detach() for t in random_inputs(B, H, N, M, D, D))
+    if scores == "rising":
+        k = k + torch.linspace(0, 10, M)[:, None] * q.mean(2, keepdim=True) / q.mean(2, keepdim=True).norm(dim=-1,
+                                                                                                           keepdim=True)
+        q = q + 4 * q.mean(2, keepdim=True) / q.mean(2, keepdim=True).norm(dim=-1, keepdim=True)
+    else:
+        q = q * 8
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    mask = random_key_mask(B, M) if key_mask else None
+    _C.set_portable_rows(portable)
+    try:
+        run = cpu(key_tile, 8, 3)
+        dropout = dict(dropout_p=dropout_p) if dropout_p else {}
+        seed, keep = same_seed_keep_mask(B, H, N, M, dropout_p)
+        torch.manual_seed(seed)
+        out, lse = run(q, k, v, key_mask=mask, causal=causal, **dropout)
+    finally:
+        _C.set_portable_rows(False)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    kwargs = dict(key_mask=mask, causal=causal, scale=D ** -0.5, dropout_p=dropout_p, dropout_keep=keep)
+    out64, lse64, grads64 = reference_with_grads(q, k, v, dout, **kwargs)
+    same = (reference_with_grads(q, k, v, dout, compute_dtype=dtype, **kwargs) if dtype == torch.bfloat16
+            else (None, None, (None, None, None)))
+    assert_matches("out", out, out64, same[0])
+    assert_lse_matches(lse, lse64)
+    for name, g, g64, g_same in zip(("dq", "dk", "dv"), grads, grads64, same[2]):
+        assert_matches(name, g, g64, g_same)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

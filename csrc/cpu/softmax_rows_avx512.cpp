@@ -62,40 +62,79 @@ inline __mmask16 keep_lanes(const KeepRow<float>& keep, int64_t j) {
   return static_cast<__mmask16>(keep.bits[j >> 6] >> (j & 63));
 }
 
-// Two passes over the row: its max, then the exponentials against the new running max. The scaled
-// scores are recomputed in the second pass rather than stored by the first.
+// A row already past its first key may exceed its running max m by this much (base 2) before m
+// moves: probabilities up to 2^8 lose nothing in bfloat16 or in the float32 sums.
+constexpr float kLazyRescale = 8.f;
+
+// A row with a running max m first takes one pass against m, which stands (m stays, the accumulator
+// needs no rescaling) unless a score passes m + kLazyRescale. From there two passes: the max of the
+// keys left, then their exponentials against the new running max. The probabilities written before
+// are rescaled to it in float32, where they overwrote their scores; bfloat16 ones are recomputed
+// from the intact scores instead (a second rounding would cost them accuracy). The scaled scores
+// are recomputed where needed, never stored.
 template <typename P>
 float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float scale_log2, const float* bias,
                    float& m, float& l, KeepRow<float> keep) {
-  const __m512 c = _mm512_set1_ps(scale_log2);
+  constexpr bool in_place = std::is_same_v<P, float>;
+  const __m512 c = _mm512_set1_ps(scale_log2), zero = _mm512_setzero_ps(), keep_scale = _mm512_set1_ps(keep.scale);
+  // x = score * scale_log2 + bias - shift, exponentiated and written as P from key j.
+  auto exponentials = [&](int64_t j, __mmask16 k, __m512 shift, __m512& sum) {
+    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, shift);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
+    const __m512 p = _mm512_maskz_mov_ps(k, exp2<exp2_degree<P>>(x));
+    sum = _mm512_add_ps(sum, p);
+    const __m512 kept = keep.bits ? _mm512_maskz_mul_ps(keep_lanes(keep, j), p, keep_scale) : p;
+    store(probs + j, kept, tail_mask(std::min<int64_t>(16, width - j)));  // zeros past valid, inside the row
+  };
+  auto zeros_from = [&](int64_t j) {
+    for (j = (j + 15) / 16 * 16; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
+  };
+
+  int64_t done = 0;  // keys whose probabilities are written against m
+  __m512 sum = zero;
+  if (m != -INFINITY) {
+    const __m512 vm = _mm512_set1_ps(m), limit = _mm512_set1_ps(kLazyRescale);
+    for (; done < valid; done += 16) {
+      const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - done));
+      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + done), c, vm);
+      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + done));
+      if (_mm512_mask_cmp_ps_mask(k, x, limit, _CMP_GT_OQ)) break;
+      exponentials(done, k, vm, sum);
+    }
+    if (done >= valid) {
+      zeros_from(valid);
+      l += _mm512_reduce_add_ps(sum);
+      return 1.f;
+    }
+    if (!in_place) {
+      done = 0;
+      sum = zero;
+    }
+  }
+
   __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < valid; j += 16) {
+  for (int64_t j = done; j < valid; j += 16) {
     const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
     __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scores + j), c);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
-  const __m512 zero = _mm512_setzero_ps();
-  if (m_new == -INFINITY) {
+  if (m_new == -INFINITY) {  // no key yet (done is 0 here)
     for (int64_t j = 0; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
     return 1.f;
   }
-  const __m512 vm = _mm512_set1_ps(m_new), keep_scale = _mm512_set1_ps(keep.scale);
-  __m512 sum = zero;
-  int64_t j = 0;
-  for (; j < valid; j += 16) {
-    const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
-    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, vm);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
-    const __m512 p = _mm512_maskz_mov_ps(k, exp2<exp2_degree<P>>(x));
-    sum = _mm512_add_ps(sum, p);
-    const __m512 kept = keep.bits ? _mm512_maskz_mul_ps(keep_lanes(keep, j), p, keep_scale) : p;
-    // The full 16 lanes are written (zeros past valid) while they stay inside the row.
-    store(probs + j, kept, tail_mask(std::min<int64_t>(16, width - j)));
-  }
-  for (; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
   const float alpha = std::exp2(m - m_new);
+  if constexpr (in_place) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int64_t j = 0; j < done; j += 16) {
+      _mm512_storeu_ps(probs + j, _mm512_mul_ps(_mm512_loadu_ps(probs + j), va));  // done < valid: whole vectors
+    }
+    sum = _mm512_mul_ps(sum, va);
+  }
+  const __m512 vm = _mm512_set1_ps(m_new);
+  for (int64_t j = done; j < valid; j += 16) exponentials(j, tail_mask(std::min<int64_t>(16, valid - j)), vm, sum);
+  zeros_from(valid);
   l = l * alpha + _mm512_reduce_add_ps(sum);
   m = m_new;
   return alpha;
