@@ -116,22 +116,29 @@ def test_phase_timing_covers_each_phase_only_while_on(dtype):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
-@pytest.mark.parametrize("scores", ["rising", "wide"])
+@pytest.mark.parametrize("scores", ["rising", "wide", "spike"])
 def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile, portable):
     """The forward's softmax keeps a row's running max until a score passes it by 2^8 (lazy rescaling,
     csrc/cpu/softmax_rows_avx512.cpp); here scores jump past it within and across key tiles: "rising"
-    scores climb by about 10 (base e) over the keys, "wide" ones spread with a standard deviation of 8.
-    Key tiles of 96 keys put the jump after written probabilities, which float32 then rescales."""
+    scores climb by about 10 (base e) over the keys, "wide" ones spread with a standard deviation of 8,
+    and in "spike" key 136 scores about 8 above the others for every row. Key tiles of 96 keys put a
+    jump after written probabilities, which float32 then rescales: the spike always, 40 keys into
+    the second tile."""
     B, H, N, M, D = 2, 2, 9, 200, 16
     q, k, v = (t.detach() for t in random_inputs(B, H, N, M, D, D))
+    direction = q.mean(2, keepdim=True) / q.mean(2, keepdim=True).norm(dim=-1, keepdim=True)
     if scores == "rising":
-        k = k + torch.linspace(0, 10, M)[:, None] * q.mean(2, keepdim=True) / q.mean(2, keepdim=True).norm(dim=-1,
-                                                                                                           keepdim=True)
-        q = q + 4 * q.mean(2, keepdim=True) / q.mean(2, keepdim=True).norm(dim=-1, keepdim=True)
+        k = k + torch.linspace(0, 10, M)[:, None] * direction
+        q = q + 4 * direction
+    elif scores == "spike":
+        q = q + 4 * direction
+        k[:, :, 136:137] += 8 * direction
     else:
         q = q * 8
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     mask = random_key_mask(B, M) if key_mask else None
+    if mask is not None:
+        mask[1:, 136] = True  # the spike stays a key wherever a batch entry has any
     _C.set_portable_rows(portable)
     try:
         run = cpu(key_tile, 8, 3)
