@@ -138,14 +138,21 @@ def same_seed_keep_mask(batch, heads, queries, keys, dropout_p, device="cpu"):
     return seed, keep
 
 
-def check_attention(run, shape, dtype, key_mask, causal, device="cpu", dropout_p=0.0, rtol=FP32_RTOL):
+def check_attention(run, shape, dtype, key_mask, causal, device="cpu", dropout_p=0.0, rtol=FP32_RTOL, inputs=None):
     """run(q, k, v, key_mask=, causal=[, dropout_p=]) -> (out, lse): output, lse and dq/dk/dv against
     float64; with dropout_p, against the reference dropping by the mask the call draws. float32 and
     float64 results are judged by rtol (assert_matches): relative, or where the result is exactly 0
-    (dq and dk of rows with one key) relative to the largest of the four results."""
+    (dq and dk of rows with one key) relative to the largest of the four results. key_mask: True for
+    a random one, or the mask itself; inputs: the q, k, v to use instead of random ones."""
     B, H, N, M, dqk, dv = shape
-    q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
-    mask = random_key_mask(B, M, device=device) if key_mask else None
+    if inputs is None:
+        q, k, v = random_inputs(B, H, N, M, dqk, dv, dtype=dtype, device=device)
+    else:
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs)
+    if isinstance(key_mask, torch.Tensor):
+        mask = key_mask
+    else:
+        mask = random_key_mask(B, M, device=device) if key_mask else None
     dropout = dict(dropout_p=dropout_p) if dropout_p else {}
     seed, keep = same_seed_keep_mask(B, H, N, M, dropout_p, device)
     torch.manual_seed(seed)
