@@ -383,6 +383,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::map<std::string, bool>{
         {"avx512_softmax", perceiver_fast::cpu::avx512_bf16_supported()},
         {"avx512_rows", perceiver_fast::cpu::avx512_rows_supported()},
+        {"avx512_philox", perceiver_fast::cpu::avx512_bmi2_supported()},
         {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
         {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
         {"portable_rows_forced", perceiver_fast::cpu::portable_rows_forced()},

@@ -5,6 +5,8 @@ of one worker, so most cases force small tiles and more workers than threads: ti
 cut by causal masking, split heads and the merge of their partial results are all reached.
 """
 
+import os
+
 import pytest
 import torch
 from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
@@ -213,11 +215,18 @@ def test_binding_rejects_bad_inputs():
 
 def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
-    assert set(features) == {"avx512_softmax", "avx512_rows", "brgemm_bf16_vnni", "portable_gemm_forced",
-                             "portable_rows_forced", "without_avx512_bf16_forced"}
+    assert set(features) == {"avx512_softmax", "avx512_rows", "avx512_philox", "brgemm_bf16_vnni",
+                             "portable_gemm_forced", "portable_rows_forced", "without_avx512_bf16_forced"}
     assert features["avx512_rows"] or not features["avx512_softmax"]  # the rows need a subset of the softmax's ISA
     assert not (features["portable_gemm_forced"] or features["portable_rows_forced"]
                 or features["without_avx512_bf16_forced"])
+    if os.path.exists("/proc/cpuinfo"):
+        # The paths are those the CPU allows, whichever order the library's files were initialised in.
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        assert features["avx512_rows"] == avx512
+        assert features["avx512_softmax"] == (avx512 and "avx512_bf16" in flags)
+        assert features["avx512_philox"] == (avx512 and "bmi2" in flags)
 
 
 def test_long_query_axes_run_in_chunks_of_bounded_workspace():

@@ -11,8 +11,6 @@ namespace {
 
 constexpr uint32_t kRoundA = 0xD2511F53, kRoundB = 0xCD9E8D57, kKeyA = 0x9E3779B9, kKeyB = 0xBB67AE85;
 
-const bool use_avx512 = avx512_bmi2_supported();
-
 void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
     const uint64_t a = uint64_t(kRoundA) * c[0], b = uint64_t(kRoundB) * c[2];
@@ -48,7 +46,7 @@ void dropout_keep_bits(const Dropout& d, int64_t head, int64_t row, int64_t key_
   const int64_t used = (count + 63) / 64;
   words[used] = 0;  // read by the shift below when the generated bits fit in `used` words
   const auto k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32), global_row = uint32_t(d.row_offset + row);
-  if (use_avx512) {
+  if (avx512_bmi2_supported()) {
     avx512::philox_keep_words(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
   } else {
     keep_words_portable(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
