@@ -148,26 +148,29 @@ class FallbackLog(logging.Handler):
 class LargestNewTensor(TorchDispatchMode):
     """Records the largest storage (bytes) behind any tensor an operation produces while active.
 
-    Views count by the storage they share, so a stride-0 expansion costs what it really costs.
+    Views count by the storage they share, so a stride-0 expansion costs what it really costs;
+    views of the tensors in `besides` (inputs the caller already holds) do not count.
     """
 
-    def __init__(self):
+    def __init__(self, besides=()):
         super().__init__()
         self.largest = 0
         self.op = None
+        self.held = {t.untyped_storage().data_ptr() for t in besides}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for t in tree_flatten(result)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.held:
                 size = t.untyped_storage().nbytes()
                 if size > self.largest:
                     self.largest, self.op = size, str(func)
         return result
 
 
-def largest_tensor_in(fn: Callable, *args, **kwargs) -> tuple[int, str]:
-    """(bytes, op) of the largest storage produced while running fn(*args, **kwargs)."""
-    with LargestNewTensor() as probe:
+def largest_tensor_in(fn: Callable, *args, besides=(), **kwargs) -> tuple[int, str]:
+    """(bytes, op) of the largest storage produced while running fn(*args, **kwargs), views of the
+    tensors in `besides` not counted."""
+    with LargestNewTensor(besides) as probe:
         fn(*args, **kwargs)
     return probe.largest, probe.op

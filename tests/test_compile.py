@@ -86,14 +86,16 @@ def test_opcheck_input_attention_cpu_kernel(method, key_mask, causal):
 
 
 @interpreted
-def test_opcheck_input_attention_triton_kernel():
-    opcheck_input_attention("shortcut", True, True, kernel="triton")
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
+def test_opcheck_input_attention_triton_kernel(method):
+    opcheck_input_attention(method, True, True, kernel="triton")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
-def test_opcheck_input_attention_triton_gpu(key_mask, causal):
-    opcheck_input_attention("shortcut", key_mask, causal, device="cuda", kernel="triton")
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
+def test_opcheck_input_attention_triton_gpu(method, key_mask, causal):
+    opcheck_input_attention(method, key_mask, causal, device="cuda", kernel="triton")
 
 
 def test_registered_ops_refuse_unknown_kernels():
@@ -104,10 +106,6 @@ def test_registered_ops_refuse_unknown_kernels():
     forward_only.register("forward-only", lambda *args: None)
     with pytest.raises(ValueError, match="kernel 'forward-only' has no backward of the attention"):
         forward_only.backward("forward-only")
-    x = torch.randn(1, 3, 4)
-    with pytest.raises(ValueError, match="'triton' kernels fuse the shortcut method only"):
-        input_attention(q, x, True, 1e-5, torch.randn(4, 4), torch.randn(4), torch.randn(4, 4), torch.randn(4), None,
-                        False, 0.5, 0.0, None, "triton", [])
 
 
 def assert_compiled_matches_eager(fn, inputs, tolerance=FP32_RTOL):

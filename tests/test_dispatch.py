@@ -123,10 +123,12 @@ def test_input_attention_the_cpu_kernel_cannot_run_goes_composed_or_raises(inter
     assert any("dtype float16 not supported" in r for r in verdicts["cpu"])
 
 
-def test_a_named_backend_that_fuses_another_method_runs_composed(interpreting):
+def test_a_named_backend_that_fuses_another_method_runs_composed(interpreting, monkeypatch):
     interpreting(True)
     _, _, problem = input_problem(method="projection")
     triton = select_backend(problem, "triton")
+    assert triton.unfused_reason(problem) is None  # Triton fuses both methods
+    monkeypatch.setattr(type(triton), "fused_input_methods", frozenset({"shortcut"}))
     assert triton.unfused_reason(problem) == "fuses only the shortcut method, not projection"
     shortcut = input_problem(method="shortcut")[2]
     assert select_backend(shortcut, "triton").unfused_reason(shortcut) is None

@@ -53,5 +53,7 @@ def test_the_gpu_benchmark_set_holds_the_gpu_targets():
     assert ops == [(1, 8, 512, 262144, 64, "cross"), (1, 1, 512, 1048576, 128, "cross"),
                    (8, 1, 512, 50176, 261, "cross"), (1, 1, 2048, 182528, 322, "cross"),
                    (1, 16, 1024, 131072, 64, "causal"), (64, 8, 512, 512, 128, "latent")]
-    levels = {c.level: c for c in gpu.cases("cuda")}
-    assert levels["layer"].B == 8 and levels["model"].name == "hf-vision-fourier"
+    layers = [(c.name, c.B) for c in gpu.cases("cuda") if c.level == "layer"]
+    # One layer per input method: vision-fourier takes the shortcut, language the projection.
+    assert layers == [("hf-vision-fourier-cross", 8), ("hf-language-cross", 32)]
+    assert [c.name for c in gpu.cases("cuda") if c.level == "model"] == ["hf-vision-fourier"]

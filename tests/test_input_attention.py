@@ -17,7 +17,7 @@ from perceiver_fast.ops.input_attention import input_attention
 from perceiver_fast.reference import input_attention_reference
 from perceiver_fast.validation import validate_input_attention
 
-from checks import FP32_RTOL, assert_matches, random_key_mask, rel_error
+from checks import FP32_RTOL, assert_lse_matches, assert_matches, random_key_mask, rel_error
 from model_checks import largest_tensor_in
 
 pytestmark = pytest.mark.skipif(LOAD_ERROR is not None, reason=str(LOAD_ERROR))
@@ -87,11 +87,11 @@ def test_fused_matches_float64_unfused(method, shape, masking):
     assert_grads_match(grads, expected_grads)
 
 
-def check_triton_shortcut(device, dtype, shape, masking, norm="affine"):
+def check_triton(device, dtype, shape, masking, method, norm="affine"):
     B, H, N, M, C, dqk, dv = shape
     t, eps = random_layer(*shape, dtype=dtype, device=device, norm=norm)
-    problem = validate_input_attention(**t, norm_eps=eps, method="shortcut")
-    assert select_backend(problem, "triton").unfused_reason(problem) is None, "Triton fuses the shortcut"
+    problem = validate_input_attention(**t, norm_eps=eps, method=method)
+    assert select_backend(problem, "triton").unfused_reason(problem) is None, f"Triton fuses the {method}"
     key_mask = random_key_mask(B, M, device=device) if masking in ("key_mask", "both") else None
     causal = masking in ("causal", "both")
     dout = torch.randn(B, H, N, dv, device=device, dtype=dtype)
@@ -99,50 +99,114 @@ def check_triton_shortcut(device, dtype, shape, masking, norm="affine"):
     same_dtype = same_dtype_grads = None
     if dtype != torch.float32:
         same_dtype, same_dtype_grads = reference_and_grads(t, eps, dout, key_mask=key_mask, causal=causal, dtype=dtype)
-    out, grads = fused_and_grads(t, eps, dout, key_mask=key_mask, causal=causal, method="shortcut", backend="triton")
+    out, grads = fused_and_grads(t, eps, dout, key_mask=key_mask, causal=causal, method=method, backend="triton")
     assert out.dtype == dtype
     assert_matches("out", out.cpu(), expected, same_dtype)
     assert_grads_match(grads, expected_grads, same_dtype_grads)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "-".join(map(str, s)))
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+@interpreted
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:5], ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("masking", ["none", "both"])
-def test_triton_shortcut_matches_float64_unfused(shape, masking):
-    check_triton_shortcut("cpu", torch.float32, shape, masking)
+def test_triton_matches_float64_unfused(method, shape, masking):
+    check_triton("cpu", torch.float32, shape, masking, method)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@interpreted
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
 @pytest.mark.parametrize("norm", ["plain", "none"])
-def test_triton_shortcut_without_affine_or_layer_norm(norm):
-    """LayerNorm without its affine part, and no LayerNorm (x used as it is: dx is the summed dK + dV)."""
-    check_triton_shortcut("cpu", torch.float32, (2, 3, 5, 37, 20, 8, 12), "both", norm=norm)
+def test_triton_without_affine_or_layer_norm(method, norm):
+    """LayerNorm without its affine part, and no LayerNorm (x used as it is: dx comes straight from the kernel)."""
+    check_triton("cpu", torch.float32, (2, 3, 5, 37, 20, 8, 12), "both", method, norm=norm)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-def test_triton_shortcut_backward_makes_nothing_per_head():
-    """The Triton backward adds every head's dK + dV into one buffer inside the kernel: nothing larger than
-    x (float32) is made, where per-head dK and dV would each be H times x."""
-    from perceiver_fast.kernels import input_attention_backward, input_attention_forward
+@interpreted
+def test_triton_projection_bfloat16():
+    check_triton("cpu", torch.bfloat16, (2, 2, 9, 70, 24, 16, 8), "both", "projection")
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("heads,dqk,dv,channels", [(2, 6, 7, 10), (1, 70, 20, 40)], ids=["small", "two-head-chunks"])
+def test_triton_projection_key_splits_and_chunks(splits, heads, dqk, dv, channels):
+    """Key ranges split over programs (merged after), forward chunks of keys carried over the running
+    state, tiles cut at the input's end, a batch item without keys and one whose first keys are masked;
+    head dims over one tile (two passes over the value chunks, two head-dim blocks in the backward)."""
+    from perceiver_fast.kernels import tiles
+
+    B, N, M = 2, 11, 700
+    x = (torch.randn(B, M, channels, dtype=torch.float64) + 1).requires_grad_()
+    key_mask = random_key_mask(B, M, empty_batch=True)
+    key_mask[1, :20] = False
+    q = torch.randn(B, heads, N, dqk, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+               for shape in ((heads * dqk, channels), (heads * dqk,), (heads * dv, channels), (heads * dv,))]
+    normed = F.layer_norm(x, (channels,), eps=1e-5)
+    k = F.linear(normed, *weights[:2]).view(B, M, heads, dqk).transpose(1, 2)
+    v = F.linear(normed, *weights[2:]).view(B, M, heads, dv).transpose(1, 2)
+    expected, expected_lse = pf.attention_reference(q, k, v, key_mask=key_mask, causal=True, scale=0.3)
+    assert tiles.projection_config(dqk, dv, channels, True).chunk_keys < M  # several chunks per split
+    leaves32 = [t.detach().float().requires_grad_() for t in (q, x, *weights)]
+    out, lse = input_attention(*leaves32[:2], True, 1e-5, *leaves32[2:], key_mask, True, 0.3, 0.0, None, "triton",
+                               [splits])
+    assert rel_error(out, expected) <= FP32_RTOL
+    assert_lse_matches(lse, expected_lse)
+    dout = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [q, x, *weights], dout)
+    grads = torch.autograd.grad(out, leaves32, dout.float())
+    total = torch.sqrt(sum(g.norm() ** 2 for g in expected_grads))
+    for name, got, want in zip(LEAVES, grads, expected_grads):
+        assert (got.double() - want).norm() <= FP32_RTOL * total, f"d{name}"
+
+
+@interpreted
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
+def test_triton_workspace_does_not_grow_with_the_input(method):
+    """The Triton kernels make K and V tile by tile (projection) or read x through a stride-0 view
+    (shortcut), and the backward adds every head's share into one buffer inside the kernel. So of
+    what the forward makes, only the two row-statistics vectors (4 bytes per input row each) grow
+    with the input, and the backward's largest tensor is the float32 gradient of the normalised x
+    (the size of dx), where the composed method makes K and V of every head (here 2 times x each)
+    and the backward their gradients."""
+    from perceiver_fast.kernels import (input_attention_backward, input_attention_forward,
+                                        projected_attention_backward, projected_attention_forward)
 
     # The launchers themselves: a dispatch probe sees a registered op's outputs, not what it makes inside.
-    B, H, N, M, C = 1, 4, 8, 2048, 16
-    q, x = torch.randn(B, H, N, C), torch.randn(B, M, C) + 0.5
-    x_bytes = x.untyped_storage().nbytes()
-    out, lse = input_attention_forward(q, x, True, 1e-5, None, True, 0.25)
-    largest, op = largest_tensor_in(input_attention_backward, torch.randn_like(out), q, x, True, 1e-5, out, lse,
+    B, H, N, C, D = 1, 4, 8, 128, 64
+    forward_largest = []
+    for M in (1024, 4096):
+        x = torch.randn(B, M, C) + 0.5
+        if method == "shortcut":
+            q = torch.randn(B, H, N, C)
+            forward, backward, weights = input_attention_forward, input_attention_backward, ()
+        else:
+            q = torch.randn(B, H, N, D)
+            forward, backward = projected_attention_forward, projected_attention_backward
+            weights = (torch.randn(H * D, C) / 4, torch.randn(H * D), torch.randn(H * D, C) / 4, torch.randn(H * D))
+        forward_largest.append(largest_tensor_in(forward, q, x, True, 1e-5, *weights, None, True, 0.25,
+                                                 besides=(x,))[0])
+    assert forward_largest[1] <= max(forward_largest[0], 4 * 4096)
+    assert forward_largest[1] < x.untyped_storage().nbytes() / 2
+    out, lse = forward(q, x, True, 1e-5, *weights, None, True, 0.25)
+    largest, op = largest_tensor_in(backward, torch.randn_like(out), q, x, True, 1e-5, *weights, out, lse,
                                     None, True, 0.25)
-    assert largest <= x_bytes, f"backward made a {largest}-byte tensor in {op}, x is {x_bytes}"
-    assert largest == x_bytes  # the probe sees the launcher's allocations: dx and the float32 gradient buffer
+    assert largest == x.untyped_storage().nbytes(), f"backward made a {largest}-byte tensor in {op}"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["shortcut", "projection"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", SHAPES + [(2, 1, 64, 3000, 261, 261, 261), (1, 8, 128, 5000, 64, 64, 64)],
+@pytest.mark.parametrize("shape", SHAPES + [(2, 1, 64, 3000, 261, 261, 261), (1, 8, 128, 5000, 64, 64, 64),
+                                            (1, 8, 256, 4096, 768, 32, 160)],
                          ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("masking", ["none", "key_mask", "causal"])
-def test_triton_shortcut_gpu(dtype, shape, masking):
-    check_triton_shortcut("cuda", dtype, shape, masking)
+def test_triton_gpu(method, dtype, shape, masking):
+    check_triton("cuda", dtype, shape, masking, method)
 
 
 @pytest.mark.parametrize("method", ["shortcut", "projection"])

@@ -1,5 +1,5 @@
 """The Triton backend: fused kernels (perceiver_fast/kernels/) on CUDA, or on the CPU under the Triton
-interpreter; it fuses the shortcut input-attention method. Its launchers are registered here as
+interpreter; it fuses both input-attention methods. Its launchers are registered here as
 the "triton" kernels of the ops."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class TritonBackend(Backend):
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
         dropout=True,
     )
-    fused_input_methods = frozenset({"shortcut"})
+    fused_input_methods = frozenset({"shortcut", "projection"})
     unavailable = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
     interpreting = INTERPRETING
 
@@ -59,25 +59,29 @@ def _backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropo
                               dropout_seed=dropout_seed)
 
 
-def _shortcut_only(k_weight) -> None:
-    if k_weight is not None:
-        raise ValueError("the 'triton' kernels fuse the shortcut method only, not the projection (k_weight given)")
-
-
 def _input_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal, scale, dropout_p,
                    dropout_seed, tiling):
+    if k_weight is not None:
+        from ..kernels import projected_attention_forward
+
+        return projected_attention_forward(q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, key_mask, causal,
+                                           scale, dropout_p, dropout_seed, attention.forced_splits(tiling))
     from ..kernels import input_attention_forward
 
-    _shortcut_only(k_weight)
     return input_attention_forward(q, x, normalize, eps, key_mask, causal, scale, dropout_p=dropout_p,
                                    dropout_seed=dropout_seed)
 
 
 def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, causal, scale,
                     dropout_p, dropout_seed, tiling):
+    if k_weight is not None:
+        from ..kernels import projected_attention_backward
+
+        return projected_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias, out, lse,
+                                            key_mask, causal, scale, dropout_p, dropout_seed,
+                                            attention.forced_splits(tiling))
     from ..kernels import input_attention_backward
 
-    _shortcut_only(k_weight)
     dq, dx = input_attention_backward(dout, q, x, normalize, eps, out, lse, key_mask, causal, scale,
                                       dropout_p=dropout_p, dropout_seed=dropout_seed)
     # Four distinct empty weight gradients: the outputs of a registered op may not alias each other.

@@ -99,8 +99,9 @@ def overhead_cases(device: str) -> list[Case]:
 
 def gpu_cases(device: str) -> list[Case]:
     """The GPU targets: six op-level cases (long inputs, head dims SDPA's flash path cannot take, Perceiver
-    AR's causal shape, a latent self-attention), HF vision-fourier's cross-attention layer at batch 8, and
-    the whole HF vision-fourier model (forward, and forward+backward: a training step's work)."""
+    AR's causal shape, a latent self-attention), HF vision-fourier's cross-attention layer at batch 8 (the
+    shortcut input method), HF language's at batch 32 (C = 768 over heads of 32 and 160: the projection
+    method), and the whole HF vision-fourier model (forward, and forward+backward: a training step's work)."""
     op = partial(Case, level="op", kind="cross", B=1, H=1, N=512)
     return [op(name="gpu-1-h8-m262k-d64", H=8, M=262144, dqk=64, dv=64),
             op(name="gpu-2-m1m-d128", M=1048576, dqk=128, dv=128),
@@ -109,6 +110,7 @@ def gpu_cases(device: str) -> list[Case]:
             op(name="gpu-5-ar-h16-n1024-m131k-d64", kind="causal", H=16, N=1024, M=131072, dqk=64, dv=64),
             op(name="gpu-6-latent-b64-h8-n512-d128", kind="latent", B=64, H=8, M=512, dqk=128, dv=128),
             case_from_shape("hf-vision-fourier-cross", "layer", batch=8),
+            case_from_shape("hf-language-cross", "layer", batch=32),
             model_case("hf-vision-fourier", 224 * 224)]
 
 
@@ -125,7 +127,7 @@ SETS = {s.name: s for s in (
                         "the registered op and the C++ kernels it runs", overhead_cases,
             providers=("perceiver_fast[cpu]", "registered op[cpu]", "C++ kernel[cpu]"), devices=("cpu",)),
     CaseSet("gpu", "the GPU targets in bfloat16: six op-level cases against SDPA, FlexAttention and flash-attn, "
-                   "the vision-fourier layer at batch 8 and the whole model", gpu_cases,
+                   "the vision-fourier and language layers and the whole vision-fourier model", gpu_cases,
             providers=("perceiver_fast[triton]", "perceiver_fast[cuda]", "sdpa", "flex_attention", "flash_attn",
                        "HF", "HF on SDPA", "HF + pf.patch"), devices=("cuda",), dtypes=("bfloat16",)),
     CaseSet("sharded", "the million-input cross-attention layer (pf.nn.CrossAttention) on one process and with its "

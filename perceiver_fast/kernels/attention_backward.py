@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from . import tiles
-from .attention_forward import LOG2E, cast, decode_program_id, dot, dot_options, normalize_tile
+from .attention_forward import (LOG2E, allowed_keys, cast, decode_program_id, dot, dot_options, key_row_stats,
+                                normalize_tile)
 from .devices import device_guard
 from .dropout import dropout_arguments, keep_tile, load_seed
 
@@ -49,6 +50,105 @@ def _row_dot_kernel(
     tl.store(Delta + bh.to(tl.int64) * N + offs_n, delta, mask=row_in)
 
 
+@triton.jit
+def key_block_gradients(q_base, stride_qn, stride_qd, K, stride_km, stride_kd, V, stride_vm, stride_vd, first_row,
+                        do_base, stride_don, stride_dod, dq_base, stride_dqn, stride_dqd, Lse, Delta, DropoutSeed,
+                        mean, rstd, first_key, key_allowed, d_block, bh, N, M, DQK, DV,
+                        scale, qk_scale_log2, dropout_threshold, dropout_scale,
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, DROPOUT: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """Loops over every query that can see keys first_key .. first_key + BLOCK_M - 1: adds its share of dq (times scale)
+    into dq_base with atomics and returns (dk / scale, dv) of the block's keys for head-dim chunk
+    d_block, in fp32.
+
+    Key j's row of K and V is row j - first_row of the K and V given (0 for whole tensors). Lse and
+    Delta point at this batch x head's rows; key_allowed (BLOCK_M,) says which keys may be attended;
+    mean and rstd (BLOCK_M, 1) normalise K and V when NORMALIZE.
+    """
+    offs_m = first_key + tl.arange(0, BLOCK_M)
+    key_in = offs_m < M
+    arange_n = tl.arange(0, BLOCK_N)
+    arange_dqk = tl.arange(0, BLOCK_DQK)
+    arange_dv = tl.arange(0, BLOCK_DV)
+    own_dqk = d_block * BLOCK_DQK + arange_dqk
+    own_dv = d_block * BLOCK_DV + arange_dv
+    rows = (offs_m - first_row).to(tl.int64)
+    k_rows = K + rows[:, None] * stride_km
+    v_rows = V + rows[:, None] * stride_vm
+
+    k_own = tl.load(k_rows + own_dqk[None, :] * stride_kd,
+                    mask=key_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
+    if NORMALIZE:
+        k_own = normalize_tile(k_own, mean, rstd, INTERPRETED_BF16)
+    dk = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if DROPOUT:
+        seed, seed_offset = load_seed(DropoutSeed)
+
+    n_start = 0
+    if CAUSAL:
+        # Query i sees key j iff j <= i + M - N: earlier query blocks see none of these keys.
+        n_start = (tl.maximum(first_key - (M - N), 0) // BLOCK_N) * BLOCK_N
+    for n0 in range(n_start, N, BLOCK_N):
+        offs_n = n0 + arange_n
+        row_in = offs_n < N
+
+        # Scores transposed (keys x queries), so dk/dv rows stay in this program's layout.
+        scores_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, DQK, BLOCK_DQK):
+            offs_d = d0 + arange_dqk
+            k = tl.load(k_rows + offs_d[None, :] * stride_kd,
+                        mask=key_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
+            if NORMALIZE:
+                k = normalize_tile(k, mean, rstd, INTERPRETED_BF16)
+            qt = tl.load(q_base + offs_n[None, :].to(tl.int64) * stride_qn + offs_d[:, None] * stride_qd,
+                         mask=row_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
+            scores_t += dot(k, qt, INPUT_PRECISION, INTERPRETED_BF16)
+
+        lse = tl.load(Lse + offs_n, mask=row_in, other=float("inf"))
+        # Queries with no key have lse = -inf; +inf makes their probabilities exp2(-inf) = 0.
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        allowed = key_allowed[:, None] & row_in[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[:, None] <= offs_n[None, :] + (M - N))
+        p_t = tl.where(allowed, tl.exp2(scores_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
+
+        # dP^T = V dO^T over every chunk of the value head dimension.
+        dp_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, DV, BLOCK_DV):
+            offs_d = d0 + arange_dv
+            vv = tl.load(v_rows + offs_d[None, :] * stride_vd,
+                         mask=key_in[:, None] & (offs_d[None, :] < DV), other=0.0)
+            if NORMALIZE:
+                vv = normalize_tile(vv, mean, rstd, INTERPRETED_BF16)
+            do_t = tl.load(do_base + offs_n[None, :].to(tl.int64) * stride_don + offs_d[:, None] * stride_dod,
+                           mask=row_in[None, :] & (offs_d[:, None] < DV), other=0.0)
+            dp_t += dot(vv, do_t, INPUT_PRECISION, INTERPRETED_BF16)
+
+        do_own = tl.load(do_base + offs_n[:, None].to(tl.int64) * stride_don + own_dv[None, :] * stride_dod,
+                         mask=row_in[:, None] & (own_dv[None, :] < DV), other=0.0)
+        if DROPOUT:
+            # Z = keep / (1 - p), regenerated from the seed (drawn queries x keys, used transposed):
+            # dV += (P Z)^T dO and dP = Z (dO V^T); dS below keeps the undropped P.
+            z_t = tl.trans(tl.where(keep_tile(seed, seed_offset, bh, offs_n, first_key, BLOCK_M,
+                                              dropout_threshold), dropout_scale, 0.0))
+            dp_t = dp_t * z_t
+            dv += dot(cast(p_t * z_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
+        else:
+            dv += dot(cast(p_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
+
+        delta = tl.load(Delta + offs_n, mask=row_in, other=0.0)
+        ds_t = cast(p_t * (dp_t - delta[None, :]), k_own.dtype, INTERPRETED_BF16)
+        q_own = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + own_dqk[None, :] * stride_qd,
+                        mask=row_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
+        dk += dot(ds_t, q_own, INPUT_PRECISION, INTERPRETED_BF16)
+        dq_part = dot(tl.trans(ds_t), k_own, INPUT_PRECISION, INTERPRETED_BF16) * scale
+        tl.atomic_add(dq_base + offs_n[:, None].to(tl.int64) * stride_dqn + own_dqk[None, :] * stride_dqd,
+                      dq_part, mask=row_in[:, None] & (own_dqk[None, :] < DQK), sem="relaxed")
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["dropout_threshold"])
 def _attention_backward_kernel(
     Q, K, V, KeyMask, DOut, Lse, Delta, DQ, DK, DV_, Mean, Rstd, DropoutSeed,
@@ -74,102 +174,24 @@ def _attention_backward_kernel(
     bh, m_block, d_block = decode_program_id(tl.cdiv(M, BLOCK_M), num_d_blocks)
     b = bh // H
     h = bh % H
-
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     key_in = offs_m < M
-    arange_n = tl.arange(0, BLOCK_N)
-    arange_dqk = tl.arange(0, BLOCK_DQK)
-    arange_dv = tl.arange(0, BLOCK_DV)
-    own_dqk = d_block * BLOCK_DQK + arange_dqk
-    own_dv = d_block * BLOCK_DV + arange_dv
+    own_dqk = d_block * BLOCK_DQK + tl.arange(0, BLOCK_DQK)
+    own_dv = d_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    k_rows = k_base + offs_m[:, None].to(tl.int64) * stride_km
-    v_rows = v_base + offs_m[:, None].to(tl.int64) * stride_vm
+    key_allowed = allowed_keys(KeyMask + b.to(tl.int64) * stride_maskb, stride_maskm, offs_m, key_in, HAS_KEY_MASK)
+    mean, rstd = key_row_stats(Mean + b.to(tl.int64) * M, Rstd + b.to(tl.int64) * M, offs_m, key_in, NORMALIZE)
 
-    key_allowed = key_in
-    if HAS_KEY_MASK:
-        keep = tl.load(KeyMask + b.to(tl.int64) * stride_maskb + offs_m.to(tl.int64) * stride_maskm,
-                       mask=key_in, other=0)
-        key_allowed = key_allowed & (keep != 0)
-
-    k_own = tl.load(k_rows + own_dqk[None, :] * stride_kd,
-                    mask=key_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
-    if NORMALIZE:
-        mean = tl.load(Mean + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)[:, None]
-        rstd = tl.load(Rstd + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)[:, None]
-        k_own = normalize_tile(k_own, mean, rstd, INTERPRETED_BF16)
-    dk = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
-    dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if DROPOUT:
-        seed, seed_offset = load_seed(DropoutSeed)
-
-    n_start = 0
-    if CAUSAL:
-        # Query i sees key j iff j <= i + M - N: earlier query blocks see none of these keys.
-        n_start = (tl.maximum(m_block * BLOCK_M - (M - N), 0) // BLOCK_N) * BLOCK_N
-    for n0 in range(n_start, N, BLOCK_N):
-        offs_n = n0 + arange_n
-        row_in = offs_n < N
-        q_rows = q_base + offs_n[:, None].to(tl.int64) * stride_qn
-        do_rows = do_base + offs_n[:, None].to(tl.int64) * stride_don
-
-        # Scores transposed (keys x queries), so dk/dv rows stay in this program's layout.
-        scores_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, DQK, BLOCK_DQK):
-            offs_d = d0 + arange_dqk
-            k = tl.load(k_rows + offs_d[None, :] * stride_kd,
-                        mask=key_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
-            if NORMALIZE:
-                k = normalize_tile(k, mean, rstd, INTERPRETED_BF16)
-            qt = tl.load(q_base + offs_n[None, :].to(tl.int64) * stride_qn + offs_d[:, None] * stride_qd,
-                         mask=row_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
-            scores_t += dot(k, qt, INPUT_PRECISION, INTERPRETED_BF16)
-
-        lse = tl.load(Lse + bh.to(tl.int64) * N + offs_n, mask=row_in, other=float("inf"))
-        # Queries with no key have lse = -inf; +inf makes their probabilities exp2(-inf) = 0.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        allowed = key_allowed[:, None] & row_in[None, :]
-        if CAUSAL:
-            allowed = allowed & (offs_m[:, None] <= offs_n[None, :] + (M - N))
-        p_t = tl.where(allowed, tl.exp2(scores_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
-
-        # dP^T = V dO^T over every chunk of the value head dimension.
-        dp_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, DV, BLOCK_DV):
-            offs_d = d0 + arange_dv
-            vv = tl.load(v_rows + offs_d[None, :] * stride_vd,
-                         mask=key_in[:, None] & (offs_d[None, :] < DV), other=0.0)
-            if NORMALIZE:
-                vv = normalize_tile(vv, mean, rstd, INTERPRETED_BF16)
-            do_t = tl.load(do_base + offs_n[None, :].to(tl.int64) * stride_don + offs_d[:, None] * stride_dod,
-                           mask=row_in[None, :] & (offs_d[:, None] < DV), other=0.0)
-            dp_t += dot(vv, do_t, INPUT_PRECISION, INTERPRETED_BF16)
-
-        do_own = tl.load(do_rows + own_dv[None, :] * stride_dod,
-                         mask=row_in[:, None] & (own_dv[None, :] < DV), other=0.0)
-        if DROPOUT:
-            # Z = keep / (1 - p), regenerated from the seed (drawn queries x keys, used transposed):
-            # dV += (P Z)^T dO and dP = Z (dO V^T); dS below keeps the undropped P.
-            z_t = tl.trans(tl.where(keep_tile(seed, seed_offset, bh, offs_n, m_block * BLOCK_M, BLOCK_M,
-                                              dropout_threshold), dropout_scale, 0.0))
-            dp_t = dp_t * z_t
-            dv += dot(cast(p_t * z_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
-        else:
-            dv += dot(cast(p_t, do_own.dtype, INTERPRETED_BF16), do_own, INPUT_PRECISION, INTERPRETED_BF16)
-
-        delta = tl.load(Delta + bh.to(tl.int64) * N + offs_n, mask=row_in, other=0.0)
-        ds_t = cast(p_t * (dp_t - delta[None, :]), k_own.dtype, INTERPRETED_BF16)
-        q_own = tl.load(q_rows + own_dqk[None, :] * stride_qd,
-                        mask=row_in[:, None] & (own_dqk[None, :] < DQK), other=0.0)
-        dk += dot(ds_t, q_own, INPUT_PRECISION, INTERPRETED_BF16)
-        dq_part = dot(tl.trans(ds_t), k_own, INPUT_PRECISION, INTERPRETED_BF16) * scale
-        tl.atomic_add(dq_base + offs_n[:, None].to(tl.int64) * stride_dqn + own_dqk[None, :] * stride_dqd,
-                      dq_part, mask=row_in[:, None] & (own_dqk[None, :] < DQK), sem="relaxed")
+    dk, dv = key_block_gradients(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, stride_qd,
+        K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_km, stride_kd,
+        V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vm, stride_vd, 0,
+        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, stride_don, stride_dod,
+        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, stride_dqn, stride_dqd,
+        Lse + bh.to(tl.int64) * N, Delta + bh.to(tl.int64) * N, DropoutSeed,
+        mean, rstd, m_block * BLOCK_M, key_allowed, d_block, bh, N, M, DQK, DV,
+        scale, qk_scale_log2, dropout_threshold, dropout_scale,
+        BLOCK_N, BLOCK_M, BLOCK_DQK, BLOCK_DV, CAUSAL, NORMALIZE, DROPOUT, INPUT_PRECISION, INTERPRETED_BF16)
 
     dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
                + offs_m[:, None].to(tl.int64) * stride_dkm + own_dqk[None, :] * stride_dkd)

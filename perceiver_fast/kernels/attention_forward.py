@@ -75,6 +75,105 @@ def normalize_tile(t, mean, rstd, INTERPRETED_BF16: tl.constexpr):
     return cast((t.to(tl.float32) - mean) * rstd, t.dtype, INTERPRETED_BF16)
 
 
+@triton.jit
+def key_row_stats(Mean, Rstd, offs_m, key_in, NORMALIZE: tl.constexpr):
+    """(mean, rstd) (BLOCK_M, 1) of keys offs_m from the batch item's row statistics; zeros (unused)
+    without NORMALIZE."""
+    if NORMALIZE:
+        mean = tl.load(Mean + offs_m, mask=key_in, other=0.0)[:, None]
+        rstd = tl.load(Rstd + offs_m, mask=key_in, other=0.0)[:, None]
+    else:
+        mean = tl.zeros([offs_m.shape[0], 1], tl.float32)
+        rstd = mean
+    return mean, rstd
+
+
+@triton.jit
+def allowed_keys(mask_base, stride_maskm, offs_m, key_in, HAS_KEY_MASK: tl.constexpr):
+    """Which keys offs_m may be attended: inside the input and, with a key mask, kept by it."""
+    allowed = key_in
+    if HAS_KEY_MASK:
+        keep = tl.load(mask_base + offs_m.to(tl.int64) * stride_maskm, mask=key_in, other=0)
+        allowed = allowed & (keep != 0)
+    return allowed
+
+
+@triton.jit
+def attend_keys(acc, m_i, l_i, q_base, stride_qn, stride_qd, K, stride_km, stride_kd, V, stride_vm, stride_vd,
+                first_row, mask_base, stride_maskm, row_mean, row_rstd, DropoutSeed,
+                offs_n, row_in, offs_dv, bh, lo, hi, N, M, DQK, DV, qk_scale_log2, dropout_threshold,
+                BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, DROPOUT: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """The online softmax of one block of query rows carried over keys lo .. hi - 1: returns (acc, m_i, l_i)
+    updated from the state given (base-2 running max and sum, unnormalised P V of one value chunk).
+
+    Key j's row of K and V is row j - first_row of the K and V given (0 for whole tensors; a key
+    range's first key for a workspace that holds only that range). Masks, causal limits and
+    dropout counters use the key index j itself. With NORMALIZE, row_mean and row_rstd point at the
+    batch item's row statistics, indexed by key.
+    """
+    arange_m = tl.arange(0, BLOCK_M)
+    arange_d = tl.arange(0, BLOCK_DQK)
+    if DROPOUT:
+        seed, seed_offset = load_seed(DropoutSeed)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + arange_m
+        key_in = offs_m < M
+        rows = (offs_m - first_row).to(tl.int64)
+        if NORMALIZE:
+            mean = tl.load(row_mean + offs_m, mask=key_in, other=0.0)
+            rstd = tl.load(row_rstd + offs_m, mask=key_in, other=0.0)
+        scores = tl.zeros([offs_n.shape[0], BLOCK_M], tl.float32)
+        for d0 in range(0, DQK, BLOCK_DQK):
+            offs_d = d0 + arange_d
+            q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=row_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
+            kt = tl.load(K + rows[None, :] * stride_km + offs_d[:, None] * stride_kd,
+                         mask=key_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
+            if NORMALIZE:
+                kt = normalize_tile(kt, mean[None, :], rstd[None, :], INTERPRETED_BF16)
+            scores += dot(q, kt, INPUT_PRECISION, INTERPRETED_BF16)
+        scores = scores * qk_scale_log2
+
+        allowed = allowed_keys(mask_base, stride_maskm, offs_m, key_in, HAS_KEY_MASK)[None, :]
+        if CAUSAL:
+            allowed = allowed & (offs_m[None, :] <= offs_n[:, None] + (M - N))
+        scores = tl.where(allowed, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(scores - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # The statistics above are the undropped scores'; only P V sees the dropped probabilities
+            # (their 1 / (1 - p) is applied once, to the output).
+            p = tl.where(keep_tile(seed, seed_offset, bh, offs_n, start, BLOCK_M, dropout_threshold), p, 0.0)
+
+        v = tl.load(V + rows[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+                    mask=key_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if NORMALIZE:
+            v = normalize_tile(v, mean[:, None], rstd[:, None], INTERPRETED_BF16)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERPRETED_BF16), v, INPUT_PRECISION, INTERPRETED_BF16)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i, dropout_scale, DROPOUT: tl.constexpr):
+    """(out, lse) of rows from their online-softmax state; a row that saw no key gets 0 and -inf."""
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
+    # m_i and l_i live in base 2; ln(2) brings the lse back to natural log.
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["dropout_threshold"])
 def _attention_forward_kernel(
     Q, K, V, KeyMask, Out, Lse, Mean, Rstd, DropoutSeed,
@@ -102,14 +201,7 @@ def _attention_forward_kernel(
 
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = dv_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    arange_m = tl.arange(0, BLOCK_M)
-    arange_d = tl.arange(0, BLOCK_DQK)
     row_in = offs_n < N
-
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    mask_base = KeyMask + b.to(tl.int64) * stride_maskb
 
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, M)
@@ -117,67 +209,22 @@ def _attention_forward_kernel(
         # Key tiles past the last key the block's last query may see are skipped.
         hi = tl.minimum(hi, (n_block + 1) * BLOCK_N + M - N)
 
-    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    if DROPOUT:
-        seed, seed_offset = load_seed(DropoutSeed)
+    acc, m_i, l_i = attend_keys(
+        tl.zeros([BLOCK_N, BLOCK_DV], tl.float32), tl.full([BLOCK_N], float("-inf"), tl.float32),
+        tl.zeros([BLOCK_N], tl.float32),
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qn, stride_qd,
+        K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_km, stride_kd,
+        V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vm, stride_vd,
+        0, KeyMask + b.to(tl.int64) * stride_maskb, stride_maskm,
+        Mean + b.to(tl.int64) * M, Rstd + b.to(tl.int64) * M, DropoutSeed,
+        offs_n, row_in, offs_dv, bh, lo, hi, N, M, DQK, DV, qk_scale_log2, dropout_threshold,
+        BLOCK_M, BLOCK_DQK, HAS_KEY_MASK, CAUSAL, NORMALIZE, DROPOUT, INPUT_PRECISION, INTERPRETED_BF16)
 
-    for start in range(lo, hi, BLOCK_M):
-        offs_m = start + arange_m
-        key_in = offs_m < M
-        if NORMALIZE:
-            mean = tl.load(Mean + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)
-            rstd = tl.load(Rstd + b.to(tl.int64) * M + offs_m, mask=key_in, other=0.0)
-        scores = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for d0 in range(0, DQK, BLOCK_DQK):
-            offs_d = d0 + arange_d
-            q = tl.load(q_base + offs_n[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=row_in[:, None] & (offs_d[None, :] < DQK), other=0.0)
-            kt = tl.load(k_base + offs_m[None, :].to(tl.int64) * stride_km + offs_d[:, None] * stride_kd,
-                         mask=key_in[None, :] & (offs_d[:, None] < DQK), other=0.0)
-            if NORMALIZE:
-                kt = normalize_tile(kt, mean[None, :], rstd[None, :], INTERPRETED_BF16)
-            scores += dot(q, kt, INPUT_PRECISION, INTERPRETED_BF16)
-        scores = scores * qk_scale_log2
-
-        allowed = key_in[None, :]
-        if HAS_KEY_MASK:
-            keep = tl.load(mask_base + offs_m.to(tl.int64) * stride_maskm, mask=key_in, other=0)
-            allowed = allowed & (keep != 0)[None, :]
-        if CAUSAL:
-            allowed = allowed & (offs_m[None, :] <= offs_n[:, None] + (M - N))
-        scores = tl.where(allowed, scores, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # Rows that have seen no key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(scores - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            # The statistics above are the undropped scores'; only P V sees the dropped probabilities
-            # (their 1 / (1 - p) is applied once, to the output).
-            p = tl.where(keep_tile(seed, seed_offset, bh, offs_n, start, BLOCK_M, dropout_threshold), p, 0.0)
-
-        v = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vm + offs_dv[None, :] * stride_vd,
-                    mask=key_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if NORMALIZE:
-            v = normalize_tile(v, mean[:, None], rstd[:, None], INTERPRETED_BF16)
-        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERPRETED_BF16), v, INPUT_PRECISION, INTERPRETED_BF16)
-        m_i = m_new
-
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * dropout_scale
+    out, lse = finish_rows(acc, m_i, l_i, dropout_scale, DROPOUT)
     out_ptrs = (Out + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                 + offs_n[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od)
     tl.store(out_ptrs, cast(out, Out.dtype.element_ty, INTERPRETED_BF16), mask=row_in[:, None] & (offs_dv[None, :] < DV))
     if dv_block == 0:
-        # m_i and l_i live in base 2; ln(2) brings the lse back to natural log.
-        lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         lse_ptrs = (Lse + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
                     + offs_n * stride_ln)
         tl.store(lse_ptrs, lse, mask=row_in)

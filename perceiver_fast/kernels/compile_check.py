@@ -46,6 +46,7 @@ class Job:
 KERNELS = {"attention_forward": ("_attention_forward_kernel", "_merge_splits_kernel"),
            "attention_backward": ("_row_dot_kernel", "_attention_backward_kernel"),
            "layer_norm": ("_layer_norm_stats_kernel", "_layer_norm_backward_kernel"),
+           "projected_input_attention": ("_projected_forward_kernel", "_projected_backward_kernel"),
            "dropout": ("_dropout_mask_kernel",)}
 H100_SMS = 132  # the dry runs take the launchers' split decisions as on an H100
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1",
@@ -102,18 +103,22 @@ class _Recorder:
 def _recording(jobs: list):
     """The kernel modules (and the input attention's launchers) with recorders in place of the kernels."""
     modules = {name: importlib.import_module(f"{__package__}.{name}") for name in (*KERNELS, "input_attention")}
-    originals = {(m, k): getattr(modules[m], k) for m, names in KERNELS.items() for k in names}
-    forward = modules["attention_forward"]
-    num_sms = forward.num_sms
+    # Launchers call kernels of other modules by the names they imported them under.
+    originals = {(m, k): getattr(modules[m], k) for m in modules for names in KERNELS.values() for k in names
+                 if hasattr(modules[m], k)}
+    with_sms = [m for m in modules.values() if hasattr(m, "num_sms")]
+    num_sms = modules["attention_forward"].num_sms
     try:
         for (module, name), kernel in originals.items():
             setattr(modules[module], name, _Recorder(kernel, jobs))
-        forward.num_sms = lambda device: H100_SMS
+        for module in with_sms:
+            module.num_sms = lambda device: H100_SMS
         yield modules
     finally:
         for (module, name), kernel in originals.items():
             setattr(modules[module], name, kernel)
-        forward.num_sms = num_sms
+        for module in with_sms:
+            module.num_sms = num_sms
 
 
 def _dims_hitting_every_tile() -> list[int]:
@@ -133,8 +138,10 @@ def launch_jobs() -> list[Job]:
     on and one key split, with both off and two splits (fp32 partials and the merge), and with both on,
     two splits and dropout, each with its backward. The input attention's (cross, the shortcut:
     K = V = x), per dtype and channel count, with and without LayerNorm, mask and causal both on or off,
-    and with LayerNorm, mask, causal and dropout: its row statistics, forward and backward. And the
-    debug kernel of the dropout mask.
+    and with LayerNorm, mask, causal and dropout: its row statistics, forward and backward. The
+    projection method's, with Dqk = Dv: the same variants with C equal to the head dims, and with
+    LayerNorm, mask and causal for every other C (its channel tile). And the debug kernel of the
+    dropout mask.
     """
     from . import tiles
 
@@ -162,6 +169,22 @@ def launch_jobs() -> list[Job]:
             out, lse = inputs.input_attention_forward(q, x, normalize, 1e-5, mask, flags_on, 0.5, dropout_p, seed)
             inputs.input_attention_backward(torch.empty_like(out), q, x, normalize, 1e-5, out, lse, mask, flags_on, 0.5,
                                             dropout_p, seed)
+        projected = modules["projected_input_attention"]
+        dims = _dims_hitting_every_tile()
+        projection_variants = [(dtype, d, d, variant) for dtype, d, variant in
+                               itertools.product(FLOAT_DTYPES, dims, input_variants)]
+        projection_variants += [(dtype, d, c, input_variants[0]) for dtype, d, c in
+                                itertools.product(FLOAT_DTYPES, dims, dims) if c != d]
+        for dtype, dims, channels, (normalize, flags_on, dropout_p) in projection_variants:
+            M = 8 * tiles.forward_config("cross", dims, dims, dtype == torch.float32).block_m
+            q, x = torch.empty(B, H, N, dims, dtype=dtype), torch.empty(B, M, channels, dtype=dtype)
+            weights = (torch.empty(H * dims, channels, dtype=dtype), torch.empty(H * dims, dtype=dtype),
+                       torch.empty(H * dims, channels, dtype=dtype), torch.empty(H * dims, dtype=dtype))
+            mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
+            out, lse = projected.projected_attention_forward(q, x, normalize, 1e-5, *weights, mask, flags_on, 0.5,
+                                                             dropout_p, seed)
+            projected.projected_attention_backward(torch.empty_like(out), q, x, normalize, 1e-5, *weights, out, lse,
+                                                   mask, flags_on, 0.5, dropout_p, seed)
         modules["dropout"].dropout_keep_mask(seed, B, H, N, 70, DROPOUT_P)
     return list(dict.fromkeys(jobs))
 

@@ -22,7 +22,7 @@ def _shared_input(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(x.shape[0], heads, x.shape[1], x.shape[2])
 
 
-def _row_stats(x: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def row_stats(x: torch.Tensor, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, rstd) (B, M) float32 of x's rows; zeros and ones when x is used as it is."""
     if normalize:
         return layer_norm_stats(x, eps)
@@ -37,14 +37,14 @@ def input_attention_forward(q, x, normalize: bool, eps: float, key_mask, causal:
     q's heads (the mask's head index is q's, though every head attends the same K = V)."""
     kv = _shared_input(x, q.shape[1])
     return attention_forward(q, kv, kv, key_mask, causal, scale, "cross", None, dropout_p, dropout_seed,
-                             stats=_row_stats(x, normalize, eps))
+                             stats=row_stats(x, normalize, eps))
 
 
 def input_attention_backward(dout, q, x, normalize: bool, eps: float, out, lse, key_mask, causal: bool, scale: float,
                              dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None):
     """(dq, dx). The row statistics are recomputed: two length-M vectors, cheaper to remake than to keep;
     the dropout mask is regenerated from the seed the forward ran with."""
-    mean, rstd = _row_stats(x, normalize, eps)
+    mean, rstd = row_stats(x, normalize, eps)
     dq, dxn = shared_input_backward(dout, q, _shared_input(x, q.shape[1]), out, lse, key_mask, causal, scale,
                                     (mean, rstd), dropout_p, dropout_seed)
     return dq, layer_norm_backward(x, dxn, mean, rstd) if normalize else dxn.to(x.dtype)

@@ -85,6 +85,24 @@ def backward_config(kind: str, dqk: int, dv: int, fp32: bool) -> BlockConfig:
                        num_stages=1 if fp32 else 2)
 
 
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Extra tiles of the projection method's kernels (their attention tiles are forward_config's and
+    backward_config's for "cross")."""
+    block_c: int  # chunk of the input channels in the projection GEMMs
+    chunk_keys: int  # keys projected into the forward's workspace at a time: a multiple of its block_m
+
+
+# Elements of K and V one forward program keeps projected at a time (64 KiB in bf16).
+PROJECTED_CHUNK_ELEMENTS = 32768
+
+
+def projection_config(dqk: int, dv: int, channels: int, fp32: bool) -> ProjectionConfig:
+    block_m = forward_config("cross", dqk, dv, fp32).block_m
+    chunk = min(512, PROJECTED_CHUNK_ELEMENTS // (dqk + dv)) // block_m * block_m
+    return ProjectionConfig(block_c=head_tile(channels, 32 if fp32 else 64), chunk_keys=max(block_m, chunk))
+
+
 # Query rows per program of the small per-row kernels (split merge, rowsum(dO * O)).
 ROW_BLOCK = 16
 
