@@ -26,8 +26,8 @@ def fused_input_attention(q: torch.Tensor, x: torch.Tensor, *, k_weight: torch.T
     dtype of the inputs.
 
     method: "auto" (fewer FLOPs), "shortcut" or "projection". backend: as in `cross_attention`.
-    Auto takes the first backend that fuses the method (the C++ one fuses both, Triton the
-    shortcut), else runs it composed on the best attention backend: LayerNorm, K and V made in
+    Auto takes the first backend that fuses the method (the C++ and Triton ones fuse both),
+    else runs it composed on the best attention backend: LayerNorm, K and V made in
     torch, then fused attention. A named backend runs it fused where it fuses the method, else
     composed on its own attention kernel, and raises BackendUnsupportedError when it can do
     neither. `pf.explain(pf.fused_input_attention, ...)` says which.

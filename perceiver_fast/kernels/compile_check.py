@@ -139,9 +139,9 @@ def launch_jobs() -> list[Job]:
     two splits and dropout, each with its backward. The input attention's (cross, the shortcut:
     K = V = x), per dtype and channel count, with and without LayerNorm, mask and causal both on or off,
     and with LayerNorm, mask, causal and dropout: its row statistics, forward and backward. The
-    projection method's, with Dqk = Dv: the same variants with C equal to the head dims, and with
-    LayerNorm, mask and causal for every other C (its channel tile). And the debug kernel of the
-    dropout mask.
+    projection method's: with Dqk = Dv = C the same variants, and with LayerNorm, mask and causal
+    every other C (its channel tile) and every pair Dqk != Dv. And the debug kernel of the dropout
+    mask.
     """
     from . import tiles
 
@@ -171,15 +171,17 @@ def launch_jobs() -> list[Job]:
                                             dropout_p, seed)
         projected = modules["projected_input_attention"]
         dims = _dims_hitting_every_tile()
-        projection_variants = [(dtype, d, d, variant) for dtype, d, variant in
+        projection_variants = [(dtype, (d, d), d, variant) for dtype, d, variant in
                                itertools.product(FLOAT_DTYPES, dims, input_variants)]
-        projection_variants += [(dtype, d, c, input_variants[0]) for dtype, d, c in
+        projection_variants += [(dtype, (d, d), c, input_variants[0]) for dtype, d, c in
                                 itertools.product(FLOAT_DTYPES, dims, dims) if c != d]
-        for dtype, dims, channels, (normalize, flags_on, dropout_p) in projection_variants:
-            M = 8 * tiles.forward_config("cross", dims, dims, dtype == torch.float32).block_m
-            q, x = torch.empty(B, H, N, dims, dtype=dtype), torch.empty(B, M, channels, dtype=dtype)
-            weights = (torch.empty(H * dims, channels, dtype=dtype), torch.empty(H * dims, dtype=dtype),
-                       torch.empty(H * dims, channels, dtype=dtype), torch.empty(H * dims, dtype=dtype))
+        projection_variants += [(dtype, (dqk, dv), dqk, input_variants[0]) for dtype, dqk, dv in
+                                itertools.product(FLOAT_DTYPES, dims, dims) if dqk != dv]
+        for dtype, (dqk, dv), channels, (normalize, flags_on, dropout_p) in projection_variants:
+            M = 8 * tiles.forward_config("cross", dqk, dv, dtype == torch.float32).block_m
+            q, x = torch.empty(B, H, N, dqk, dtype=dtype), torch.empty(B, M, channels, dtype=dtype)
+            weights = (torch.empty(H * dqk, channels, dtype=dtype), torch.empty(H * dqk, dtype=dtype),
+                       torch.empty(H * dv, channels, dtype=dtype), torch.empty(H * dv, dtype=dtype))
             mask = torch.ones(B, M, dtype=torch.bool) if flags_on else None
             out, lse = projected.projected_attention_forward(q, x, normalize, 1e-5, *weights, mask, flags_on, 0.5,
                                                              dropout_p, seed)

@@ -37,7 +37,8 @@ from .layer_norm import layer_norm_backward
 def load_normalized(x_rows, stride_xc, offs_c, key_in, mean, rstd, C,
                     NORMALIZE: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     """Channels offs_c of a tile of x's rows, normalised with the rows' (BLOCK_M, 1) mean and rstd."""
-    xt = tl.load(x_rows + offs_c[None, :] * stride_xc, mask=key_in[:, None] & (offs_c[None, :] < C), other=0.0)
+    xt = tl.load(x_rows + offs_c[None, :].to(tl.int64) * stride_xc, mask=key_in[:, None] & (offs_c[None, :] < C),
+                 other=0.0)
     if NORMALIZE:
         xt = normalize_tile(xt, mean, rstd, INTERPRETED_BF16)
     return xt
@@ -131,8 +132,12 @@ def _projected_forward_kernel(
                 offs_dv = dv0 + arange_dv
                 acc_ptrs = acc_base + offs_n[:, None].to(tl.int64) * DV + offs_dv[None, :]
                 acc_in = row_in[:, None] & (offs_dv[None, :] < DV)
+                acc = tl.load(acc_ptrs, mask=acc_in, other=0.0)
+                # Threads holding copies of a value have all loaded it (and the running max and
+                # sum above) before any of them stores over it.
+                tl.debug_barrier()
                 acc, m_next, l_next = attend_keys(
-                    tl.load(acc_ptrs, mask=acc_in, other=0.0), m_run, l_run,
+                    acc, m_run, l_run,
                     q_base, stride_qn, stride_qd, scratch_k, DQK, 1, scratch_v, DV, 1,
                     c0, mask_base, stride_maskm, Mean, Rstd, DropoutSeed,
                     offs_n, row_in, offs_dv, bh, c0, keys_hi, N, M, DQK, DV, qk_scale_log2, dropout_threshold,
@@ -152,7 +157,9 @@ def _projected_forward_kernel(
             offs_dv = dv0 + arange_dv
             acc_ptrs = acc_base + offs_n[:, None].to(tl.int64) * DV + offs_dv[None, :]
             acc_in = row_in[:, None] & (offs_dv[None, :] < DV)
-            out, lse = finish_rows(tl.load(acc_ptrs, mask=acc_in, other=0.0), m_run, l_run, dropout_scale, DROPOUT)
+            acc = tl.load(acc_ptrs, mask=acc_in, other=0.0)
+            tl.debug_barrier()  # as above: every copy loaded before the rows are written over in place
+            out, lse = finish_rows(acc, m_run, l_run, dropout_scale, DROPOUT)
             tl.store(acc_ptrs, out, mask=acc_in)
         tl.store(max_base + offs_n, lse, mask=row_in)
 
