@@ -13,7 +13,7 @@ from perceiver_fast import fused_input_attention
 from perceiver_fast.dispatch import select_backend
 from perceiver_fast.extension import LOAD_ERROR
 from perceiver_fast.flops import choose_method, method_flops, visible_pairs
-from perceiver_fast.ops.input_attention import input_attention
+from perceiver_fast.ops.input_attention import input_attention, input_attention_backward
 from perceiver_fast.reference import input_attention_reference
 from perceiver_fast.validation import validate_input_attention
 
@@ -128,6 +128,27 @@ def test_triton_without_affine_or_layer_norm(method, norm):
 @interpreted
 def test_triton_projection_bfloat16():
     check_triton("cpu", torch.bfloat16, (2, 2, 9, 70, 24, 16, 8), "both", "projection")
+
+
+@interpreted
+def test_triton_projection_without_biases():
+    """Projections without biases: the kernels add zeros, and the op gives the absent biases empty gradients."""
+    B, H, N, M, C, dqk, dv = 2, 2, 6, 40, 12, 8, 4
+    t, eps = random_layer(B, H, N, M, C, dqk, dv)
+    del t["k_bias"], t["v_bias"]
+    dout = torch.randn(B, H, N, dv)
+    leaves = {name: value.detach().double().requires_grad_() for name, value in t.items()}
+    expected = input_attention_reference(**leaves, k_bias=None, v_bias=None, norm_eps=eps)
+    expected_grads = dict(zip(leaves, torch.autograd.grad(expected, list(leaves.values()), dout.double())))
+    out = fused_input_attention(**t, norm_eps=eps, method="projection", backend="triton")
+    assert_matches("out", out, expected)
+    assert_grads_match(dict(zip(t, torch.autograd.grad(out, list(t.values()), dout))), expected_grads)
+    q, x, k_weight, v_weight = (t[name].detach() for name in ("q", "x", "k_weight", "v_weight"))
+    out, lse = input_attention(q, x, False, 0.0, k_weight, None, v_weight, None, None, False, 0.5, 0.0, None,
+                               "triton", [])
+    grads = input_attention_backward(torch.randn_like(out), q, x, False, 0.0, k_weight, None, v_weight, None, out, lse,
+                                     None, False, 0.5, 0.0, None, "triton", [])
+    assert grads[3].numel() == 0 and grads[5].numel() == 0 and grads[3] is not grads[5]
 
 
 @interpreted

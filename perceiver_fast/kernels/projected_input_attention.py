@@ -262,12 +262,9 @@ def _splits(programs: int, keys: int, block_m: int, device: torch.device, forced
     return triton.cdiv(keys, keys_per_split), keys_per_split
 
 
-def _head_weights(k_weight, k_bias, v_weight, v_bias, heads: int):
-    """The projections' biases, zeros where absent, and the head dims."""
-    dqk, dv = k_weight.shape[0] // heads, v_weight.shape[0] // heads
-    zeros = lambda rows, like: torch.zeros(rows, device=like.device, dtype=like.dtype)  # noqa: E731
-    return (k_bias if k_bias is not None else zeros(heads * dqk, k_weight),
-            v_bias if v_bias is not None else zeros(heads * dv, v_weight), dqk, dv)
+def _bias_or_zeros(bias, weight):
+    """A projection's bias, or zeros of its length where it has none (the kernels always add one)."""
+    return bias if bias is not None else weight.new_zeros(weight.shape[0])
 
 
 def projected_attention_forward(q, x, normalize: bool, eps: float, k_weight, k_bias, v_weight, v_bias, key_mask,
@@ -278,7 +275,8 @@ def projected_attention_forward(q, x, normalize: bool, eps: float, k_weight, k_b
     as in `attention_forward`; `num_splits` forces the key-axis splits (tests)."""
     B, H, N, _ = q.shape
     M, C = x.shape[1], x.shape[2]
-    k_bias, v_bias, DQK, DV = _head_weights(k_weight, k_bias, v_weight, v_bias, H)
+    DQK, DV = k_weight.shape[0] // H, v_weight.shape[0] // H
+    k_bias, v_bias = _bias_or_zeros(k_bias, k_weight), _bias_or_zeros(v_bias, v_weight)
     fp32 = q.dtype == torch.float32
     cfg, proj = tiles.forward_config("cross", DQK, DV, fp32), tiles.projection_config(DQK, DV, C, fp32)
     splits, keys_per_split = _splits(B * H, M, cfg.block_m, q.device, num_splits)
@@ -323,8 +321,7 @@ def projected_attention_backward(dout, q, x, normalize: bool, eps: float, k_weig
     and the dropout mask regenerated from the seed."""
     B, H, N, _ = q.shape
     M, C = x.shape[1], x.shape[2]
-    biases, (k_bias_full, v_bias_full, DQK, DV) = (k_bias, v_bias), _head_weights(k_weight, k_bias, v_weight,
-                                                                                   v_bias, H)
+    DQK, DV = k_weight.shape[0] // H, v_weight.shape[0] // H
     fp32 = q.dtype == torch.float32
     bwd, proj = tiles.backward_config("cross", DQK, DV, fp32), tiles.projection_config(DQK, DV, C, fp32)
     splits, keys_per_split = _splits(B * H, M, bwd.block_m, q.device, num_splits)
@@ -346,7 +343,8 @@ def projected_attention_backward(dout, q, x, normalize: bool, eps: float, k_weig
             BLOCK_N=tiles.ROW_BLOCK, BLOCK_DV=bwd.block_dv, num_warps=4,
         )
         _projected_backward_kernel[(B * H, splits)](
-            q, x, mean, rstd, k_weight, v_weight, k_bias_full, v_bias_full, mask_arg, dout, lse, delta, dq, dxn,
+            q, x, mean, rstd, k_weight, v_weight, _bias_or_zeros(k_bias, k_weight), _bias_or_zeros(v_bias, v_weight),
+            mask_arg, dout, lse, delta, dq, dxn,
             dk_weight, dk_bias, dv_weight, dv_bias, scratch, seed_arg,
             *q.stride(), *x.stride(), *k_weight.stride(), *v_weight.stride(), *mask_strides, *dout.stride(),
             *dq.stride(), *dxn.stride(),
@@ -357,7 +355,7 @@ def projected_attention_backward(dout, q, x, normalize: bool, eps: float, k_weig
             DROPOUT=dropout, **dot_options(q.dtype), num_warps=bwd.num_warps, num_stages=bwd.num_stages,
         )
     dx = layer_norm_backward(x, dxn, mean, rstd) if normalize else dxn.to(x.dtype)
-    bias_grads = [q.new_empty(0) if bias is None else grad.to(bias.dtype) for bias, grad in zip(biases,
-                                                                                               (dk_bias, dv_bias))]
-    return [dq.to(q.dtype), dx, dk_weight.to(k_weight.dtype), bias_grads[0], dv_weight.to(v_weight.dtype),
-            bias_grads[1]]
+    # An absent bias gets an empty gradient, distinct from the other (a registered op's outputs may not alias).
+    return [dq.to(q.dtype), dx,
+            dk_weight.to(k_weight.dtype), q.new_empty(0) if k_bias is None else dk_bias.to(k_bias.dtype),
+            dv_weight.to(v_weight.dtype), q.new_empty(0) if v_bias is None else dv_bias.to(v_bias.dtype)]
