@@ -73,14 +73,15 @@ cuda-check: install
 	@if command -v nvcc >/dev/null; then \
 	  out=$$(mktemp -d) && for f in $(CUDA_SOURCES); do \
 	    echo "nvcc sm_90a $$f" && nvcc -gencode=arch=compute_90a,code=sm_90a -std=c++17 -O3 -c $$f \
-	      -o $$out/$$(basename $$f).o || exit 1; \
+	      -o $$out/$$(basename $$f).o || { rm -rf $$out; exit 1; }; \
 	  done; \
 	  cuda_include=$$(dirname $$(dirname $$(nvcc -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p')))/include; \
 	  torch_include=$$($(PY) -c "import torch.utils.cpp_extension as e; print(' '.join('-I' + p for p in e.include_paths()))"); \
 	  python_include=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
 	  mkdir -p $$out/stub/c10/cuda/impl && echo '#pragma once' > $$out/stub/c10/cuda/impl/cuda_cmake_macros.h; \
 	  echo "syntax check csrc/cuda_binding.cpp" && $(CXX) -std=c++17 -Wno-c++20-extensions -fsyntax-only -I$$out/stub $$torch_include \
-	    -I$$python_include -I$$cuda_include -DTORCH_EXTENSION_NAME=_C csrc/cuda_binding.cpp || exit 1; \
+	    -I$$python_include -I$$cuda_include -DTORCH_EXTENSION_NAME=_C csrc/cuda_binding.cpp || { rm -rf $$out; exit 1; }; \
+	  rm -rf $$out; \
 	else echo "cuda-check: nvcc not found, CUDA sources not compiled"; fi
 
 check: install
