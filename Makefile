@@ -13,14 +13,14 @@ DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test test-oldest-triton report check cuda-check gpu clean
+.PHONY: install test test-properties test-oldest-triton report check cuda-check gpu clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark ninja setuptools wheel matplotlib
+	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib
 	$(PY) -m pip install --quiet "$(TORCH)" $(DROP_IN_LIBS)
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0
 	touch $(DEPS_STAMP)
@@ -40,6 +40,12 @@ test: install cuda-check
 	$(VENV)/bin/pytest tests -q -m gpu
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest tests -q -m "not gpu"
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
+
+# The property suite (tests/test_properties.py) with more examples than `make test` runs (20 per
+# property and backend): PROPERTY_EXAMPLES each.
+PROPERTY_EXAMPLES ?= 300
+test-properties: install
+	PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) TRITON_INTERPRET=1 $(VENV)/bin/pytest tests/test_properties.py -q
 
 # The oldest triton setup.py admits is the GPU machine's (3.6): its Triton tests under the
 # interpreter and the ahead-of-time compile check run in a second environment with it, against this

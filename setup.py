@@ -25,7 +25,10 @@ def extension_modules():
     from torch.utils import cpp_extension
 
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    extra = {"cxx": ["-O3", "-fopenmp"]}
+    # fp-contract=off: products round as the source writes them. The softmax's max pass and its
+    # exponents must see the same rounded scaled scores; GCC's default fused one into a
+    # multiply-subtract, off by hundreds for scores near 1e9, and 2^x overflowed or vanished.
+    extra = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
     if torch.version.cuda and cuda_sources:
         # PERCEIVER_FAST_CUDA: binding.cpp adds the CUDA binding's functions to the module.
         ext = cpp_extension.CUDAExtension("perceiver_fast._C", cpp_sources + [CUDA_BINDING] + cuda_sources,
@@ -54,7 +57,7 @@ setup(
     # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0
     # declares Python < 3.11; install it with `pip install --no-deps --ignore-requires-python
     # perceiver-io==0.11.0` (the Makefile does).
-    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "matplotlib", "transformers==5.23.0",
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "matplotlib", "transformers==5.23.0",
                              "perceiver-pytorch==0.11.0", "einops", "fairscale"],
                     "bench": ["pytest-benchmark", "matplotlib"]},
     ext_modules=ext_modules,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from perceiver_fast import attention_reference
@@ -195,3 +198,36 @@ def check_non_contiguous(run):
 # Latent self-attention shapes (N == M).
 LATENT_SHAPES = {"n64-d32": (2, 2, 64, 64, 32, 32), "n100-qk32-v160": (1, 2, 100, 100, 32, 160),
                  "n48-d128": (1, 1, 48, 48, 128, 128), "n1": (2, 1, 1, 1, 8, 8)}
+
+
+# The C++ kernel's vector paths this machine can force (csrc/cpu/vector_paths.cpp). "native" is
+# the best the CPU has; on a CPU without AVX-512 every path is the portable one.
+CPU_PATHS = ["native", "portable-rows", "without-avx512-bf16", "portable-gemm"]
+
+
+@contextlib.contextmanager
+def forced_cpu_path(path: str):
+    from perceiver_fast import _C
+    _C.set_portable_rows(path == "portable-rows")
+    _C.set_without_avx512_bf16(path == "without-avx512-bf16")
+    _C.set_portable_gemm(path == "portable-gemm")
+    try:
+        yield
+    finally:
+        _C.set_portable_rows(False)
+        _C.set_without_avx512_bf16(False)
+        _C.set_portable_gemm(False)
+
+
+# Every (backend, cpu path) that runs CPU tensors here: the cpu kernel on each forced path, Triton
+# under TRITON_INTERPRET=1, the reference.
+def runnable_backends() -> list[tuple[str, str | None]]:
+    backends = [("cpu", path) for path in CPU_PATHS]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append(("triton", None))
+    return backends + [("reference", None)]
+
+
+def backend_id(backend: tuple[str, str | None]) -> str:
+    kernel, path = backend
+    return kernel if path is None else f"{kernel}-{path}"

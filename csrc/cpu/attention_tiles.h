@@ -163,7 +163,11 @@ void merge_slots(const Shape& s, const std::vector<int64_t>& slots, const SlotSt
   const int64_t n = s.queries, dv = s.dim_v;
   std::vector<acc_t> acc(n * dv, acc_t(0)), max(n, neg_inf<acc_t>), sum(n, acc_t(0));
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t slot : slots) max[i] = std::max(max[i], parts.max[slot * n + i]);
+    // A slot's NaN max (a NaN score) must reach the row: std::max would drop it.
+    for (int64_t slot : slots) {
+      const acc_t m = parts.max[slot * n + i];
+      max[i] = std::isnan(m) ? m : std::max(max[i], m);
+    }
     if (max[i] == neg_inf<acc_t>) continue;
     for (int64_t slot : slots) {
       const acc_t m = parts.max[slot * n + i];

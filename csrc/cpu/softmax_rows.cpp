@@ -13,18 +13,28 @@ namespace perceiver_fast::cpu {
 namespace {
 
 
+// The scaled score of key j: score * scale_log2, or the bias (-inf) where the key mask masks the key,
+// whose score is then never read, even when NaN or infinite.
+template <typename acc_t>
+acc_t scaled_score(const acc_t* scores, const acc_t* bias, int64_t j, acc_t scale_log2) {
+  return bias && bias[j] != acc_t(0) ? bias[j] : scores[j] * scale_log2;
+}
+
 // Portable versions: float64, and float32 on CPUs without AVX-512.
 template <typename acc_t, typename P>
 acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
                             const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t row_max = neg_inf;
+  bool unordered = false;
   for (int64_t j = 0; j < valid; ++j) {
-    const acc_t x = scores[j] * scale_log2 + (bias ? bias[j] : acc_t(0));
+    const acc_t x = scaled_score(scores, bias, j, scale_log2);
     scores[j] = x;
     row_max = std::max(row_max, x);
+    unordered |= std::isnan(x);
   }
-  const acc_t m_new = std::max(m, row_max);
+  // A NaN score makes the running max NaN, hence the row's sum and output: max alone would drop it.
+  const acc_t m_new = unordered ? std::numeric_limits<acc_t>::quiet_NaN() : std::max(m, row_max);
   if (m_new == neg_inf) {
     std::fill(probs, probs + width, P(0));
     return acc_t(1);
@@ -47,7 +57,8 @@ void backward_step_portable(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t
                             const acc_t* bias, acc_t lse2, acc_t delta, acc_t scale, KeepRow<acc_t> keep) {
   if (std::isinf(lse2) && lse2 < 0) valid = 0;
   for (int64_t j = 0; j < valid; ++j) {
-    const acc_t p = std::exp2(scores[j] * scale_log2 + (bias ? bias[j] : acc_t(0)) - lse2);
+    // p <= 1: the recomputed scores may round a few ulps above the forward's. min keeps a NaN.
+    const acc_t p = std::exp2(std::min(scaled_score(scores, bias, j, scale_log2) - lse2, acc_t(0)));
     const acc_t z = keep.bits ? keep.factor(j) : acc_t(1);
     scores[j] = p * z;
     dprobs[j] = p * (dprobs[j] * z - delta) * scale;

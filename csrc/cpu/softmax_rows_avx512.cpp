@@ -19,13 +19,14 @@ namespace perceiver_fast::cpu::avx512 {
 namespace {
 
 // 2^x: split x = n + f with f in [-0.5, 0.5], a polynomial for 2^f, and scalef for 2^n. Inputs
-// below -160 (masked keys: -inf) give exactly 0. Degree 5 (relative error 8e-8, float32's own
+// below -160 (masked keys: -inf) give exactly 0; NaN and +inf give NaN (the clamp keeps x's NaN:
+// max returns its second operand when either is NaN). Degree 5 (relative error 8e-8, float32's own
 // rounding) for float32 results; degree 4 (2.6e-6) where the result is rounded to bfloat16 (2^-9)
 // or feeds only bfloat16 operands. Minimax coefficients for the relative error on [-0.5, 0.5].
 template <int Degree>
 inline __m512 exp2(__m512 x) {
   static_assert(Degree == 4 || Degree == 5);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-160.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p;
@@ -62,6 +63,18 @@ inline __mmask16 keep_lanes(const KeepRow<float>& keep, int64_t j) {
   return static_cast<__mmask16>(keep.bits[j >> 6] >> (j & 63));
 }
 
+// The scaled scores of keys j .. j + 15 (lanes k): score * scale_log2, or the bias (-inf) where the
+// key mask masks the key, so that a masked key's score is never read, even when NaN or infinite.
+// Every pass computes them alike, rounded once: x - m is then exactly <= 0 against a max of the same
+// values (a fused multiply-subtract skips the product's rounding, hundreds for scores near 1e9, and
+// 2^x overflowed or vanished).
+inline __m512 scaled_scores(const float* scores, const float* bias, int64_t j, __mmask16 k, __m512 scale_log2) {
+  const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scores + j), scale_log2);
+  if (!bias) return x;
+  const __m512 b = _mm512_maskz_loadu_ps(k, bias + j);
+  return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(b, _mm512_setzero_ps(), _CMP_NEQ_UQ), b);
+}
+
 // A row already past its first key may exceed its running max m by this much (base 2) before m
 // moves: probabilities up to 2^8 lose nothing in bfloat16 or in the float32 sums.
 constexpr float kLazyRescale = 8.f;
@@ -77,10 +90,9 @@ float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float 
                    float& m, float& l, KeepRow<float> keep) {
   constexpr bool in_place = std::is_same_v<P, float>;
   const __m512 c = _mm512_set1_ps(scale_log2), zero = _mm512_setzero_ps(), keep_scale = _mm512_set1_ps(keep.scale);
-  // x = score * scale_log2 + bias - shift, exponentiated and written as P from key j.
+  // The scaled scores less shift, exponentiated and written as P from key j.
   auto exponentials = [&](int64_t j, __mmask16 k, __m512 shift, __m512& sum) {
-    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, shift);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
+    const __m512 x = _mm512_sub_ps(scaled_scores(scores, bias, j, k, c), shift);
     const __m512 p = _mm512_maskz_mov_ps(k, exp2<exp2_degree<P>>(x));
     sum = _mm512_add_ps(sum, p);
     const __m512 kept = keep.bits ? _mm512_maskz_mul_ps(keep_lanes(keep, j), p, keep_scale) : p;
@@ -96,8 +108,7 @@ float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float 
     const __m512 vm = _mm512_set1_ps(m), limit = _mm512_set1_ps(kLazyRescale);
     for (; done < valid; done += 16) {
       const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - done));
-      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + done), c, vm);
-      if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + done));
+      const __m512 x = _mm512_sub_ps(scaled_scores(scores, bias, done, k, c), vm);
       if (_mm512_mask_cmp_ps_mask(k, x, limit, _CMP_GT_OQ)) break;
       exponentials(done, k, vm, sum);
     }
@@ -113,13 +124,15 @@ float forward_step(float* scores, P* probs, int64_t valid, int64_t width, float 
   }
 
   __m512 vmax = _mm512_set1_ps(-INFINITY);
+  __mmask16 unordered = 0;
   for (int64_t j = done; j < valid; j += 16) {
     const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, scores + j), c);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
+    const __m512 x = scaled_scores(scores, bias, j, k, c);
     vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    unordered |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
   }
-  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  // A NaN score makes the running max NaN, hence the row's sum and output: max alone would drop it.
+  const float m_new = unordered ? NAN : std::max(m, _mm512_reduce_max_ps(vmax));
   if (m_new == -INFINITY) {  // no key yet (done is 0 here)
     for (int64_t j = 0; j < width; j += 16) store(probs + j, zero, tail_mask(std::min<int64_t>(16, width - j)));
     return 1.f;
@@ -162,9 +175,9 @@ void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t 
   for (; j < valid; j += 16) {
     const __mmask16 k = tail_mask(std::min<int64_t>(16, valid - j));
     const __mmask16 row = tail_mask(std::min<int64_t>(16, width - j));
-    __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, scores + j), c, vlse);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, bias + j));
-    const __m512 p = _mm512_maskz_mov_ps(k, exp2<5>(x));
+    // p <= 1: the recomputed scores may round a few ulps above the forward's. min keeps a NaN x.
+    const __m512 x = _mm512_sub_ps(scaled_scores(scores, bias, j, k, c), vlse);
+    const __m512 p = _mm512_maskz_mov_ps(k, exp2<5>(_mm512_min_ps(zero, x)));
     __m512 dp = _mm512_maskz_loadu_ps(k, dprobs + j), dropped = p;
     if (keep.bits) {
       const __mmask16 kept = keep_lanes(keep, j);

@@ -112,7 +112,10 @@ def key_block_gradients(q_base, stride_qn, stride_qd, K, stride_km, stride_kd, V
         allowed = key_allowed[:, None] & row_in[None, :]
         if CAUSAL:
             allowed = allowed & (offs_m[:, None] <= offs_n[None, :] + (M - N))
-        p_t = tl.where(allowed, tl.exp2(scores_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
+        # p <= 1: the recomputed scores may round above the forward's (at 1e9 by hundreds). A NaN stays.
+        exponent = tl.minimum(scores_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634, 0.0,
+                              propagate_nan=tl.PropagateNan.ALL)
+        p_t = tl.where(allowed, tl.exp2(exponent), 0.0)
 
         # dP^T = V dO^T over every chunk of the value head dimension.
         dp_t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
