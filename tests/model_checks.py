@@ -5,6 +5,7 @@ forms no N x M tensor."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -120,6 +121,74 @@ def check_falls_back(model: torch.nn.Module, run: Callable, *inputs) -> list[str
     for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) <= 1e-6
     return fallbacks.reasons
+
+
+def replace_forward(module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Sets module.forward on the instance as accelerate's add_hook_to_module does (the class's forward
+    kept as _old_forward, the hook as _hf_hook), to one returning change(the original output). A
+    plain monkeypatch sets the same attribute. Survives deepcopy and .double()."""
+    module._hf_hook = change
+    module._old_forward = module.forward
+    module.forward = functools.partial(_changed_forward, module)
+
+
+def _changed_forward(module, *args, **kwargs):
+    output = module._old_forward(*args, **kwargs)
+    if isinstance(output, dict):  # a krasserm ModuleOutput
+        return type(output)(output, last_hidden_state=module._hf_hook(output["last_hidden_state"]))
+    return module._hf_hook(output)
+
+
+class LoraLinear(torch.nn.Module):
+    """PEFT's LoRA layer in miniature: it takes an nn.Linear's place, adds a low-rank update to its
+    output, and shows the base layer's weight and bias as its own, as PEFT's layers do."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class Doubled(torch.nn.Module):
+    """A parametrization: the weight used is twice the one stored."""
+
+    def forward(self, weight):
+        return 2 * weight
+
+
+def check_wrapped_left_as_is(model: torch.nn.Module, run: Callable, *inputs, unit: str,
+                             wrap: Callable[[torch.nn.Module], None], warning: str, caplog) -> None:
+    """`wrap(model)` wraps a submodule whose computation the fused forward of the module at `unit`
+    would take over, in a way that changes the output. pf.patch then leaves `unit` as it is with
+    the one warning `warning`, and the patched model computes what the wrapped, unpatched one does."""
+    wrapped = copy.deepcopy(model)
+    wrap(wrapped)
+    fast = copy.deepcopy(wrapped)
+    caplog.set_level(logging.WARNING, logger="perceiver_fast.patching")
+    caplog.clear()
+    report = pf.patch(fast)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [warning]
+    assert sum(report.skipped.values()) == 1
+    assert type(fast.get_submodule(unit)) is type(model.get_submodule(unit))
+    with FallbackLog() as fallbacks:
+        got = _outputs(run(fast, *inputs))
+    assert not fallbacks.reasons  # the other modules run fused
+    want, unwrapped = _outputs(run(wrapped, *inputs)), _outputs(run(model, *inputs))
+    for g, w, u in zip(got, want, unwrapped, strict=True):
+        assert relative_error(g, w) <= 1e-5
+        assert relative_error(u, w) >= 1e-3, "the wrapper must change the output for the check to tell"
 
 
 class FallbackLog(logging.Handler):

@@ -1,12 +1,15 @@
 """pf.patch on HF transformers Perceiver models (the installed package, random weights)."""
 
 import copy
+import re
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import perceiver_fast as pf
-from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in, relative_error
+from model_checks import (Doubled, FallbackLog, check_falls_back, check_patched_model, check_wrapped_left_as_is,
+                          largest_tensor_in, relative_error, replace_forward)
 
 hf = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 from transformers import PerceiverConfig  # noqa: E402
@@ -142,12 +145,54 @@ def test_query_dependent_mask_falls_back_to_hf():
                        "or heads"]
 
 
-def test_hooked_projection_falls_back_to_hf():
-    # the fused path reads the value weights directly: a hook on `value` must keep HF's computation
+CROSS_ATTENTION = "perceiver.encoder.cross_attention.attention.self"
+
+
+def triple(module, args, output):
+    return 3 * output
+
+
+@pytest.mark.parametrize("wrap,reason", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
+    (lambda key: replace_forward(key, lambda k: 30 * k), "key has its forward replaced on the instance"),
+    (lambda key: key.register_forward_hook(triple), "key has forward hooks"),
+    (lambda key: parametrize.register_parametrization(key, "weight", Doubled()), "key has parametrized weights"),
+], ids=["instance-forward", "hook", "parametrization"])
+def test_wrapped_key_leaves_cross_attention_as_is(wrap, reason, caplog):
+    # the fused input attention reads key.weight instead of calling key
+    check_wrapped_left_as_is(vision_fourier(), run_classifier, torch.randn(2, 3, 9, 9), padding_mask(2, 81),
+                             unit=CROSS_ATTENTION,
+                             wrap=lambda model: wrap(model.get_submodule(f"{CROSS_ATTENTION}.key")),
+                             warning=f"patch leaves {CROSS_ATTENTION} (PerceiverSelfAttention) as it is: {reason}",
+                             caplog=caplog)
+
+
+def test_hook_added_after_patching_falls_back_to_hf():
     model = vision_fourier()
-    model.perceiver.encoder.cross_attention.attention.self.value.register_forward_hook(lambda m, i, out: out * 3)
-    reasons = check_falls_back(model, run_classifier, torch.randn(2, 3, 9, 9), padding_mask(2, 81))
-    assert reasons == ["patched PerceiverSelfAttention keeps the original computation: hooks on value"]
+    fast = copy.deepcopy(model)
+    pf.patch(fast)
+    for m in (model, fast):
+        m.get_submodule(f"{CROSS_ATTENTION}.value").register_forward_hook(triple)
+    pixels, mask = torch.randn(2, 3, 9, 9), padding_mask(2, 81)
+    with FallbackLog() as fallbacks:
+        got = run_classifier(fast, pixels, mask)
+    assert fallbacks.reasons == ["patched PerceiverSelfAttention keeps the original computation: value has forward "
+                                 "hooks"]
+    assert relative_error(got, run_classifier(model, pixels, mask)) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 80), (3, 81)], ids=["length", "batch"])
+def test_attention_mask_of_wrong_shape_raises_naming_it(shape):
+    # 81 pixels after the preprocessor; HF itself fails to broadcast the mask against the scores
+    model = vision_fourier()
+    pf.patch(model)
+    expected = f"attention_mask of shape {shape} does not fit the inputs: expected (2, 81)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run_classifier(model, torch.randn(2, 3, 9, 9), padding_mask(*shape))
+    layer = model.get_submodule(CROSS_ATTENTION)
+    expected = "inputs_mask of shape (2, 1, 1, 80) does not fit 2 items of 81 keys"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        layer(torch.randn(2, 24, 64), inputs=torch.randn(2, 81, 261), inputs_mask=torch.zeros(2, 1, 1, 80))
 
 
 def test_fully_padded_item_gives_hf_output():

@@ -2,13 +2,13 @@
 
 import copy
 
-import copy
-
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import perceiver_fast as pf
-from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in, relative_error
+from model_checks import (Doubled, FallbackLog, check_falls_back, check_patched_model, check_wrapped_left_as_is,
+                          largest_tensor_in, relative_error, replace_forward)
 
 core = pytest.importorskip("perceiver.model.core")
 from perceiver.model.core import modules as km  # noqa: E402
@@ -147,6 +147,33 @@ def test_item_without_keys_falls_back():
     mask = pad_mask(2, 60)
     mask[1] = True
     check_falls_back(perceiver_io(), run_io, torch.randn(2, 60, 20), mask)
+
+
+ENCODER_CROSS_ATTENTION = "0.cross_attn_1.0.module"
+
+
+def tripled(output):
+    return 3 * output
+
+
+@pytest.mark.parametrize("path,wrap,reason", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
+    ("attention.k_proj", lambda k_proj: replace_forward(k_proj, lambda k: 30 * k),
+     "attention.k_proj has its forward replaced on the instance"),
+    ("attention", lambda attention: replace_forward(attention, tripled),
+     "attention has its forward replaced on the instance"),
+    ("kv_norm", lambda kv_norm: replace_forward(kv_norm, tripled), "kv_norm has its forward replaced on the instance"),
+    ("attention.v_proj", lambda v_proj: parametrize.register_parametrization(v_proj, "weight", Doubled()),
+     "attention.v_proj has parametrized weights"),
+], ids=["k_proj-forward", "attention-forward", "kv_norm-forward", "v_proj-parametrization"])
+def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, caplog):
+    # the fused CrossAttention does the MultiHeadAttention's forward itself, applies kv_norm and
+    # projects K and V inside the fused op from the weights
+    check_wrapped_left_as_is(perceiver_io(), run_io, torch.randn(2, 60, 20), pad_mask(2, 60),
+                             unit=ENCODER_CROSS_ATTENTION,
+                             wrap=lambda model: wrap(model.get_submodule(f"{ENCODER_CROSS_ATTENTION}.{path}")),
+                             warning=f"patch leaves {ENCODER_CROSS_ATTENTION} (CrossAttention) as it is: {reason}",
+                             caplog=caplog)
 
 
 def test_state_dict_is_unchanged_and_unpatch_restores():

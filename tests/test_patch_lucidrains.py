@@ -1,10 +1,15 @@
 """pf.patch on lucidrains perceiver-pytorch models (the installed package, random weights)."""
 
+import copy
+
 import pytest
 import torch
+from torch.nn.utils import parametrize
+from torch.utils.module_tracker import ModuleTracker
 
 import perceiver_fast as pf
-from model_checks import FallbackLog, check_falls_back, check_patched_model, largest_tensor_in
+from model_checks import (Doubled, FallbackLog, LoraLinear, check_falls_back, check_patched_model,
+                          check_wrapped_left_as_is, largest_tensor_in, relative_error, replace_forward)
 
 pytest.importorskip("perceiver_pytorch")
 from perceiver_pytorch import Perceiver, PerceiverIO, PerceiverLM  # noqa: E402
@@ -99,6 +104,65 @@ def test_inverted_attention_falls_back():
     model = image_perceiver(inverted_cross_attn=True)
     reasons = check_falls_back(model, run_perceiver, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)))
     assert "inverted" in reasons[0]
+
+
+CROSS_ATTENTION = "layers.0.cross_attn"
+
+
+def tripled(output):
+    return 3 * output
+
+
+@pytest.mark.parametrize("path,wrap,reason", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
+    ("fn.to_kv", lambda to_kv: replace_forward(to_kv, tripled), "fn.to_kv has its forward replaced on the instance"),
+    ("fn", lambda attention: replace_forward(attention, tripled), "fn has its forward replaced on the instance"),
+    ("fn.to_kv", lambda to_kv: parametrize.register_parametrization(to_kv, "weight", Doubled()),
+     "fn.to_kv has parametrized weights"),
+], ids=["to_kv-forward", "attention-forward", "to_kv-parametrization"])
+def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, caplog):
+    # the fused PreNorm does the Attention's forward itself and reads to_kv's weight instead of calling it
+    check_wrapped_left_as_is(image_perceiver(), run_perceiver, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)),
+                             unit=CROSS_ATTENTION,
+                             wrap=lambda model: wrap(model.get_submodule(f"{CROSS_ATTENTION}.{path}")),
+                             warning=f"patch leaves {CROSS_ATTENTION} (PreNorm(Attention)) as it is: {reason}",
+                             caplog=caplog)
+
+
+def test_lora_projection_leaves_bare_attention_as_is(caplog):
+    # PEFT's LoRA layer shows the base layer's weight as its own: read directly, the update would be lost.
+    # Everything patch knows is left as it is: it reports that rather than raising.
+    def run(m, x, context, mask):
+        return m(x, context=context, mask=mask)
+
+    check_wrapped_left_as_is(Attention(query_dim=24, context_dim=10, heads=3, dim_head=8).eval(), run,
+                             torch.randn(2, 5, 24), torch.randn(2, 33, 10), keep_mask((2, 33)), unit="",
+                             wrap=lambda attention: attention.set_submodule("to_kv", LoraLinear(attention.to_kv)),
+                             warning="patch leaves Attention as it is: to_kv is a model_checks.LoraLinear, not a "
+                                     "torch.nn.modules.linear.Linear", caplog=caplog)
+
+
+def test_forward_replaced_after_patching_falls_back():
+    model = image_perceiver()
+    fast = copy.deepcopy(model)
+    pf.patch(fast)
+    for m in (model, fast):
+        replace_forward(m.get_submodule(f"{CROSS_ATTENTION}.fn.to_kv"), tripled)
+    data, mask = torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9))
+    with FallbackLog() as fallbacks:
+        got = run_perceiver(fast, data, mask)
+    assert fallbacks.reasons == ["patched PreNorm keeps the original computation: fn.to_kv has its forward replaced "
+                                 "on the instance"]
+    assert relative_error(got, run_perceiver(model, data, mask)) <= 1e-5
+
+
+def test_global_hooks_keep_the_model_fused():
+    # process-wide observers (ModuleTracker, FlopCounterMode's) must not make the model they measure run unfused
+    model = image_perceiver()
+    pf.patch(model)
+    with ModuleTracker(), FallbackLog() as fallbacks:
+        run_perceiver(model, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)))
+    assert not fallbacks.reasons
 
 
 def test_state_dict_is_unchanged_and_unpatch_restores():

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..dispatch import BACKEND_NAMES
 from ..shards import check_group
-from .registry import FastModule, import_adapter, library_of, log, original_class, swaps_of
+from .registry import (FastModule, Swap, bypass_reason, has_instance_forward, import_adapter, library_of, log,
+                       original_class, swaps_of)
 
 SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver), lucidrains perceiver-pytorch "
              "(Perceiver, PerceiverIO, PerceiverLM), krasserm perceiver-io (perceiver.model.core)")
@@ -52,6 +53,11 @@ def patch(model: nn.Module, backend: str | None = None, process_group=None) -> P
     the counts replaced, by class. Raises TypeError when `model` holds no module this knows.
     Patching a patched model again only sets the backend and the process group.
 
+    A module is left as it is, with a warning naming its path and the reason, where its forward
+    was replaced on the instance, or where a submodule whose computation the fused forward takes
+    over is wrapped: an instance forward (accelerate, PEFT-style wrappers), hooks, parametrized
+    weights, or another class than the one whose parameters it reads (`registry.bypass_reason`).
+
     process_group: a torch.distributed ProcessGroup over which the model's input is sharded along
     its length M: each rank then passes its own shard of the already-embedded input (and of its
     padding mask), and the encoder's input cross-attention (HF PerceiverEncoder, lucidrains
@@ -65,33 +71,41 @@ def patch(model: nn.Module, backend: str | None = None, process_group=None) -> P
     if process_group is not None:
         check_group(process_group)
     report = PatchReport()
-    taken_over = set()  # modules whose computation a swapped parent does; modules() visits parents first
-    for module in model.modules():
+    taken_over = set()  # the inner modules of the swaps met, patched or left with them; parents come first
+    for name, module in model.named_modules():
         original = original_class(type(module))
         adapter = library_of(original)
         if adapter is None or id(module) in taken_over:
             continue
-        if "forward" in module.__dict__:
-            # an instance-level forward (an accelerate hook, say) would run instead of the class's
-            log.warning("patch leaves %s as it is: its forward is replaced on the instance", original.__name__)
-            report.skipped[original.__name__] += 1
+        swap = next((s for s in swaps_of(adapter) if original is s.original and s.applies(module)), None)
+        if swap is None:
             continue
-        for swap in swaps_of(adapter):
-            if original is swap.original and swap.applies(module):
-                module.__class__ = swap.fast
-                module.pf_backend = backend
-                module.pf_process_group = None
-                if swap.inner is not None:
-                    taken_over.add(id(getattr(module, swap.inner)))
-                report.replaced[swap.label or original.__name__] += 1
-                break
-    if not report.total:
+        if swap.inner is not None:  # left with its parent when that is left as it is: one unit, one warning
+            taken_over.add(id(getattr(module, swap.inner)))
+        label = swap.label or original.__name__
+        reason = None if isinstance(module, FastModule) else _refusal_reason(module, swap)
+        if reason is not None:
+            log.warning("patch leaves %s as it is: %s", f"{name} ({label})" if name else label, reason)
+            report.skipped[label] += 1
+            continue
+        module.__class__ = swap.fast
+        module.pf_backend = backend
+        module.pf_process_group = None
+        report.replaced[label] += 1
+    if not report.total and not report.skipped:
         raise TypeError(f"patch found no attention module it knows in {type(model).__name__}; "
                         f"it supports {SUPPORTED}")
     if process_group is not None:
         _shard_input_attentions(model, process_group)
     log.info("patched %s", report)
     return report
+
+
+def _refusal_reason(module: nn.Module, swap: Swap) -> str | None:
+    """Why `module` must keep the library's computation for good; None: it can be swapped."""
+    if has_instance_forward(module):  # it holds the library's forward: the swapped class would never run
+        return "its forward is replaced on the instance"
+    return bypass_reason(module, swap.fast.pf_bypassed)
 
 
 def _shard_input_attentions(model: nn.Module, process_group) -> None:

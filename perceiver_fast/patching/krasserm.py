@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 from perceiver.model.core import modules as km
 from perceiver.model.core.utils import ModuleOutput
+from torch import nn
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, attention_dropout, dropout_reason, submodules_reason
+from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
 
 
 def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache, process_group=None):
@@ -25,9 +26,8 @@ def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_c
 
 def _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache):
     """_unfused_reason before the check of rows without keys."""
-    reason = dropout_reason(module, attention_dropout(mha, mha.dropout))
-    norms = [getattr(module, name, None) for name in ("q_norm", "kv_norm", "norm")]
-    reason = reason or submodules_reason(module, (mha.q_proj, mha.k_proj, mha.v_proj, mha.o_proj), norms)
+    reason = bypass_reason(module, module.pf_bypassed)
+    reason = reason or dropout_reason(module, attention_dropout(mha, mha.dropout))
     if reason:
         return reason, None
     keys = keys_in_call + (kv_cache[0].shape[1] if kv_cache is not None else 0)
@@ -67,6 +67,9 @@ def _attend(mha, x_q, x_kv, kv_norm, key_mask, rot_pos_emb_q, rot_pos_emb_k, kv_
 class FastMultiHeadAttention(FastModule, km.MultiHeadAttention):
     """krasserm MultiHeadAttention, fused (its own q/k/v inputs, no LayerNorm)."""
 
+    # K and V are projected inside the fused input attention; the dropout is fused.
+    pf_bypassed = {"k_proj": nn.Linear, "v_proj": nn.Linear, "dropout": nn.Dropout}
+
     def forward(self, x_q, x_kv, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None, kv_cache=None):
         reason, key_mask = _unfused_reason(self, self, x_q, x_kv, x_kv.shape[1], pad_mask, kv_cache)
         if reason is not None:
@@ -78,6 +81,10 @@ class FastMultiHeadAttention(FastModule, km.MultiHeadAttention):
 class FastCrossAttention(FastModule, km.CrossAttention):
     """krasserm CrossAttention (pre-LayerNorm), fused with the key/value LayerNorm. With `x_kv_prefix`
     (Perceiver AR) the keys are the prefix followed by the queries, as in the library."""
+
+    # the MultiHeadAttention's forward is done here, and the key/value LayerNorm inside the fused op
+    pf_bypassed = {"attention": km.MultiHeadAttention, "kv_norm": None,
+                   **{f"attention.{path}": classes for path, classes in FastMultiHeadAttention.pf_bypassed.items()}}
 
     def forward(self, x_q, x_kv=None, x_kv_prefix=None, pad_mask=None, rot_pos_emb_q=None, rot_pos_emb_k=None,
                 kv_cache=None):
@@ -101,6 +108,9 @@ class FastCrossAttention(FastModule, km.CrossAttention):
 
 class FastSelfAttention(FastModule, km.SelfAttention):
     """krasserm SelfAttention (pre-LayerNorm), fused."""
+
+    # the MultiHeadAttention's forward is done here; it calls k_proj and v_proj, and the dropout is fused
+    pf_bypassed = {"attention": km.MultiHeadAttention, "attention.dropout": nn.Dropout}
 
     def forward(self, x, pad_mask=None, rot_pos_emb=None, kv_cache=None):
         reason, key_mask = _unfused_reason(self, self.attention, x, x, x.shape[1], pad_mask, kv_cache)

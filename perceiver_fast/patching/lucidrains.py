@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from perceiver_pytorch import perceiver_io as io
 from perceiver_pytorch import perceiver_pytorch as pp
+from torch import nn
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, attention_dropout, dropout_reason, submodules_reason
+from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
 
 ATTENTION_CLASSES = (pp.Attention, io.Attention)
 
@@ -29,9 +30,8 @@ def _call_reason(module, attn, x, context, mask, inverted_attention) -> tuple[st
     keys = x.shape[1] if context is None else context.shape[1]
     if inverted_attention:
         return "inverted attention", None, keys
-    reason = dropout_reason(module, attention_dropout(attn, getattr(attn, "dropout", None)))
-    reason = reason or submodules_reason(module, (attn.to_q, attn.to_kv, attn.to_out),
-                                         (getattr(module, "norm", None), getattr(module, "norm_context", None)))
+    reason = bypass_reason(module, module.pf_bypassed)
+    reason = reason or dropout_reason(module, attention_dropout(attn, getattr(attn, "dropout", None)))
     if reason:
         return reason, None, keys
     if mask is not None and getattr(attn, "queries_contribute_kv", False) and context is not None:
@@ -68,6 +68,9 @@ def _attend(attn, x, context, context_norm, key_mask, backend, process_group=Non
 
 
 class FastAttentionMixin(FastModule):
+    # K and V are projected from to_kv's weights inside the fused op; the dropout (pp.Attention's) is fused.
+    pf_bypassed = {"to_kv": nn.Linear, "dropout": nn.Dropout}
+
     def forward(self, x, context=None, mask=None, inverted_attention=False):
         reason, key_mask = _unfused_reason(self, self, x, context, mask, inverted_attention)
         if reason is not None:
@@ -77,6 +80,10 @@ class FastAttentionMixin(FastModule):
 
 
 class FastPreNormMixin(FastModule):
+    # the wrapped Attention's forward is done here, and the context's LayerNorm inside the fused op
+    pf_bypassed = {"fn": ATTENTION_CLASSES, "norm_context": None,
+                   **{f"fn.{path}": classes for path, classes in FastAttentionMixin.pf_bypassed.items()}}
+
     def forward(self, x, **kwargs):
         context, mask = kwargs.get("context"), kwargs.get("mask")
         reason, key_mask = _unfused_reason(self, self.fn, x, context, mask, kwargs.get("inverted_attention", False))

@@ -18,6 +18,24 @@ class NotPerKey(Exception):
     """The mask is not one bool per key (it varies by query or head, or holds other additive values)."""
 
 
+class MaskShapeError(ValueError):
+    """A mask that does not fit the batch or the keys it masks (where the library's attention would fail
+    to broadcast it)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], batch: int, keys: int):
+        super().__init__(f"{name} of shape {shape} does not fit {batch} items of {keys} keys: its first "
+                         f"dimension must be {batch} (or 1) and its last {keys} (or 1)")
+        self.batch, self.keys = batch, keys
+
+
+def mask_shape_error(name: str, mask: torch.Tensor | None, batch: int, keys: int) -> MaskShapeError | None:
+    """The error for an HF-style 4-D additive mask (B, 1 or H, N or 1, M) that does not broadcast over
+    `batch` items of `keys` keys; None where it does (or there is no mask)."""
+    if mask is None or mask.dim() != 4 or (mask.shape[0] in (1, batch) and mask.shape[-1] in (1, keys)):
+        return None
+    return MaskShapeError(name, tuple(mask.shape), batch, keys)
+
+
 def holds(condition: torch.Tensor, reason: str) -> bool:
     """Whether the bool tensor `condition` holds; `reason` says what it means when it does not.
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 log = logging.getLogger("perceiver_fast.patching")
 
@@ -65,6 +67,8 @@ class FastModule:
 
     pf_backend: str | None = None
     pf_process_group = None  # set by patch(process_group=) on the modules that read the model's input
+    # The submodules whose forward the fused one bypasses, with the classes it reads (see bypass_reason).
+    pf_bypassed: ClassVar[Mapping[str, type | tuple[type, ...] | None]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -114,20 +118,61 @@ def dropout_reason(module: "FastModule", dropout_p: float) -> str | None:
     return None
 
 
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# The hooks torch runs around a module's call (by attribute), which a fused op reading the module's parameters skips.
+HOOK_DICTS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+              "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
 
 
-def submodules_reason(module: nn.Module, linears=(), norms=()) -> str | None:
-    """The fused forward reads projection weights directly and does not call every submodule, so
-    hooks on a submodule, or a projection that is not a plain nn.Linear (LoRA, quantised,
-    parametrized) or a norm that is not an nn.LayerNorm, keep the library's computation."""
-    for name, sub in module.named_modules():
-        if sub is not module and any(getattr(sub, hooks, None) for hooks in HOOK_DICTS):
-            return f"hooks on {name}"
-    for linear in linears:
-        if type(linear) is not nn.Linear:
-            return f"a {type(linear).__name__} projection, not an nn.Linear"
-    for norm in norms:
-        if norm is not None and type(norm) not in (nn.LayerNorm, nn.Identity):
-            return f"a {type(norm).__name__} norm, not an nn.LayerNorm"
+def has_instance_forward(module: nn.Module) -> bool:
+    """Whether `module.forward` was set on the instance (accelerate's add_hook_to_module, PEFT-style
+    wrappers, monkeypatches): calling the module runs that, whatever its class's forward is."""
+    return "forward" in module.__dict__
+
+
+def wrapper_of(module: nn.Module) -> str | None:
+    """What runs around or instead of the module's own computation when it is called, in words; None: nothing.
+
+    Global hooks (register_module_forward_hook) do not count: process-wide observers register them
+    for the span of a measurement (ModuleTracker, FlopCounterMode's), and counting them would unfuse
+    the model being measured."""
+    if has_instance_forward(module):
+        return "has its forward replaced on the instance"
+    hooks = [words for name, words in HOOK_DICTS.items() if getattr(module, name, None)]
+    if hooks:  # weight_norm, spectral_norm and pruning compute the weight in a forward pre-hook
+        return "has " + " and ".join(hooks)
+    if parametrize.is_parametrized(module):
+        return "has parametrized weights"
     return None
+
+
+def bypass_reason(module: nn.Module, bypassed: Mapping[str, type | tuple[type, ...] | None]) -> str | None:
+    """Why the fused forward cannot stand in for the library's on `module`; None: it can.
+
+    `bypassed` names (as dotted attribute paths) the submodules whose forward the fused one
+    replaces, by reading their parameters or doing their computation itself, each with the classes
+    it reads (None: any). Such a submodule that is wrapped (`wrapper_of`), or of another class (a
+    LoRA or quantised layer in place of an nn.Linear), would be skipped. patch() leaves a module
+    for which this gives a reason as it is; a patched forward checks it on each call too, for
+    wrappers added since."""
+    for path, classes in bypassed.items():
+        submodule = _submodule(module, path)
+        if submodule is None:
+            continue
+        wrapper = wrapper_of(submodule)
+        if wrapper is not None:
+            return f"{path} {wrapper}"
+        if classes is not None and original_class(type(submodule)) not in _as_tuple(classes):
+            cls = type(submodule)
+            wanted = " or ".join(f"{c.__module__}.{c.__qualname__}" for c in _as_tuple(classes))
+            return f"{path} is a {cls.__module__}.{cls.__qualname__}, not a {wanted}"
+    return None
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def _as_tuple(classes: type | tuple[type, ...]) -> tuple[type, ...]:
+    return classes if isinstance(classes, tuple) else (classes,)
