@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .arguments import check_flag, check_int, type_name
 from .dispatch import get_backend, run_sharded, select_backend
 from .dropout import check_dropout_p, draw_seed
-from .validation import check_flag, validate_attention
+from .validation import validate_attention
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None = None,
@@ -67,12 +68,21 @@ def attention_dropout_mask(batch: int, heads: int, queries: int, keys: int, drop
     dropout_p = check_dropout_p(dropout_p)
     if dropout_p == 0:
         raise ValueError("dropout_p must be > 0 for a dropout mask (0 keeps every probability and draws no seed)")
-    for name, size in (("batch", batch), ("heads", heads), ("queries", queries), ("keys", keys)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {size!r}")
+    sizes = [check_int(name, size, minimum=0) for name, size in
+             (("batch", batch), ("heads", heads), ("queries", queries), ("keys", keys))]
     chosen = get_backend(backend)
     if chosen.unavailable:
         raise ValueError(f"backend {backend!r} is unavailable: {chosen.unavailable}")
     if not chosen.capabilities.dropout:
         raise ValueError(f"backend {backend!r} has no attention dropout, so no dropout mask")
-    return chosen.dropout_keep_mask(draw_seed(torch.device(device)), batch, heads, queries, keys, dropout_p)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a device name such as 'cpu', got {type_name(device)}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must name a device, such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if device.type not in chosen.capabilities.devices:
+        raise ValueError(f"device must be one that backend {backend!r} runs on "
+                         f"({', '.join(sorted(chosen.capabilities.devices))}), got {device}: the mask is drawn by "
+                         f"that backend's kernels, on that device")
+    return chosen.dropout_keep_mask(draw_seed(device), *sizes, dropout_p)

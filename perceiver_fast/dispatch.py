@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .arguments import type_name
 from .backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
+from .ops import kernel_table
 from .shards import agree
 from .validation import Problem
 
@@ -24,7 +26,7 @@ class BackendUnsupportedError(ValueError):
 
 def get_backend(name) -> Backend:
     if not isinstance(name, str):
-        raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+        raise TypeError(f"backend must be a str or None, got {type_name(name)}")
     for backend in BACKENDS:
         if backend.name == name:
             return backend
@@ -55,6 +57,27 @@ def select_backend(problem: Problem, requested: str | None) -> Backend:
     raise BackendUnsupportedError(f"no backend can run {problem.describe()}:\n  " + "\n  ".join(refused))
 
 
+def higher_order_gradients_error(op: str, kernel: str, sharded: bool = False) -> BackendUnsupportedError:
+    """The error of a backward through the registered op `op` on `kernel`'s backend that would be
+    recorded for higher-order gradients (ops/kernel_table.py: refuse_higher_order_gradients), naming
+    the backends whose capabilities declare them. sharded: a call of the public op `op` with a
+    process_group, which has them on no backend."""
+    if sharded:
+        return BackendUnsupportedError(
+            f"higher-order gradients (a backward with create_graph=True) are not supported for {op} with a "
+            f"process_group, on any backend ({kernel!r} here): the sharded backward merges the ranks' gradients "
+            f"outside autograd. Differentiate gradients of unsharded calls (backend='reference')")
+    able = [b.name for b in BACKENDS if b.capabilities.double_backward]
+    return BackendUnsupportedError(
+        f"higher-order gradients (a backward with create_graph=True) are not supported on backend {kernel!r}: "
+        f"the backward op it runs, perceiver_fast::{op}_backward, is not differentiable. Backends that support "
+        f"them: {', '.join(map(repr, able))}; pass {' or '.join(f'backend={name!r}' for name in able)} to the call "
+        f"whose gradient you differentiate (and no process_group: a sharded call has them on no backend)")
+
+
+kernel_table.higher_order_gradients_error = higher_order_gradients_error
+
+
 @torch.compiler.disable
 def run_sharded(validate, backend: str | None, *args, **kwargs):
     """(out, lse) of validate(*args, **kwargs), a call with a process_group, on its backend. It runs
@@ -64,12 +87,12 @@ def run_sharded(validate, backend: str | None, *args, **kwargs):
     chosen = refusal = None
     try:
         chosen = select_backend(problem, backend)
-    except BackendUnsupportedError as error:
+    except (TypeError, ValueError) as error:  # BackendUnsupportedError or a bad name: raised after the others hear
         refusal = error
     # Ranks on different backends, or one fused and one composed, would make different collectives.
-    choice = None if refusal else [0, 2 * BACKEND_NAMES.index(chosen.name) + (chosen.unfused_reason(problem) is None)]
-    agree(problem.op, problem.shards.group, ["", "backend (2 x its index in BACKENDS, + 1 fused)"], choice,
-          problem.device)
+    choice = None if refusal else {"backend": chosen.name,
+                                   "whether the backend runs it fused": chosen.unfused_reason(problem) is None}
+    agree(problem.shards.op, problem.shards.group, choice, device=problem.device)
     if refusal is not None:
         raise refusal
     with torch.autocast(problem.device.type, enabled=False):  # validation fixed the compute dtype

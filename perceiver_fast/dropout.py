@@ -22,6 +22,8 @@ import numbers
 
 import torch
 
+from .arguments import type_name
+
 # Philox4x32's multipliers and Weyl increments (Salmon et al., "Parallel random numbers: as easy as
 # 1, 2, 3", SC 2011), as Random123, cuRAND and Triton use them.
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -32,7 +34,7 @@ PHILOX_ROUNDS = 10
 def check_dropout_p(dropout_p) -> float:
     """dropout_p as a float in [0, 1); a clear error otherwise."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type_name(dropout_p)}")
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1) (1 would drop every probability), got {dropout_p}")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+
+from .arguments import type_name
 from .attention import cross_attention, latent_attention
 from .dispatch import refusals_by_backend
 from .input_attention import fused_input_attention
@@ -29,10 +34,16 @@ def explain(op, *args, **kwargs) -> dict[str, list[str]]:
     precision (perceiver_fast/backends/cpu.py). `pf.explain(q, k, v, ...)`
     is short for `pf.explain(pf.cross_attention, q, k, v, ...)`.
     """
-    if op not in _VALIDATORS:
-        if not callable(op):
-            return explain(cross_attention, op, *args, **kwargs)
+    if isinstance(op, torch.Tensor):
+        return explain(cross_attention, op, *args, **kwargs)
+    if not callable(op) or op not in _VALIDATORS:
         names = ", ".join(f"pf.{f.__name__}" for f in _VALIDATORS)
-        raise TypeError(f"op must be one of {names} (or q, for pf.cross_attention), got {op!r}")
+        given = repr(op) if callable(op) else type_name(op)
+        raise TypeError(f"pf.explain's op must be one of {names}, or a q tensor (short for pf.cross_attention), "
+                        f"got {given}")
     kwargs = {name: value for name, value in kwargs.items() if name not in ("backend", "return_lse")}
+    try:
+        inspect.signature(op).bind(*args, **kwargs)
+    except TypeError as error:  # said by the op, not by the validator it would reach
+        raise TypeError(f"pf.explain(pf.{op.__name__}, ...) takes pf.{op.__name__}'s arguments: {error}") from None
     return refusals_by_backend(_VALIDATORS[op](*args, **kwargs))

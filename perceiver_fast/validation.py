@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .arguments import check_flag, type_name
 from .dropout import check_dropout_p
 from .flops import INPUT_METHODS, choose_method
-from .shards import ShardedCall, ShardLayout, float_bits
+from .shards import ShardedCall, ShardLayout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 1024
@@ -147,18 +148,12 @@ def attention_kind(queries: int, keys: int, key_mask) -> str:
     return "latent" if key_mask is None and queries == keys else "cross"
 
 
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def check_scale(scale, dim_qk: int) -> float:
     """The softmax scale: 1/sqrt(Dqk) for None, else a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(dim_qk)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        raise TypeError(f"scale must be a real number or None, got {type_name(scale)}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
@@ -169,7 +164,7 @@ def check_tensor(name: str, t, layout: str, dims: int, floating: tuple = FLOAT_D
     """A tensor of `dims` dimensions, of one of the `floating` dtypes, with no empty dimension but
     `empty_dim` (a key axis sharded over ranks, where a rank may hold no key)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type_name(t)}")
     if t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in floating:
@@ -190,7 +185,7 @@ def check_key_mask(key_mask, batch: int, keys: int, device: torch.device) -> Non
         return
     if not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask must be a bool torch.Tensor of shape (B, M) = ({batch}, {keys}), "
-                        f"got {type(key_mask).__name__}")
+                        f"got {type_name(key_mask)}")
     if key_mask.dtype != torch.bool:
         raise TypeError(f"key_mask must have dtype torch.bool (True = key may be attended), got {key_mask.dtype}")
     if tuple(key_mask.shape) != (batch, keys):
@@ -199,21 +194,13 @@ def check_key_mask(key_mask, batch: int, keys: int, device: torch.device) -> Non
         raise ValueError(f"key_mask must be on q's device {device}, got {key_mask.device}")
 
 
-def _needs_grad(tensors) -> int:
-    return int(torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# What every rank of a sharded call must agree on, besides the replicated tensors (shards.py).
-ATTENTION_AGREEMENT = ("B", "H", "N", "Dqk", "Dv", "dtype", "causal", "key_mask (given or None)", "scale",
-                       "whether gradients are needed")
-INPUT_ATTENTION_AGREEMENT = ("B", "H", "N", "Dqk", "C", "Dv", "compute dtype", "causal", "key_mask (given or None)",
-                             "scale", "norm_eps", "method", "whether gradients are needed")
-INPUT_ATTENTION_REPLICATED = ("q", "k_weight", "k_bias", "v_weight", "v_bias", "norm_weight", "norm_bias")
-
-
-def _sharded_call(op: str, process_group, names, replicated):
+def _sharded_call(op: str, process_group):
     """The agreement step of a sharded call (see shards.ShardedCall); nothing for an unsharded one."""
-    return contextlib.nullcontext() if process_group is None else ShardedCall(op, process_group, names, replicated)
+    return contextlib.nullcontext() if process_group is None else ShardedCall(op, process_group)
 
 
 def _checked_dropout(dropout_p, process_group) -> float:
@@ -228,7 +215,7 @@ def validate_attention(q, k, v, *, key_mask=None, causal=False, scale=None, kind
                        process_group=None) -> AttentionProblem:
     """Checks the arguments of `cross_attention` (kind "cross") or `latent_attention` (kind "latent");
     with a process_group, also that every rank of it makes the same call (a collective)."""
-    with _sharded_call("cross_attention", process_group, ATTENTION_AGREEMENT, ("q",)) as call:
+    with _sharded_call(f"{kind}_attention", process_group) as call:
         return _validate_attention(q, k, v, key_mask, causal, scale, kind, _checked_dropout(dropout_p, process_group),
                                    call)
 
@@ -259,8 +246,9 @@ def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, dropout_p: 
     causal, scale = check_flag("causal", causal), check_scale(scale, dqk)
     shards = None
     if sharded:
-        shards = call.layout(M, [B, H, N, dqk, v.shape[3], FLOAT_DTYPES.index(q.dtype), int(causal),
-                                 int(key_mask is not None), float_bits(scale), _needs_grad((q, k, v))], q.device, [q])
+        shards = call.layout(M, {"B": B, "H": H, "N": N, "Dqk": dqk, "Dv": v.shape[3], "dtype": q.dtype,
+                                 "causal": causal, "whether key_mask is given": key_mask is not None, "scale": scale,
+                                 "whether gradients are needed": _needs_grad((q, k, v))}, {"q": q}, q.device)
     return AttentionProblem(q=q, k=k, v=v, key_mask=key_mask, causal=causal, scale=scale, kind=kind, shards=shards,
                             dropout_p=dropout_p)
 
@@ -281,8 +269,7 @@ def validate_input_attention(q, x, *, k_weight, k_bias=None, v_weight, v_bias=No
     """Checks the arguments of `fused_input_attention`, casts every tensor to the compute dtype
     (autocast's where it is on, else the promoted one) and resolves method "auto" by FLOPs (over
     every rank's keys with a process_group, after checking that every rank makes the same call)."""
-    with _sharded_call("fused_input_attention", process_group, INPUT_ATTENTION_AGREEMENT,
-                       INPUT_ATTENTION_REPLICATED) as call:
+    with _sharded_call("fused_input_attention", process_group) as call:
         return _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias, norm_eps,
                                          key_mask, causal, scale, method, _checked_dropout(dropout_p, process_group),
                                          call)
@@ -333,10 +320,13 @@ def _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_wei
     scale = check_scale(scale, dim_qk)
     shards = None
     if sharded:
-        shards = call.layout(keys, [batch, heads, queries, dim_qk, channels, dim_v, FLOAT_DTYPES.index(dtype),
-                                    int(causal), int(key_mask is not None), float_bits(scale), float_bits(norm_eps),
-                                    (("auto",) + INPUT_METHODS).index(method), _needs_grad(tensors)], q.device,
-                             [q, k_weight, k_bias, v_weight, v_bias, norm_weight, norm_bias])
+        shards = call.layout(
+            keys, {"B": batch, "H": heads, "N": queries, "Dqk": dim_qk, "C": channels, "Dv": dim_v,
+                   "compute dtype": dtype, "causal": causal, "whether key_mask is given": key_mask is not None,
+                   "scale": scale, "norm_eps": None if norm_eps is None else float(norm_eps), "method": method,
+                   "whether gradients are needed": _needs_grad(tensors)},
+            {"q": q, "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias,
+             "norm_weight": norm_weight, "norm_bias": norm_bias}, q.device)
     # The shortcut adds V's bias (v_bias + Wv norm_bias) once per row, which assumes the row's
     # probabilities sum to 1; dropped ones do not.
     value_bias = v_bias is not None or (norm_eps is not None and norm_bias is not None)

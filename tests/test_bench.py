@@ -367,13 +367,13 @@ def test_sharded_cases_run_on_their_ranks_and_report_collective_bytes():
     assert "collective_bytes" not in single and len(sharded["peak_extra_mib_per_rank"]) == 2
     # The layer runs the shortcut method (fewer FLOPs here), which attends over x's C channels per
     # head: one all-reduce of B H N lse maxima, one of B H N (C + 1) sums, and the ranks' agreement
-    # checks (all-gathers of 22 int64 for the call, 3 for the backend); the backward adds the folded
-    # queries' gradient (B H N C).
-    forward = 4 * 2 * 16 + 4 * 2 * 16 * (12 + 1) + 8 * (22 + 3)
+    # checks (docs/distributed.md: for the call and for the backend, an all-gather of a 6-int64
+    # header, then of 27 and 6 int64 values); the backward adds the folded queries' gradient (B H N C).
+    forward = 4 * 2 * 16 + 4 * 2 * 16 * (12 + 1) + 8 * (6 + 27 + 6 + 6)
     assert sharded["collective_bytes"] == forward
     assert rows[5]["collective_bytes"] == forward + 4 * 2 * 16 * 12
     table = "\n".join(sharded_section(rows))
-    assert "2 processes x 1 thread" in table and "| 1,992 |" in table
+    assert "2 processes x 1 thread" in table and "| 2,152 |" in table
 
 
 def test_report_tables_plots_and_json(tmp_path):
@@ -465,6 +465,31 @@ def test_cli_compares_two_files_and_rejects_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli(["bench", *argv])
         assert message in capsys.readouterr().err
+
+
+class RunStarted(Exception):
+    """Stands for the benchmark run, which these tests stop at its start."""
+
+
+def test_cli_out_folder_is_made_or_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    made = tmp_path / "new" / "results"
+
+    def run_cases(*args, **kwargs):
+        assert made.is_dir(), "the --out folder is made before the run"
+        raise RunStarted
+
+    monkeypatch.setattr("perceiver_fast.bench.run.run_cases", run_cases)
+    with pytest.raises(RunStarted):
+        cli(["bench", "--device", "cpu", "--out", str(made)])
+    monkeypatch.setattr("perceiver_fast.bench.run.run_cases", lambda *a, **kw: pytest.fail("ran before refusing --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, message in ((a_file, "is a file, not a folder"),
+                         (a_file / "results", "cannot make the folder: Not a directory")):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["bench", "--device", "cpu", "--out", str(out)])
+        assert exit_.value.code == 2
+        assert f"error: --out {out}: {message}" in capsys.readouterr().err
 
 
 def test_cli_full_is_the_full_set_and_writes_its_report(tmp_path, monkeypatch, capsys):

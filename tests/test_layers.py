@@ -11,7 +11,7 @@ COMPILED = "_C"  # the C++ extension, built from csrc/: below every layer
 
 # Bottom to top; a module belongs to the first entry that is it or its package.
 LAYERS = [
-    ["extension", "dropout", "flops", "reference", "kernels", "peak_memory", "shards"],
+    ["arguments", "extension", "dropout", "flops", "reference", "kernels", "peak_memory", "shards"],
     ["validation"],
     ["ops"],
     ["backends"],

@@ -162,6 +162,40 @@ def test_bad_arguments_are_named():
         pf.nn.SelfAttention(16, heads=2)([1.0])
 
 
+@pytest.mark.parametrize("build,error,message", [
+    (lambda: pf.nn.SelfAttention(8, heads=0), ValueError, r"heads must be an int >= 1, got 0"),
+    (lambda: pf.nn.SelfAttention(8, heads=2.0), TypeError, r"heads must be an int >= 1, got float"),
+    (lambda: pf.nn.SelfAttention(8, heads=3), ValueError,
+     r"dim \(8, the default qk_channels\) must be divisible by heads \(3\)"),
+    (lambda: pf.nn.SelfAttention(8, heads=2, v_channels=0), ValueError, r"v_channels must be an int >= 1, got 0"),
+    (lambda: pf.nn.SelfAttention(8, heads=2, residual=1), TypeError, r"residual must be a bool, got int"),
+    (lambda: pf.nn.CrossAttention(16, 0), ValueError, r"kv_dim must be an int >= 1, got 0"),
+    (lambda: pf.nn.CrossAttention(16, 12, qk_channels=0), ValueError, r"qk_channels must be an int >= 1, got 0"),
+    (lambda: pf.nn.CrossAttention(16, 12, heads=2, v_channels=5), ValueError,
+     r"v_channels \(5\) must be divisible by heads \(2\)"),
+    (lambda: pf.nn.MLP(8, widening=0), ValueError, r"widening must be an int >= 1, got 0"),
+    (lambda: pf.nn.PerceiverLayer(torch.nn.Linear(8, 8)), TypeError,
+     r"attention must be a perceiver_fast.nn CrossAttention or SelfAttention, got torch\.nn\.modules\.linear\.Linear"),
+    (lambda: pf.nn.PerceiverEncoder(8, num_latents=0), ValueError, r"num_latents must be an int >= 1, got 0"),
+    (lambda: pf.nn.PerceiverEncoder(8, latent_dim=12, self_heads=8), ValueError,
+     r"latent_dim \(12\) must be divisible by self_heads \(8\)"),
+    (lambda: pf.nn.PerceiverEncoder(8, latent_dim=12, cross_heads=5), ValueError,
+     r"latent_dim \(12, the default cross_qk_channels\) must be divisible by cross_heads \(5\)"),
+    (lambda: pf.nn.PerceiverEncoder(8, latent_dim=12, self_heads=4, self_layers=-1), ValueError,
+     r"self_layers must be an int >= 0, got -1"),
+    (lambda: pf.nn.PerceiverEncoder(0), ValueError, r"input_dim must be an int >= 1, got 0"),
+])
+def test_constructor_arguments_are_checked_at_construction(build, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        build()
+
+
+def test_numpy_sizes_and_flags_are_taken():
+    np = pytest.importorskip("numpy")
+    module = pf.nn.SelfAttention(np.int64(8), heads=np.int64(2), residual=np.bool_(False))
+    assert module(torch.randn(1, 3, 8)).shape == (1, 3, 8) and module.heads == 2 and not module.residual
+
+
 @pytest.mark.parametrize("kind", ["cross", "self"])
 def test_modules_drop_attention_in_training_only(kind):
     # The dropout mask is the one pf.attention_dropout_mask shows for the same generator state.

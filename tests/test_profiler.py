@@ -394,6 +394,36 @@ def test_user_model_errors_name_the_argument(user_model_file, capsys):
     assert "--memory-budget: the memory formula does not cover" in capsys.readouterr().err
 
 
+def no_work(*args, **kwargs):
+    raise AssertionError("the command started its work before rejecting its arguments")
+
+
+def test_a_user_model_holding_no_perceiver_is_a_command_line_error(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "plain.py"
+    path.write_text("import torch\n\n\ndef make_model():\n"
+                    "    return torch.nn.Linear(4, 4), lambda batch, length, dtype, device: torch.randn(batch, 4)\n")
+    monkeypatch.setattr("perceiver_fast.profiler.parts.profile_models", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["profile", "--model", f"{path}:make_model", "--input-len", "8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert (f"error: --model: {path}:make_model gives no patched model to compare: patch found no attention module "
+            f"it knows in Linear; it supports HF transformers Perceiver* models") in err, err
+
+
+@pytest.mark.parametrize("option", ["--json", "--trace"])
+def test_profile_output_paths_are_checked_before_any_work(option, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("perceiver_fast.profiler.command._model", no_work)
+    monkeypatch.setattr("perceiver_fast.profiler.parts.profile_models", no_work)
+    missing = tmp_path / "missing" / "out.json"
+    for path, message in ((missing, f"{missing}: no folder {missing.parent} (it is not made: create it first)"),
+                          (tmp_path, f"{tmp_path} is a folder; give a file name")):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["profile", "--model", "hf-vision-fourier", "--input-len", "1024", option, str(path)])
+        assert exit_.value.code == 2
+        assert f"error: argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_hf_optical_flow_profiles_at_a_reduced_size(capsys):
     """The published optical-flow configuration (2048 latents, 24 layers, a per-pixel decoder) on the
     smallest frame of its aspect ratio, 23 x 31 pixels."""

@@ -3,11 +3,14 @@ gloo processes, the forward, lse and every gradient equal the single-process cal
 concatenated input (float32, relative error <= 1e-5), with uneven and empty shards, key masks (a
 batch item fully masked on one rank), causal rows split at a shard, both fused-input methods and the
 composed path, on the cpu and reference backends (and triton under its interpreter); ranks that
-disagree all raise."""
+disagree (on the op itself, shapes, dtypes, flags, backend) all raise ValueError, none aborting or
+hanging."""
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -179,8 +182,79 @@ def test_sharded_ops_equal_the_single_process_call(tmp_path, world, fresh_seed):
                     "ValueError: sharded cross_attention: rank" + ("s 1, 2" if world == 3 else " 1") + " of "
                     "process_group could not make the call")
         assert errors["one rank's bad mask"].startswith(expected if rank < 2 else "ValueError: key_mask"), errors
-        assert errors["backends"].startswith("ValueError: sharded attention: the ranks of process_group disagree on "
-                                             "backend"), errors["backends"]
+        assert errors["backends"].startswith("ValueError: sharded cross_attention: the ranks of process_group "
+                                             "disagree on backend (rank 0: cpu, rank 1: reference"), errors["backends"]
+
+
+def _cross(group, queries=3, dim_qk=8, dtype=torch.float32, **options):
+    q = torch.randn(1, 2, queries, dim_qk, dtype=dtype, generator=torch.Generator().manual_seed(0))  # replicated
+    k, v = torch.randn(1, 2, 5, dim_qk, dtype=dtype), torch.randn(1, 2, 5, 8, dtype=dtype)
+    return pf.cross_attention(q, k, v, process_group=group, **options)
+
+
+def _fused(group, channels=4, dtype=torch.float32, **options):
+    q = torch.randn(1, 2, 3, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    weight = torch.ones(16, channels, dtype=dtype)
+    return pf.fused_input_attention(q, torch.randn(1, 5, channels, dtype=dtype), k_weight=weight, v_weight=weight,
+                                    process_group=group, **options)
+
+
+def _different_ops(first: str, second: str) -> str:
+    return f"the ranks of process_group called different ops (rank 0: {first}, rank 1: {second})"
+
+
+# Calls that do not match between 2 ranks: (rank 0's call, rank 1's, what each rank's ValueError says).
+MISMATCHES = {
+    "cross_attention-vs-fused_input_attention": (
+        _cross, _fused, [_different_ops("cross_attention", "fused_input_attention")] * 2),
+    "fused_input_attention-vs-cross_attention": (
+        _fused, _cross, [_different_ops("fused_input_attention", "cross_attention")] * 2),
+    # the op is agreed on first, even where a rank's own checks failed
+    "cross_attention-vs-invalid-fused_input_attention": (
+        _cross, functools.partial(_fused, method="fastest"),
+        [_different_ops("cross_attention", "fused_input_attention")] * 2),
+    "queries": (_cross, functools.partial(_cross, queries=4), ["disagree on N (rank 0: 3, rank 1: 4)"] * 2),
+    "channels": (_fused, functools.partial(_fused, channels=5), ["disagree on C (rank 0: 4, rank 1: 5)"] * 2),
+    "dtype": (_cross, functools.partial(_cross, dtype=torch.float64),
+              ["disagree on dtype (rank 0: float32, rank 1: float64)"] * 2),
+    "compute-dtype": (_fused, functools.partial(_fused, dtype=torch.float64),
+                      ["disagree on compute dtype (rank 0: float32, rank 1: float64)"] * 2),
+    "method": (functools.partial(_fused, method="shortcut"), functools.partial(_fused, method="projection"),
+               ["disagree on method (rank 0: shortcut, rank 1: projection)"] * 2),
+    "norm_eps": (functools.partial(_fused, norm_eps=None), _fused,
+                 ["disagree on norm_eps (rank 0: None, rank 1: 1e-05)"] * 2),
+    "scale": (_cross, functools.partial(_cross, scale=0.5),
+              ["disagree on scale (rank 0: 0.35355339059327373, rank 1: 0.5)"] * 2),
+    "backend-name": (_cross, functools.partial(_cross, backend="fastest"),
+                     ["rank 1 of process_group could not make the call", "backend must be None, 'auto' or one of"]),
+}
+
+
+def mismatched_calls(rank: int, world: int) -> dict:
+    """Every case of MISMATCHES in turn, each followed by a matching call (which needs the ranks in step)."""
+    group = dist.group.WORLD
+    results = {}
+    for case, calls in MISMATCHES.items():
+        print(f"rank {rank}: {case}", file=sys.stderr, flush=True)  # names the case if a rank dies or hangs
+        results[case] = {"error": _error_message(lambda: calls[rank](group)),
+                         "in step after": bool(torch.isfinite(_cross(group)).all())}
+    return results
+
+
+@pytest.fixture(scope="module")
+def mismatch_results(tmp_path_factory) -> list[dict]:
+    # one pair of processes for every case: spawning one takes seconds
+    return run_ranks(mismatched_calls, 2, tmp_path_factory.mktemp("mismatches"), deadline_s=60)
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_ranks_making_different_calls_all_raise(mismatch_results, case):
+    """Every rank raises ValueError naming the mismatch, and none aborts or hangs (run_ranks fails
+    on a rank killed by a signal or still running at its deadline)."""
+    for rank, (results, expected) in enumerate(zip(mismatch_results, MISMATCHES[case][2])):
+        error = results[case]["error"]
+        assert error.startswith("ValueError: ") and expected in error, f"rank {rank}: {error}"
+        assert results[case]["in step after"], f"rank {rank}"
 
 
 def test_process_group_needs_torch_distributed_initialized():

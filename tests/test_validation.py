@@ -78,6 +78,48 @@ def test_bad_flags_and_scale():
         pf.cross_attention(q, k, v, scale=float("nan"))
 
 
+def test_numpy_bools_are_bools_and_rejected_types_are_named_in_full():
+    np = pytest.importorskip("numpy")
+    q, k, v = inputs()
+    expected = pf.cross_attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(pf.cross_attention(q, k, v, causal=np.bool_(True), backend="reference"), expected)
+    _, lse = pf.cross_attention(q, k, v, return_lse=np.bool_(True), backend="reference")
+    assert lse.shape == q.shape[:3]
+    with pytest.raises(TypeError, match=r"^causal must be a bool, got numpy\.int64$"):
+        pf.cross_attention(q, k, v, causal=np.int64(1))
+    with pytest.raises(TypeError, match=r"^causal must be a bool, got int$"):
+        pf.cross_attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match=r"^scale must be a real number or None, got torch\.Tensor$"):
+        pf.cross_attention(q, k, v, scale=torch.tensor(0.5))
+
+
+def test_explain_names_its_own_argument():
+    q, k, v = inputs()
+    with pytest.raises(TypeError, match=r"^pf\.explain's op must be one of pf\.cross_attention, pf\.latent_attention, "
+                                        r"pf\.fused_input_attention, or a q tensor \(short for pf\.cross_attention\), "
+                                        r"got None$"):
+        pf.explain(None)
+    with pytest.raises(TypeError, match=r"got list$"):
+        pf.explain([q, k, v])
+    for call in (lambda: pf.explain(pf.cross_attention, q), lambda: pf.explain(q)):
+        with pytest.raises(TypeError, match=r"^pf\.explain\(pf\.cross_attention, \.\.\.\) takes "
+                                            r"pf\.cross_attention's arguments: missing a required argument: 'k'$"):
+            call()
+
+
+def test_dropout_mask_names_a_device_its_backend_cannot_draw_on():
+    with pytest.raises(ValueError, match=r"^device must be one that backend 'cpu' runs on \(cpu\), got meta: the mask "
+                                         r"is drawn by that backend's kernels, on that device$"):
+        pf.attention_dropout_mask(1, 1, 2, 2, 0.5, device="meta")
+    with pytest.raises(ValueError, match=r"^device must name a device, such as 'cpu' or 'cuda:0', got 'gpu0'$"):
+        pf.attention_dropout_mask(1, 1, 2, 2, 0.5, device="gpu0")
+    with pytest.raises(TypeError, match=r"^device must be a torch.device or a device name such as 'cpu', got float$"):
+        pf.attention_dropout_mask(1, 1, 2, 2, 0.5, device=0.5)
+    with pytest.raises(TypeError, match=r"^keys must be an int >= 0, got float$"):
+        pf.attention_dropout_mask(1, 1, 2, 2.0, 0.5)
+    assert pf.attention_dropout_mask(1, 1, 2, 2, 0.5, device=torch.device("cpu")).shape == (1, 1, 2, 2)
+
+
 def test_latent_needs_square_problem():
     q, k, v = inputs(N=4, M=6)
     with pytest.raises(ValueError, match="latent_attention is self-attention.*N=4.*M=6"):

@@ -24,6 +24,12 @@ def _names(dtypes) -> str:
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a backend's kernels run. `double_backward`: higher-order gradients (a backward with
+    create_graph=True), which only a backend differentiated by autograd has (the registered ops'
+    backward ops have no autograd formula), and none sharded over a process group. Asked for only at
+    the backward, it refuses no forward: the ops' autograd formula raises, naming the backends that
+    have it (ops/kernel_table.py: refuse_higher_order_gradients)."""
+
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
     max_dim_qk: int
@@ -31,6 +37,7 @@ class Capabilities:
     key_mask: bool
     causal: bool
     grad: bool
+    double_backward: bool
     dropout: bool
 
     def refusals(self, problem: Problem) -> list[str]:

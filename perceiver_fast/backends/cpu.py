@@ -19,7 +19,8 @@ class CpuBackend(Backend):
     name = "cpu"
     capabilities = Capabilities(
         devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32, torch.float64}),
-        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True, dropout=True,
+        max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
+        double_backward=False, dropout=True,
     )
     fused_input_methods = frozenset({"shortcut", "projection"})
     unavailable = extension.LOAD_ERROR

@@ -22,7 +22,7 @@ class CudaBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
-        dropout=False,
+        double_backward=False, dropout=False,
     )
     unavailable = extension.LOAD_ERROR or (
         None if extension.HAS_CUDA_KERNELS

@@ -20,7 +20,7 @@ class ReferenceBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}), dtypes=frozenset(FLOAT_DTYPES),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
-        dropout=True,
+        double_backward=True, dropout=True,
     )
 
     def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):

@@ -22,7 +22,7 @@ class TritonBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
-        dropout=True,
+        double_backward=False, dropout=True,
     )
     fused_input_methods = frozenset({"shortcut", "projection"})
     unavailable = None if importlib.util.find_spec("triton") is not None else "triton is not installed"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .cases import DECODE, PASSES
 from .levels import LEVELS
@@ -31,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider (median)")
     parser.add_argument("--out", default="bench-results",
                         help="folder for report-<set>-<device>.md, results-<set>-<device>.json and the plots "
-                             "(the quick set: report-<device>.md, results-<device>.json)")
+                             "(the quick set: report-<device>.md, results-<device>.json); made, with its parents, "
+                             "before the run if missing")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument("--compare", metavar="OLD.json", help="print the change against an earlier results file")
     parser.add_argument("--against", metavar="NEW.json",
@@ -44,6 +47,19 @@ def _split(parser, name: str, value: str, allowed) -> list[str]:
     if unknown or not items:
         parser.error(f"--{name}: {', '.join(unknown) or 'nothing given'}; choose from {', '.join(allowed)}")
     return items
+
+
+def _make_out_folder(parser, path: str) -> None:
+    """Makes the --out folder (with its parents) before the run, so that a path that cannot be a
+    writable folder stops the command at once rather than losing the run's results at its end."""
+    if Path(path).exists() and not Path(path).is_dir():
+        parser.error(f"--out {path}: is a file, not a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file among its parents, a read-only parent
+        parser.error(f"--out {path}: cannot make the folder: {error.strerror or error}")
+    if not os.access(path, os.W_OK):
+        parser.error(f"--out {path}: not writable")
 
 
 def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -89,6 +105,7 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     cases = [c for c in case_set.cases(device) if c.level in levels]
     if not cases:
         parser.error(f"--levels {args.levels}: the {case_set.name} set has no case at these levels")
+    _make_out_folder(parser, args.out)
     print(f"perceiver-fast bench: {len(cases)} cases x {len(dtypes)} dtypes x {len(passes)} passes on {device}, "
           f"{case_set.name} set", flush=True)
     rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arguments import type_name
 from ..dispatch import BACKEND_NAMES
 from .krasserm import KrassermPerceiverAR, causal_sequence_model_class
 from .sampling import Sampling
@@ -62,7 +63,7 @@ def _checked_model(model):
                         "is not installed (pip install perceiver-io)")
     if not isinstance(model, model_class):
         raise TypeError(f"model must be a krasserm perceiver-io CausalSequenceModel (Perceiver AR), got "
-                        f"{type(model).__name__}")
+                        f"{type_name(model)}")
     return model
 
 
@@ -77,7 +78,7 @@ def _backend_of(model, backend):
 
 def _checked_input_ids(input_ids, decoder, device):
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a tensor of token ids (B, L), got {type(input_ids).__name__}")
+        raise TypeError(f"input_ids must be a tensor of token ids (B, L), got {type_name(input_ids)}")
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids must be (B, L) with B, L >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -116,7 +117,7 @@ def _checked_pad_mask(pad_mask, input_ids, prefix_len) -> torch.Tensor:
         return torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
     if not isinstance(pad_mask, torch.Tensor) or pad_mask.dtype != torch.bool:
         raise TypeError(f"pad_mask must be a bool tensor (True = padding), got "
-                        f"{pad_mask.dtype if isinstance(pad_mask, torch.Tensor) else type(pad_mask).__name__}")
+                        f"{pad_mask.dtype if isinstance(pad_mask, torch.Tensor) else type_name(pad_mask)}")
     if pad_mask.shape != input_ids.shape or pad_mask.device != input_ids.device:
         raise ValueError(f"pad_mask must be input_ids' shape {tuple(input_ids.shape)} on {input_ids.device}, "
                          f"got {tuple(pad_mask.shape)} on {pad_mask.device}")

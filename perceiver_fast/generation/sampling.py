@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arguments import type_name
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -35,7 +37,7 @@ class Sampling:
             raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
         if self.generator is not None:
             if not isinstance(self.generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(self.generator).__name__}")
+                raise TypeError(f"generator must be a torch.Generator, got {type_name(self.generator)}")
             if self.generator.device.type != device.type:
                 raise ValueError(f"generator must be on the model's device ({device.type}), got one on "
                                  f"{self.generator.device.type}")

@@ -5,19 +5,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arguments import check_flag, check_int, type_name
 from ..dropout import check_dropout_p
 from ..shards import check_group
 from .functional import attention, input_attention, merge_heads, split_heads
 
 
-def _check_channels(name: str, channels: int, heads: int) -> None:
+def head_channels(name: str, channels, default_name: str, default: int, heads_name: str, heads: int) -> int:
+    """Channels split over `heads` (already checked): an int >= 1 that heads divides, or for None
+    the default, `default_name`'s value; an error names the argument the value came from."""
+    if channels is None:
+        check_heads_divide(default_name, default, heads_name, heads, default_of=name)
+        return default
+    channels = check_int(name, channels)
+    check_heads_divide(name, channels, heads_name, heads)
+    return channels
+
+
+def check_heads_divide(name: str, channels: int, heads_name: str, heads: int, default_of: str | None = None) -> None:
+    """`default_of`: the argument that took `name`'s value by default, named in the error."""
     if channels % heads:
-        raise ValueError(f"{name} ({channels}) must be divisible by heads ({heads})")
+        role = f", the default {default_of}" if default_of else ""
+        raise ValueError(f"{name} ({channels}{role}) must be divisible by {heads_name} ({heads})")
 
 
 def _check_sequence(name: str, t, channels: int) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (B, L, {channels}), got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (B, L, {channels}), got {type_name(t)}")
     if t.dim() != 3 or t.shape[-1] != channels:
         raise ValueError(f"{name} must have shape (B, L, {channels}), got {tuple(t.shape)}")
 
@@ -42,11 +56,11 @@ class CrossAttention(nn.Module):
                  v_channels: int | None = None, out_dim: int | None = None, query_residual: bool = True,
                  bias: bool = True, dropout: float = 0.0, backend: str | None = None, process_group=None):
         super().__init__()
-        qk_channels = qk_channels or q_dim
-        v_channels = v_channels or qk_channels
-        out_dim = out_dim or q_dim
-        _check_channels("qk_channels", qk_channels, heads)
-        _check_channels("v_channels", v_channels, heads)
+        q_dim, kv_dim, heads = check_int("q_dim", q_dim), check_int("kv_dim", kv_dim), check_int("heads", heads)
+        qk_channels = head_channels("qk_channels", qk_channels, "q_dim", q_dim, "heads", heads)
+        v_channels = head_channels("v_channels", v_channels, "qk_channels", qk_channels, "heads", heads)
+        out_dim = q_dim if out_dim is None else check_int("out_dim", out_dim)
+        query_residual, bias = check_flag("query_residual", query_residual), check_flag("bias", bias)
         if query_residual and out_dim != q_dim:
             raise ValueError(f"query_residual needs out_dim == q_dim, got out_dim={out_dim}, q_dim={q_dim}")
         if process_group is not None:
@@ -86,10 +100,10 @@ class SelfAttention(nn.Module):
                  residual: bool = True, bias: bool = True, dropout: float = 0.0, backend: str | None = None):
         super().__init__()
         self.dropout = check_dropout_p(dropout)
-        qk_channels = qk_channels or dim
-        v_channels = v_channels or qk_channels
-        _check_channels("qk_channels", qk_channels, heads)
-        _check_channels("v_channels", v_channels, heads)
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
+        qk_channels = head_channels("qk_channels", qk_channels, "dim", dim, "heads", heads)
+        v_channels = head_channels("v_channels", v_channels, "qk_channels", qk_channels, "heads", heads)
+        residual, bias = check_flag("residual", residual), check_flag("bias", bias)
         self.dim, self.heads, self.residual, self.backend = dim, heads, residual, backend
         self.norm = nn.LayerNorm(dim)
         self.q_proj = nn.Linear(dim, qk_channels, bias=bias)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import CrossAttention, SelfAttention
+from ..arguments import check_int, type_name
+from .attention import CrossAttention, SelfAttention, check_heads_divide, head_channels
 
 
 class MLP(nn.Module):
@@ -13,6 +14,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, widening: int = 4):
         super().__init__()
+        dim, widening = check_int("dim", dim), check_int("widening", widening)
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, widening * dim)
         self.act = nn.GELU()
@@ -27,6 +29,9 @@ class PerceiverLayer(nn.Module):
 
     def __init__(self, attention: CrossAttention | SelfAttention, widening: int = 4):
         super().__init__()
+        if not isinstance(attention, (CrossAttention, SelfAttention)):
+            raise TypeError(f"attention must be a perceiver_fast.nn CrossAttention or SelfAttention, "
+                            f"got {type_name(attention)}")
         dim = attention.out_proj.out_features
         self.attention = attention
         self.mlp = MLP(dim, widening)
@@ -50,8 +55,16 @@ class PerceiverEncoder(nn.Module):
                  self_layers: int = 6, blocks: int = 1, widening: int = 1, dropout: float = 0.0,
                  backend: str | None = None, process_group=None):
         super().__init__()
-        if blocks < 1 or self_layers < 0:
-            raise ValueError(f"blocks must be >= 1 and self_layers >= 0, got {blocks} and {self_layers}")
+        # Checked here, not only by the modules built below, so that an error names this constructor's argument.
+        input_dim, latent_dim = check_int("input_dim", input_dim), check_int("latent_dim", latent_dim)
+        num_latents, widening = check_int("num_latents", num_latents), check_int("widening", widening)
+        self_layers, blocks = check_int("self_layers", self_layers, minimum=0), check_int("blocks", blocks)
+        cross_heads, self_heads = check_int("cross_heads", cross_heads), check_int("self_heads", self_heads)
+        cross_qk_channels = head_channels("cross_qk_channels", cross_qk_channels, "latent_dim", latent_dim,
+                                          "cross_heads", cross_heads)
+        head_channels("cross_v_channels", cross_v_channels, "cross_qk_channels", cross_qk_channels, "cross_heads",
+                      cross_heads)
+        check_heads_divide("latent_dim", latent_dim, "self_heads", self_heads)
         self.blocks = blocks
         self.latents = nn.Parameter(torch.empty(num_latents, latent_dim))
         nn.init.trunc_normal_(self.latents, std=0.02)
@@ -64,8 +77,10 @@ class PerceiverEncoder(nn.Module):
             for _ in range(self_layers))
 
     def forward(self, inputs: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
-            raise ValueError(f"inputs must be a (B, M, C) tensor, got {getattr(inputs, 'shape', type(inputs))}")
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs must be a (B, M, C) tensor, got {type_name(inputs)}")
+        if inputs.dim() != 3:
+            raise ValueError(f"inputs must be a (B, M, C) tensor, got shape {tuple(inputs.shape)}")
         x = self.latents.expand(inputs.shape[0], -1, -1)
         x = self.cross(x, inputs, key_mask)
         for _ in range(self.blocks):

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernel_table import KernelTable
+from .kernel_table import KernelTable, refuse_higher_order_gradients
 
 # Filled by the backends (perceiver_fast/backends/): kernel name -> its forward and backward.
 KERNELS = KernelTable("attention")
@@ -69,6 +69,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_mask, dropout_seed = ctx.saved_tensors
     causal, scale, dropout_p, kernel, kind, tiling = ctx.settings
+    refuse_higher_order_gradients("attention", kernel)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, key_mask, causal, scale, dropout_p, dropout_seed, kernel,
                                     kind, tiling)
     return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernel_table import KernelTable
+from .kernel_table import KernelTable, refuse_higher_order_gradients
 
 # Filled by the backends (perceiver_fast/backends/) that fuse a method: kernel name -> forward, backward.
 KERNELS = KernelTable("fused input attention")
@@ -76,6 +76,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, x, k_weight, k_bias, v_weight, v_bias, out, lse, key_mask, dropout_seed = ctx.saved_tensors
     normalize, eps, causal, scale, dropout_p, kernel, tiling = ctx.settings
+    refuse_higher_order_gradients("input_attention", kernel)
     dq, dx, *weight_grads = input_attention_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bias,
                                                      out, lse, key_mask, causal, scale, dropout_p, dropout_seed,
                                                      kernel, tiling)

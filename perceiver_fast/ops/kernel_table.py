@@ -1,9 +1,12 @@
 """The kernel families an op can run: each backend registers its kernels' functions under its name,
-and the op's implementation looks up the one its `kernel` argument names."""
+and the op's implementation looks up the one its `kernel` argument names. Also what every op's
+autograd formula does first: refuse higher-order gradients, which no kernel family has."""
 
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 
 class KernelTable:
@@ -29,3 +32,18 @@ class KernelTable:
             raise ValueError(f"kernel {kernel!r} has no backward of the {self.op} (kernels with one: "
                              f"{', '.join(map(repr, self._backward))})")
         return self._backward[kernel]
+
+
+# (op, kernel, sharded) -> the error of a backward on that kernel recorded for higher-order gradients.
+# It names the backends that have them, which only dispatch (a layer above) knows: dispatch sets it
+# at import.
+higher_order_gradients_error: Callable[[str, str, bool], Exception]
+
+
+def refuse_higher_order_gradients(op: str, kernel: str, sharded: bool = False) -> None:
+    """Called first in the ops' autograd formulas (and the sharded op's, with sharded=True). With
+    create_graph=True autograd records the backward for differentiation, but the backward ops have
+    no autograd formula: torch would fail only at the next backward, naming neither the backend nor
+    one that has higher-order gradients. Raise now instead."""
+    if torch.is_grad_enabled():
+        raise higher_order_gradients_error(op, kernel, sharded)

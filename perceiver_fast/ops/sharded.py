@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from ..shards import ShardLayout
 from .attention import attention, attention_backward
 from .input_attention import input_attention, input_attention_backward
+from .kernel_table import refuse_higher_order_gradients
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,8 +158,15 @@ class _ShardedOp(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, _dlse):
+        # Asked before once_differentiable turns grad mode off, so that create_graph=True is refused
+        # here, naming the backend, instead of silently giving first-order gradients with no graph.
+        refuse_higher_order_gradients(ctx.shards.op, ctx.op.kernel, sharded=True)
+        return _ShardedOp.first_order_backward(ctx, dout)
+
+    @staticmethod
+    @once_differentiable
+    def first_order_backward(ctx, dout):
         *tensors, out, lse = ctx.saved_tensors
         op, parts = ctx.op, ctx.parts
         dout = dout.contiguous()

@@ -8,6 +8,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -97,6 +98,20 @@ def format_table(title: str, unpatched, patched, predicted: tuple[float, float] 
     return "\n".join(lines)
 
 
+def writable_file(path: str) -> str:
+    """An output file's path, checked as the arguments are parsed, before any work (a profile must not
+    end by losing its figures to a path that was never writable): its folder exists (it is not made)
+    and is writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no folder {target.parent} (it is not made: create it first)")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path} is not writable")
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .models import NAMED_MODELS
 
@@ -115,8 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the training step's optimizer: in the run (with --backward) and in the training memory plan (default: adamw; "
                              "sgd: with momentum 0.9; none: forward and backward only)")
     parser.add_argument("--memory-budget", metavar="SIZE", help="also print the longest input that fits, e.g. 24GiB")
-    parser.add_argument("--trace", metavar="FILE", help="write the unpatched forward's Chrome trace here")
-    parser.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
+    parser.add_argument("--trace", metavar="FILE", type=writable_file,
+                        help="write the unpatched forward's Chrome trace here (its folder must exist)")
+    parser.add_argument("--json", metavar="FILE", type=writable_file,
+                        help="also write every figure to this JSON file (its folder must exist)")
 
 
 def _model(args, parser):
@@ -227,7 +244,10 @@ def profile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
     started = time.monotonic()
     models = [named.build(args.input_len, dtype).to(device) for _ in range(2)]
-    pf.patch(models[1])
+    try:
+        pf.patch(models[1])
+    except TypeError as error:  # a model of the user's own that holds no module pf.patch knows
+        parser.error(f"--model: {named.name} gives no patched model to compare: {error}")
     inputs = named.inputs(args.batch, args.input_len, dtype, device)
     profiles = profile_models(models, lambda m: named.run(m, inputs), device=device, backward=args.backward,
                               optimizer=run_optimizer, labels=["unpatched", "patched"], trace=args.trace,

@@ -1,7 +1,9 @@
 """A model of the user's own for `perceiver-fast profile --model FILE.py:FUNCTION` or `MODULE:FUNCTION`.
 
-FUNCTION() returns (model, make_inputs): an nn.Module (HF, lucidrains, krasserm or perceiver_fast.nn
-Perceiver, or one holding such modules) and make_inputs(batch, input_len, dtype, device), which
+FUNCTION() returns (model, make_inputs): an nn.Module that pf.patch patches (an HF, lucidrains or
+krasserm Perceiver, or one holding such modules: the profile compares it with its patched copy; the
+command stops with an error naming --model where there is nothing to patch, perceiver_fast.nn's
+modules included, which are fused already) and make_inputs(batch, input_len, dtype, device), which
 returns the model's inputs for that batch and input length: a tensor (called as model(x)), a tuple
 (model(*args)) or a dict (model(**kwargs)). The profile's output is the model's output tensor, or
 the first floating-point tensor of what it returns (a tuple, a ModelOutput).
