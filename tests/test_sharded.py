@@ -199,6 +199,11 @@ def _fused(group, channels=4, dtype=torch.float32, **options):
                                     process_group=group, **options)
 
 
+def _settled(group, batch):
+    from perceiver_fast.patching.masks import settled_reason
+    return settled_reason(None, None, batch, 3, 5, False, group)
+
+
 def _different_ops(first: str, second: str) -> str:
     return f"the ranks of process_group called different ops (rank 0: {first}, rank 1: {second})"
 
@@ -227,6 +232,9 @@ MISMATCHES = {
               ["disagree on scale (rank 0: 0.35355339059327373, rank 1: 0.5)"] * 2),
     "backend-name": (_cross, functools.partial(_cross, backend="fastest"),
                      ["rank 1 of process_group could not make the call", "backend must be None, 'auto' or one of"]),
+    # a patched model's sharded input attention settles its fallback on every rank alike
+    "patched-batch": (functools.partial(_settled, batch=1), functools.partial(_settled, batch=2),
+                      ["disagree on the batch size (rank 0: 1, rank 1: 2)"] * 2),
 }
 
 

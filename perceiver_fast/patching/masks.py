@@ -91,9 +91,19 @@ def settled_reason(reason: str | None, key_mask: torch.Tensor | None, batch: int
         return reason
     if causal:
         raise ValueError("pf.patch(process_group=...) shards non-causal input cross-attention only")
+    where = collective_device(process_group)
+    # The batch size first, in an all-gather of one size on every rank: an all-reduce of tensors of
+    # different sizes aborts the process under gloo.
+    batches = [torch.zeros(1, dtype=torch.int64, device=where) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(batches, torch.tensor([batch], device=where), group=process_group)
+    batches = [int(b) for b in batches]
+    if len(set(batches)) > 1:
+        shown = ", ".join(f"rank {r}: {b}" for r, b in enumerate(batches))
+        raise ValueError(f"pf.patch(process_group=...): the ranks of process_group disagree on the batch size "
+                         f"({shown}); each rank passes its shard of the same batch's inputs")
     counts = (torch.full((batch,), keys, dtype=torch.int64) if key_mask is None
               else key_mask.sum(dim=1, dtype=torch.int64))
-    status = torch.cat([counts.cpu(), torch.tensor([int(reason is not None)])]).to(collective_device(process_group))
+    status = torch.cat([counts.cpu(), torch.tensor([int(reason is not None)])]).to(where)
     dist.all_reduce(status, group=process_group)
     if reason is not None:
         return reason
