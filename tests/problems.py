@@ -88,6 +88,19 @@ class Problem:
                                    scale=self.scale)[0]
 
 
+def output_rounding_bound(problem: Problem) -> float:
+    """How far a float32 kernel's output may be from float64's through its scores alone: a float32
+    score of d terms (the input op's keys projected over C channels first) may be off by
+    (d + C) x 2^-24 x scale x sum |q_d k_d|, and a score error e moves the output by up to
+    min(2, 2e) x max |v|. Near-tied keys at huge scales take all of it."""
+    k, v = problem.keys_and_values(torch.float64)
+    q = problem.inputs["q"].detach().double()
+    terms = q.shape[-1] + (problem.inputs["x"].shape[-1] if problem.op == "input" else 0)
+    scale = problem.scale if problem.scale is not None else q.shape[-1] ** -0.5
+    score_error = scale * terms * torch.finfo(torch.float32).eps * (q.abs() @ k.abs().transpose(-1, -2)).max().item()
+    return min(2.0, 2 * score_error) * v.abs().max().item()
+
+
 def make_tensor(shape: tuple[int, ...], dtype: torch.dtype, magnitude: float = 1.0, layout: str = "contiguous"
                 ) -> torch.Tensor:
     """Random normal values times magnitude. layout "heads-inner": a (B, H, L, D) tensor held as

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checks import backend_id, kernel_runner, runnable_backends
-from problems import OPS, Problem, make_problem, output_with_gradients
+from problems import OPS, Problem, make_problem, output_rounding_bound, output_with_gradients
 
 BACKENDS = runnable_backends()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -52,15 +52,15 @@ def test_score_gaps_past_2_to_the_32(backend, dtype, keys, expected):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("scale", [1e4, 1e10])
 def test_huge_scales_match_float64(backend, op, scale):
-    # Every row's softmax is one key (ties aside): the output is that key's value, and every
-    # gradient is finite.
+    # Rows' softmaxes are one key each but for near ties, which float32 scores may settle either way:
+    # the output is float64's within that, and every gradient is finite.
     problem = make_problem(op, 2, 2, 9, 40, 8, 8, torch.float32, scale=scale,
                            key_mask=torch.rand(2, 40) > 0.3 if op != "latent" else None, causal=op == "latent")
     out = problem.run(backend)
     want = problem.reference(torch.float64)
     rows = problem.allowed().any(-1)
     err = (out.double() - want).abs()[rows.expand(out.shape[:-1])].max().item()
-    assert err <= 1e-5 * want.abs().max().item(), f"max error {err:.3g}"
+    assert err <= 1e-5 * want.abs().max().item() + output_rounding_bound(problem), f"max error {err:.3g}"
     grads = output_with_gradients(problem, out, torch.randn_like(out))
     for name, g in grads.items():
         assert torch.isfinite(g).all(), f"{name} not finite"
