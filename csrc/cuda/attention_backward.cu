@@ -130,7 +130,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionB
       const int r = warp * 16 + i / 64, c = i % 64, row = q0 + r, key = key0 + c;
       const bool allowed = row < p.queries && key < p.keys && (!mask || mask[key]) &&
                            (!p.causal || key <= row + shift_causal) && lse2_s[r] != -INFINITY;
-      const float prob = allowed ? exp2f(s_s[r * kScoreLd + c] * scale_log2 - lse2_s[r]) : 0.f;
+      // p <= 1: recomputed scores may round above the forward's (fminf would drop a NaN). __fmul_rn
+      // is never fused into the subtraction: the forward's max took the rounded product.
+      const float exponent = __fmul_rn(s_s[r * kScoreLd + c], scale_log2) - lse2_s[r];
+      const float prob = allowed ? exp2f(exponent > 0.f ? 0.f : exponent) : 0.f;
       p_s[r * kTileLd + c] = from_float<T>(prob);
       if (with_dk) {
         ds_s[r * kTileLd + c] =

@@ -93,10 +93,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
                              (!p.causal || key <= row + shift_causal);
         const float x = allowed ? s_row[c] * scale_log2 : -INFINITY;
         s_row[c] = x;
-        tile_max = fmaxf(tile_max, x);
+        tile_max = max_keeping_nan(tile_max, x);
       }
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      const float m_old = m_s[r], m_new = fmaxf(m_old, tile_max);
+      tile_max = max_keeping_nan(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      const float m_old = m_s[r], m_new = max_keeping_nan(m_old, tile_max);
       // Rows that have seen no key keep m = -inf; shifting them by 0 gives exp2(-inf) = 0, not NaN.
       const float shift = m_new == -INFINITY ? 0.f : m_new;
       float sum = 0.f;
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
     const int r = i / kDimChunk, c = i % kDimChunk, row = row0 + r, col = dv0 + c;
     if (row >= p.queries || col >= p.dim_v) continue;
     const float l = l_s[r];
-    const float value = l > 0.f ? o_s[r * kOutLd + c] / l : 0.f;
+    const float value = l != 0.f ? o_s[r * kOutLd + c] / l : 0.f;  // a NaN l (a NaN score) gives NaN
     const int64_t at = (head_row0 + row) * p.dim_v + col;
     if (p.splits > 1) {
       p.part_out[static_cast<int64_t>(split) * p.batch * p.heads * p.queries * p.dim_v + at] = value;
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
       const int row = row0 + r;
       if (row >= p.queries) continue;
       const float l = l_s[r];
-      const float lse = l > 0.f ? (m_s[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
+      const float lse = l != 0.f ? (m_s[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
       if (p.splits > 1) {
         p.part_lse[static_cast<int64_t>(split) * p.batch * p.heads * p.queries + head_row0 + row] = lse;
       } else {
@@ -175,7 +175,7 @@ __global__ void merge_splits_kernel(AttentionParams p) {
   const int64_t row = blockIdx.x;  // flattened (batch, head, query)
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.queries;
   float top = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, p.part_lse[s * rows + row]);
+  for (int s = 0; s < p.splits; ++s) top = max_keeping_nan(top, p.part_lse[s * rows + row]);
   const float shift = top == -INFINITY ? 0.f : top;
   float total = 0.f;
   for (int s = 0; s < p.splits; ++s) total += expf(p.part_lse[s * rows + row] - shift);
@@ -184,9 +184,9 @@ __global__ void merge_splits_kernel(AttentionParams p) {
     for (int s = 0; s < p.splits; ++s) {
       acc += expf(p.part_lse[s * rows + row] - shift) * p.part_out[(s * rows + row) * p.dim_v + c];
     }
-    static_cast<T*>(p.out)[row * p.dim_v + c] = from_float<T>(total > 0.f ? acc / total : 0.f);
+    static_cast<T*>(p.out)[row * p.dim_v + c] = from_float<T>(total != 0.f ? acc / total : 0.f);
   }
-  if (threadIdx.x == 0) p.lse[row] = total > 0.f ? shift + logf(total) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[row] = total != 0.f ? shift + logf(total) : -INFINITY;
 }
 
 template <typename T>

@@ -25,6 +25,9 @@ __device__ inline __half from_float(float x) { return __float2half_rn(x); }
 template <>
 __device__ inline __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
+// The larger of a and b, NaN where either is (fmaxf drops a NaN: a NaN score must reach its row).
+__device__ inline float max_keeping_nan(float a, float b) { return a != a || b != b ? NAN : fmaxf(a, b); }
+
 __device__ inline float to_float(__half x) { return __half2float(x); }
 __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
