@@ -136,11 +136,6 @@ def test_extreme_scores(backend):
     check()
 
 
-def reading_key_rows(problem: Problem, rows_of_key: torch.Tensor) -> torch.Tensor:
-    """Bool (B, H, N): rows that may attend some key flagged in rows_of_key (B, H or 1, M)."""
-    return (problem.allowed() & rows_of_key[:, :, None, :]).any(-1)
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 def test_non_finite_inputs_propagate(backend):
     # The rule of docs/design.md: a row is non-finite exactly where the float64 reference's is,
