@@ -207,7 +207,7 @@ CPU_PATHS = ["native", "portable-rows", "without-avx512-bf16", "portable-gemm"]
 
 @contextlib.contextmanager
 def forced_cpu_path(path: str):
-    from perceiver_fast import _C
+    from perceiver_fast.extension import compiled as _C
     _C.set_portable_rows(path == "portable-rows")
     _C.set_without_avx512_bf16(path == "without-avx512-bf16")
     _C.set_portable_gemm(path == "portable-gemm")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from checks import (CROSS_SHAPES, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
+from checks import (CROSS_SHAPES, forced_cpu_path, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
                     kernel_runner, random_inputs, random_key_mask, reference_with_grads)
 
 import perceiver_fast as pf
@@ -54,11 +54,8 @@ def test_latent_attention(shape, causal, dtype):
 @pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "one-key"])
 def test_portable_gemm_path(shape, dtype):
     # The at::mm path that CPUs without oneDNN's brgemm (or without AVX512-BF16) take.
-    _C.set_portable_gemm(True)
-    try:
+    with forced_cpu_path("portable-gemm"):
         check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask=True, causal=True)
-    finally:
-        _C.set_portable_gemm(False)
 
 
 # Heads of at most 4 queries (a decode step) take the few-query forward (csrc/cpu/attention_forward.cpp):
@@ -74,11 +71,8 @@ FEW_QUERY_SHAPES = {"n1-d64": (2, 2, 1, 300, 64, 64), "n2-d100-v40": (1, 3, 2, 2
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("shape", FEW_QUERY_SHAPES.values(), ids=FEW_QUERY_SHAPES.keys())
 def test_few_query_forward(shape, key_mask, causal, dtype, tiling, portable):
-    _C.set_portable_rows(portable)
-    try:
+    with forced_cpu_path("portable-rows" if portable else "native"):
         check_attention(cpu(*tiling), shape, dtype, key_mask, causal)
-    finally:
-        _C.set_portable_rows(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,12 +133,9 @@ def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile,
     mask = random_key_mask(B, M) if key_mask else None
     if mask is not None:
         mask[1:, 136] = True  # the spike stays a key wherever a batch entry has any
-    _C.set_portable_rows(portable)
-    try:
+    with forced_cpu_path("portable-rows" if portable else "native"):
         check_attention(cpu(key_tile, 8, 3), (B, H, N, M, D, D), dtype, False if mask is None else mask, causal,
                         dropout_p=dropout_p, inputs=(q, k, v))
-    finally:
-        _C.set_portable_rows(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,12 +143,9 @@ def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile,
 @pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "tiny-heads"])
 def test_portable_row_code(shape, key_mask, causal, dtype):
     # The loops CPUs without AVX-512 run for the softmax steps and the bfloat16 packing of P and dS.
-    _C.set_portable_rows(True)
-    try:
+    with forced_cpu_path("portable-rows"):
         assert _C.cpu_features()["portable_rows_forced"]
         check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask, causal)
-    finally:
-        _C.set_portable_rows(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

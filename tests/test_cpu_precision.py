@@ -5,7 +5,7 @@ faster, within a bound from their significant bits, and says so in pf.explain.""
 
 import pytest
 import torch
-from checks import (CROSS_SHAPES, MASKINGS, check_attention, kernel_runner, random_inputs, random_key_mask,
+from checks import (CROSS_SHAPES, forced_cpu_path, MASKINGS, check_attention, kernel_runner, random_inputs, random_key_mask,
                     reference_with_grads)
 
 import perceiver_fast as pf
@@ -129,18 +129,15 @@ def run_rounded_to_bf16(run, q, k, v, **kwargs):
     return out.float(), lse
 
 
-# The packing paths: AVX-512 packers on brgemm's VNNI layout, scalar packers, and at::mm's plain
-# layout. On a CPU without a bfloat16 brgemm the first is the third.
-GEMM_PATHS = ["brgemm-where-present", "portable-gemm", "portable-rows"]
+# The packing paths: AVX-512 packers on brgemm's VNNI layout ("native"), at::mm's plain layout, and
+# scalar packers. On a CPU without a bfloat16 brgemm the first is the second.
+GEMM_PATHS = ["native", "portable-gemm", "portable-rows"]
 
 
 @pytest.fixture(params=GEMM_PATHS)
 def gemm_path(request):
-    _C.set_portable_gemm(request.param == "portable-gemm")
-    _C.set_portable_rows(request.param == "portable-rows")
-    yield request.param
-    _C.set_portable_gemm(False)
-    _C.set_portable_rows(False)
+    with forced_cpu_path(request.param):
+        yield request.param
 
 
 def test_faster_products_run_on_every_path(faster_products, precision, gemm_path):
