@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 # krasserm's perceiver-io 0.11.0 declares Python < 3.11, but the modules we patch run on 3.11:
 # it is installed without its dependencies, after the two it needs (einops, fairscale).
 DROP_IN_LIBS := transformers==5.23.0 perceiver-pytorch==0.11.0 einops fairscale
+# The CPU deployment runtimes the model benchmarks compare whole models against (the ONNX export's
+# runtimes), tested with the benchmark engine.
+RUNTIMES := onnx==1.23.2 onnxruntime==1.32.0 openvino==2026.4.1
 DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
@@ -22,6 +25,7 @@ $(DEPS_STAMP): Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" triton numpy pytest pytest-benchmark hypothesis ninja setuptools wheel matplotlib
 	$(PY) -m pip install --quiet "$(TORCH)" $(DROP_IN_LIBS)
+	$(PY) -m pip install --quiet $(RUNTIMES)
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python perceiver-io==0.11.0
 	touch $(DEPS_STAMP)
 

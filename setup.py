@@ -57,9 +57,10 @@ setup(
     # The libraries pf.patch replaces, for its tests and benchmark. krasserm's perceiver-io 0.11.0
     # declares Python < 3.11; install it with `pip install --no-deps --ignore-requires-python
     # perceiver-io==0.11.0` (the Makefile does).
+    # The deployment runtimes the model benchmarks compare against (optional providers).
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "matplotlib", "transformers==5.23.0",
-                             "perceiver-pytorch==0.11.0", "einops", "fairscale"],
-                    "bench": ["pytest-benchmark", "matplotlib"]},
+                             "perceiver-pytorch==0.11.0", "einops", "fairscale", "onnx", "onnxruntime", "openvino"],
+                    "bench": ["pytest-benchmark", "matplotlib", "onnx", "onnxruntime", "openvino"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["perceiver-fast=perceiver_fast.cli:main"]},

@@ -10,12 +10,14 @@ from .arguments import type_name
 from .attention import cross_attention, latent_attention
 from .dispatch import refusals_by_backend
 from .input_attention import fused_input_attention
-from .validation import validate_attention, validate_input_attention
+from .linear import linear
+from .validation import validate_attention, validate_input_attention, validate_linear
 
 _VALIDATORS = {
     cross_attention: lambda *a, **kw: validate_attention(*a, **kw, kind="cross"),
     latent_attention: lambda *a, **kw: validate_attention(*a, **kw, kind="latent"),
     fused_input_attention: validate_input_attention,
+    linear: validate_linear,
 }
 
 
@@ -26,12 +28,14 @@ def explain(op, *args, **kwargs) -> dict[str, list[str]]:
         pf.explain(pf.cross_attention, q, k, v, key_mask=mask, causal=True)
         pf.explain(pf.latent_attention, q, k, v)
         pf.explain(pf.fused_input_attention, q, x, k_weight=wk, v_weight=wv, method="projection")
+        pf.explain(pf.linear, x, weight, bias, activation="gelu")
 
     The arguments are those of the op (`backend` and `return_lse` are ignored). An entry
     "runs unfused: ..." means the backend would run an input attention composed (LayerNorm and
     projections in torch, then its attention kernel) rather than fused; "runs float32 with bfloat16
     products ..." (or "runs full float32 ...") says how the cpu backend honours torch's float32 matmul
-    precision (perceiver_fast/backends/cpu.py). `pf.explain(q, k, v, ...)`
+    precision (perceiver_fast/backends/cpu.py); for the linear op, whether it runs oneDNN's GEMMs or
+    torch's own, and how they compared here. `pf.explain(q, k, v, ...)`
     is short for `pf.explain(pf.cross_attention, q, k, v, ...)`.
     """
     if isinstance(op, torch.Tensor):

@@ -154,3 +154,18 @@ def attention_reference_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.T
     dq = torch.matmul(dscores, kc) * scale
     dk = torch.matmul(dscores.transpose(-1, -2), qc) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def activation_reference(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The linear op's activations ("none", "gelu": exact, "gelu_tanh") as torch's own."""
+    if activation == "none":
+        return z
+    return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """activation(x W^T + b) (+ residual) by torch's own ops, in x's dtype (weight and bias cast to it)."""
+    z = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    y = activation_reference(z, activation)
+    return y if residual is None else y + residual

@@ -21,7 +21,9 @@ from .shards import ShardedCall, ShardLayout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 1024
-ATTENTION, INPUT_ATTENTION = "attention", "input_attention"
+ATTENTION, INPUT_ATTENTION, LINEAR = "attention", "input_attention", "linear"
+# The linear op's activations: GELU exact (erf) and its tanh form, the two the Perceiver libraries use.
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -75,7 +77,7 @@ class Problem:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
+        return _needs_grad(self.tensors())
 
     def describe(self) -> str:
         return (f"{self.op.replace('_', ' ')} ({self.kind}) B={self.batch} H={self.heads} N={self.queries} "
@@ -140,6 +142,68 @@ class InputAttentionProblem(Problem):
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.q, self.x, self.k_weight, self.k_bias, self.v_weight, self.v_bias,
                                  self.norm_weight, self.norm_bias) if t is not None)
+
+
+@dataclass(frozen=True)
+class LinearProblem:
+    """A validated `linear` call: y = activation(x W^T + b) (+ residual), x flattened to (rows, in).
+
+    x is in the compute dtype (autocast's where it is on, else the one dtype of every argument);
+    weight and bias keep theirs (an fp32 parameter under bfloat16 autocast), and the kernels compute
+    in x's dtype. `residual` (rows, out) is added inside the op; under autocast, a residual of
+    another dtype is `residual_after` instead, added after the op with type promotion as
+    `F.linear(...) + residual` would. `shape`: the output's shape.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    activation: str
+    shape: tuple[int, ...]
+    residual_after: torch.Tensor | None = None
+
+    op = LINEAR
+    shards = None
+    dropout_p = 0.0
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of x W^T."""
+        return self.rows * self.in_features * self.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def needs_grad(self) -> bool:
+        return _needs_grad(self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.x, self.weight, self.bias, self.residual) if t is not None)
+
+    def describe(self) -> str:
+        return (f"linear {self.rows} x {self.in_features} -> {self.out_features} {_dtype_name(self.dtype)} on "
+                f"{self.device.type}{' bias' if self.bias is not None else ''}"
+                f"{'' if self.activation == 'none' else ' ' + self.activation}"
+                f"{' residual' if self.residual is not None else ''}{' grad' if self.needs_grad else ''}")
 
 
 def attention_kind(queries: int, keys: int, key_mask) -> str:
@@ -342,3 +406,50 @@ def _validate_input_attention(q, x, k_weight, k_bias, v_weight, v_bias, norm_wei
         q=q, key_mask=key_mask, causal=causal, scale=scale, kind=attention_kind(queries, keys, key_mask), x=x,
         k_weight=k_weight, k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, norm_weight=norm_weight, norm_bias=norm_bias,
         norm_eps=None if norm_eps is None else float(norm_eps), method=method, shards=shards, dropout_p=dropout_p)
+
+
+def validate_linear(x, weight, bias=None, *, activation="none", residual=None) -> LinearProblem:
+    """Checks the arguments of `linear`: x (..., in), weight (out, in), bias (out,), residual of the
+    output's shape (..., out), nothing broadcast; one dtype (or autocast on) and one device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (..., in_features), got {type_name(x)}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (..., in_features), got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, "(out_features, in_features)", 2)
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features = {in_features} (weight's second dimension) as its last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, "(out_features,)", 1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must have shape (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+    shape = (*x.shape[:-1], out_features)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor of the output's shape {shape} or None, "
+                            f"got {type_name(residual)}")
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"residual must have the output's shape (..., out_features) = {shape} (it is not "
+                             f"broadcast), got {tuple(residual.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    tensors = [t for t in (x, weight, bias, residual) if t is not None]
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor ({', '.join(map(_dtype_name, FLOAT_DTYPES))}), "
+                            f"got {t.dtype}")
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"x, weight, bias and residual must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if not autocast and len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f"x, weight, bias and residual must share one dtype (as in F.linear; or run under autocast), "
+                        f"got " + ", ".join(f"{n} {t.dtype}" for n, t in
+                                            (("x", x), ("weight", weight), ("bias", bias), ("residual", residual))
+                                            if t is not None))
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    fused = residual is not None and residual.dtype == dtype
+    return LinearProblem(x=x.reshape(-1, in_features).to(dtype), weight=weight, bias=bias,
+                         residual=residual.reshape(-1, out_features) if fused else None, activation=activation,
+                         shape=shape, residual_after=None if fused else residual)

@@ -124,28 +124,30 @@ def test_overhead_set_times_loops_of_a_tiny_call_below_and_through_the_python_la
     assert "overhead set only" in refused[0]["not_run"]
 
 
-def test_model_set_is_the_old_scripts_runs():
-    # The former benchmarks/hf_drop_in.py: HF vision-fourier at 224 x 224, batch 1, no mask and the second half of the
-    # inputs masked, "HF" and "HF + pf.patch", inference forward.
+def test_model_set_is_whole_models_against_the_deployment_runtimes():
+    # HF vision-fourier at 224 x 224, batch 1, and HF language's MLM at batch 2 x 2048 (issue 27), inference forward,
+    # HF, pf.patch (whole and attention only), ONNX Runtime and OpenVINO.
     model = SETS["model"]
     cases = model.cases("cpu")
     assert [(c.name, c.level, c.B, c.M, c.padded_inputs) for c in cases] == [
-        ("hf-vision-fourier", "model", 1, 50176, 0), ("hf-vision-fourier", "model", 1, 50176, 25088)]
+        ("hf-vision-fourier", "model", 1, 50176, 0), ("hf-language", "model", 2, 2048, 0)]
     assert (cases[0].N, cases[0].latent_dim, cases[0].H, cases[0].dqk, cases[0].C) == (512, 1024, 1, 261, 261)
-    assert cases[1].label() == "hf-vision-fourier (B=1 M=50176, last 25088 inputs masked as padding)"
-    assert {p.name for p in providers_for("model")} == {"HF", "HF + pf.patch"} and not model.providers
+    assert {p.name for p in providers_for("model")} == {"HF", "HF + pf.patch", "HF + pf.patch (attention only)",
+                                                        "ONNX Runtime", "OpenVINO"} and not model.providers
     assert model.passes == ("forward",)
 
 
 def test_training_set_runs_hf_layer_and_model_steps_with_attention_dropout():
     training = SETS["training"]
-    plain, layer, model = training.cases("cpu")
+    plain, layer, model, language = training.cases("cpu")
     assert (layer.name, layer.level, layer.B, layer.M, layer.dropout) == ("hf-vision-fourier-cross", "layer", 4, 50176,
                                                                           0.1)
     assert plain == replace(layer, dropout=0.0)
     assert (model.name, model.level, model.B, model.M, model.dropout) == ("hf-vision-fourier", "model", 1, 50176, 0.1)
     assert model.label() == "hf-vision-fourier (B=1 M=50176, training with attention dropout 0.1)"
-    assert training.providers == ("HF", "HF + pf.patch") and training.passes == ("forward+backward",)
+    assert (language.name, language.B, language.M, language.dropout) == ("hf-language", 2, 2048, 0.1)
+    assert training.providers == ("HF", "HF + pf.patch", "HF + pf.patch (attention only)")
+    assert training.passes == ("forward+backward",)
 
 
 def test_generation_set_is_issue_14s_prompts():
@@ -155,7 +157,8 @@ def test_generation_set_is_issue_14s_prompts():
         ("generation", 1, m, 512, 8, 512, 16) for m in (4096, 16384, 65536)]
     assert cases[1].label() == ("krasserm-ar-prompt-16k (B=1, prompt of 16384 tokens, 512 latents, H=8 C=512, "
                                 "16 new tokens)")
-    assert generation.providers == ("pf.generation", "krasserm cached forward") and generation.passes == ("decode",)
+    assert generation.providers == ("pf.generation", "pf.generation + pf.patch", "krasserm cached forward")
+    assert generation.passes == ("decode",)
     assert cases[0].attention_flops("decode") is None
 
 
@@ -165,12 +168,12 @@ def test_generation_providers_time_tokens_and_the_report_reads_them_against_the_
 
     case = replace(SETS["generation"].cases("cpu")[0], M=40, N=8, H=2, C=16, dqk=8, dv=8, new_tokens=3)
     rows = measure(case, "float32", "decode", "cpu", repeats=1)
-    assert [r["provider"] for r in rows] == ["pf.generation", "krasserm cached forward"]
+    assert [r["provider"] for r in rows] == ["pf.generation", "pf.generation + pf.patch", "krasserm cached forward"]
     assert all(r["ms"] > 0 and r["peak_extra_mib"] >= 0 for r in rows), rows
     text = markdown(SETS["generation"], {**INFO, "read_gbs": 10.0}, rows, [])
     assert "## Generation level: Perceiver AR decoding" in text
     line = next(line for line in text.splitlines() if "| pf.generation |" in line)
-    ratio = rows[1]["ms"] / rows[0]["ms"]
+    ratio = rows[2]["ms"] / rows[0]["ms"]  # krasserm's own over ours
     assert f"| {ratio:.2f}x |" in line
     achieved = decode_read_bytes(case, torch.float32) / (rows[0]["ms"] / 1e3) / 1e9
     assert f"| {achieved:.1f} | {100 * achieved / 10:.0f}% |" in line
@@ -238,7 +241,10 @@ def test_model_providers_train_with_the_cases_dropout(tiny_model):
     assert not torch.equal(out, plain)  # the dropout drops, inside the kernels
 
 
-def test_model_providers_run_the_model_with_its_padding_mask(tiny_model):
+def test_model_providers_run_the_model_with_its_padding_mask(tiny_model, monkeypatch):
+    from perceiver_fast.backends import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "SMALL_PROBLEM_MACS", 0)  # the tiny model's layers on the op, as a real one's
     by_name = {p.name: p for p in model_providers()}
     padded = replace(tiny_model, padded_inputs=8)
     logits = {(name, case.padded_inputs): by_name[name].prepare(case, torch.float32, "cpu", False)()
@@ -249,10 +255,59 @@ def test_model_providers_run_the_model_with_its_padding_mask(tiny_model):
         torch.testing.assert_close(logits[("HF + pf.patch", padding)], logits[("HF", padding)])
     out, grads = by_name["HF + pf.patch"].prepare(padded, torch.float32, "cpu", True)()
     assert out.shape == (2, 3) and grads[0].shape == (2, 3, 4, 4)  # the pixels' gradient first
-    rows = measure(tiny_model, "float32", "forward", "cpu", repeats=1)
-    assert {r["provider"] for r in rows} == {"HF", "HF + pf.patch"}
+    rows = measure(tiny_model, "float32", "forward", "cpu", repeats=1,
+                   only=["HF", "HF + pf.patch", "HF + pf.patch (attention only)"])
+    assert {r["provider"] for r in rows} == {"HF", "HF + pf.patch", "HF + pf.patch (attention only)"}
     for row in rows:
         assert row["ms"] > 0 and row["outputs_mib"] == 2 * 3 * 4 / 2**20  # the logits
+        assert row["max_logit_error"] <= 1e-5  # against the float32 model run by HF
+    patched = next(r for r in rows if r["provider"] == "HF + pf.patch")
+    assert "perceiver_fast::linear" in patched["op_ms"] and "other" in patched["op_ms"]
+
+
+def test_model_training_step_takes_an_adamw_step(tiny_model):
+    provider = {p.name: p for p in model_providers()}["HF + pf.patch"]
+    call = provider.prepare(tiny_model, torch.float32, "cpu", True)
+    first, _ = call()
+    second, _ = call()
+    assert not torch.equal(first, second)  # the weights moved between the calls
+
+
+def test_model_level_runs_each_provider_in_its_own_process(tiny_model):
+    from perceiver_fast.bench.run import MODEL_ROUNDS, _processes, merge_rounds
+
+    names = [p.name for p in providers_for("model")]
+    assert {"HF", "HF + pf.patch", "ONNX Runtime", "OpenVINO"} <= set(names)
+    assert MODEL_ROUNDS == 2 and _processes(tiny_model, None) == [[name] for name in names] * 2
+    assert _processes(tiny_model, ["HF", "OpenVINO"]) == [["HF"], ["OpenVINO"]] * 2
+    assert _processes(TINY, ["sdpa"]) == [["sdpa"]]  # op level: one process for the case
+    # the rounds' rows merged: the median of every time, the largest peak, the first round's extras
+    row = {"case": tiny_model.to_dict(), "dtype": "float32", "pass": "forward"}
+    rounds = [{**row, "provider": "HF", "ms": 2.0, "times_ms": [1.0, 2.0, 9.0], "peak_extra_mib": 1.0, "op_ms": {}},
+              {**row, "provider": "OpenVINO", "not_run": "no openvino"},
+              {**row, "provider": "HF", "ms": 5.0, "times_ms": [5.0, 6.0, 7.0], "peak_extra_mib": 3.0},
+              {**row, "provider": "OpenVINO", "not_run": "no openvino"}]
+    merged = merge_rounds(rounds)
+    assert [r["provider"] for r in merged] == ["HF", "OpenVINO"]
+    assert merged[0]["ms"] == 5.5 and merged[0]["peak_extra_mib"] == 3.0 and "op_ms" in merged[0]
+
+
+def test_runtime_providers_run_the_exported_model(tiny_model):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    runtimes = ["ONNX Runtime", "OpenVINO"]
+    rows = {r["provider"]: r for r in measure(tiny_model, "float32", "forward", "cpu", repeats=1, only=runtimes)}
+    for name in runtimes:
+        assert rows[name]["ms"] > 0 and rows[name]["max_logit_error"] <= 1e-4, rows[name]
+    assert rows["OpenVINO"]["precision"] == "f32"
+    padded = replace(tiny_model, padded_inputs=8)  # the mask is an input of the exported model
+    rows = {r["provider"]: r for r in measure(padded, "float32", "forward", "cpu", repeats=1, only=runtimes)}
+    assert all(rows[name]["max_logit_error"] <= 1e-4 for name in runtimes)
+    rows = {r["provider"]: r for r in measure(tiny_model, "bfloat16", "forward", "cpu", repeats=1, only=runtimes)}
+    assert "no bfloat16 GEMMs" in rows["ONNX Runtime"]["not_run"]
+    assert rows["OpenVINO"]["ms"] > 0 and rows["OpenVINO"]["precision"] in ("bf16", "f32")
+    training = measure(tiny_model, "float32", "forward+backward", "cpu", repeats=1, only=runtimes)
+    assert all("inference runtime" in r["not_run"] for r in training)
 
 
 def test_flops_are_the_attention_matmuls_and_the_backward_counts_two_and_a_half_forwards():
@@ -405,9 +460,12 @@ def test_report_rates_by_the_one_flop_convention_and_not_the_whole_model():
     rate = 3.5 * 2 * 1 * 2 * 8 * 32 * (16 + 8) / 1e9 / 1e-3
     assert f"| sdpa | 1.00 | {rate:.1f} | 0.1 | 0.5 |" in text
     model_table = text[text.index("## Model level"):]
-    assert "| case | dtype | pass | provider | ms | peak extra MiB | outputs MiB |" in model_table
+    assert "| case | dtype | pass | provider | ms | peak extra MiB | outputs MiB | vs HF |" in model_table
     assert "| hf-vision-fourier (B=1 M=50176, last 25088 inputs masked as padding) | float32 | forward | HF | 2.00 " \
            "| 0.2 | 0.5 | 1.00x |" in model_table
+    errors = [{**row, "max_logit_error": 0.125} for row in model]  # a model row's logit error gets its column
+    assert "| outputs MiB | max logit error | vs HF |" in markdown(SETS["model"], INFO, errors, [])
+    assert "| 0.2 | 0.5 | 0.125 | 1.00x |" in markdown(SETS["model"], INFO, errors, [])
 
 
 def test_each_set_writes_its_own_files(tmp_path):

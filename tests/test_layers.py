@@ -16,7 +16,7 @@ LAYERS = [
     ["ops"],
     ["backends"],
     ["dispatch"],
-    ["attention", "input_attention"],
+    ["attention", "input_attention", "linear"],
     ["explain", "nn"],
     ["patching", "generation"],
     ["__init__"],  # the package's face, `import perceiver_fast as pf`

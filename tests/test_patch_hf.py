@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 import perceiver_fast as pf
 from model_checks import (Doubled, FallbackLog, check_falls_back, check_patched_model, check_wrapped_left_as_is,
-                          largest_tensor_in, relative_error, replace_forward)
+                          largest_tensor_in, linear_left_warning, relative_error, replace_forward)
 
 hf = pytest.importorskip("transformers.models.perceiver.modeling_perceiver")
 from transformers import PerceiverConfig  # noqa: E402
@@ -40,7 +40,9 @@ def test_vision_fourier_matches_original_with_padding():
     pixels = torch.randn(3, 3, 9, 9)
     report = check_patched_model(model, run_classifier, pixels, padding_mask(3, 81))
     # the encoder's cross-attention, 2 self-attends (shared across blocks), the decoder; the model's mask
-    assert report.replaced == {"PerceiverSelfAttention": 4, "PerceiverModel": 1}
+    # and every linear layer, the MLPs' GELU and residual add and the query residual fused into them
+    assert report.replaced == {"PerceiverSelfAttention": 4, "PerceiverModel": 1, "Linear": 25, "PerceiverAttention": 4,
+                               "PerceiverLayer": 4}
 
 
 def test_language_config_qk_and_v_head_dims_differ():
@@ -71,7 +73,7 @@ def test_single_layer_with_4d_mask_and_head_dim_322():
         return m(hidden, inputs=inputs, inputs_mask=mask)[0]
 
     report = check_patched_model(layer, run, torch.randn(batch, latents, 48), torch.randn(batch, keys, 322), additive)
-    assert report.replaced == {"PerceiverSelfAttention": 1}
+    assert report.replaced == {"PerceiverSelfAttention": 1, "Linear": 6, "PerceiverAttention": 1, "PerceiverLayer": 1}
 
 
 def test_patched_forward_forms_no_score_sized_tensor():
@@ -152,19 +154,20 @@ def triple(module, args, output):
     return 3 * output
 
 
-@pytest.mark.parametrize("wrap,reason", [
-    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
-    (lambda key: replace_forward(key, lambda k: 30 * k), "key has its forward replaced on the instance"),
-    (lambda key: key.register_forward_hook(triple), "key has forward hooks"),
-    (lambda key: parametrize.register_parametrization(key, "weight", Doubled()), "key has parametrized weights"),
+@pytest.mark.parametrize("wrap,reason,linear_left", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance (the key is
+    # then left unswapped too: its swapped forward would never run)
+    (lambda key: replace_forward(key, lambda k: 30 * k), "key has its forward replaced on the instance", True),
+    (lambda key: key.register_forward_hook(triple), "key has forward hooks", False),
+    (lambda key: parametrize.register_parametrization(key, "weight", Doubled()), "key has parametrized weights", False),
 ], ids=["instance-forward", "hook", "parametrization"])
-def test_wrapped_key_leaves_cross_attention_as_is(wrap, reason, caplog):
+def test_wrapped_key_leaves_cross_attention_as_is(wrap, reason, linear_left, caplog):
     # the fused input attention reads key.weight instead of calling key
     check_wrapped_left_as_is(vision_fourier(), run_classifier, torch.randn(2, 3, 9, 9), padding_mask(2, 81),
                              unit=CROSS_ATTENTION,
                              wrap=lambda model: wrap(model.get_submodule(f"{CROSS_ATTENTION}.key")),
                              warning=f"patch leaves {CROSS_ATTENTION} (PerceiverSelfAttention) as it is: {reason}",
-                             caplog=caplog)
+                             caplog=caplog, linear_left=linear_left_warning(f"{CROSS_ATTENTION}.key", linear_left))
 
 
 def test_hook_added_after_patching_falls_back_to_hf():
@@ -213,7 +216,8 @@ def test_state_dict_is_unchanged_and_unpatch_restores():
     assert patched is not hf.PerceiverSelfAttention and patched.__name__ == "PerceiverSelfAttention"
     model.load_state_dict(checkpoint)
     restored = pf.unpatch(model)
-    assert restored.replaced == {"PerceiverSelfAttention": 4, "PerceiverModel": 1}
+    assert restored.replaced == {"PerceiverSelfAttention": 4, "PerceiverModel": 1, "Linear": 25, "PerceiverAttention": 4,
+                                 "PerceiverLayer": 4}
     assert {name: type(m) for name, m in model.named_modules()} == classes
 
 

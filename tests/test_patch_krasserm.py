@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 
 import perceiver_fast as pf
 from model_checks import (Doubled, FallbackLog, check_falls_back, check_patched_model, check_wrapped_left_as_is,
-                          largest_tensor_in, relative_error, replace_forward)
+                          largest_tensor_in, linear_left_warning, relative_error, replace_forward)
 
 core = pytest.importorskip("perceiver.model.core")
 from perceiver.model.core import modules as km  # noqa: E402
@@ -59,7 +59,7 @@ def causal_model(**overrides):
 def test_perceiver_io_matches_original_with_padding():
     report = check_patched_model(perceiver_io(), run_io, torch.randn(3, 60, 20), pad_mask(3, 60))
     # two encoder cross-attention layers and the decoder's; two self-attention layers shared by both blocks
-    assert report.replaced == {"CrossAttention": 3, "SelfAttention": 2}
+    assert report.replaced == {"CrossAttention": 3, "SelfAttention": 2, "Linear": 31, "MLP": 5}
 
 
 def test_perceiver_ar_causal_rotary_left_padding():
@@ -105,7 +105,7 @@ def test_bare_multi_head_attention():
 
     report = check_patched_model(attention, run, torch.randn(2, 9, 24), torch.randn(2, 30, 10),
                                  pad_mask(2, 30, left=True))
-    assert report.replaced == {"MultiHeadAttention": 1}
+    assert report.replaced == {"MultiHeadAttention": 1, "Linear": 4}
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training-with-dropout"])
@@ -156,24 +156,27 @@ def tripled(output):
     return 3 * output
 
 
-@pytest.mark.parametrize("path,wrap,reason", [
-    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
+@pytest.mark.parametrize("path,wrap,reason,linear_left", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance (the linear
+    # layer whose forward is replaced is left unswapped too: it would never run)
     ("attention.k_proj", lambda k_proj: replace_forward(k_proj, lambda k: 30 * k),
-     "attention.k_proj has its forward replaced on the instance"),
+     "attention.k_proj has its forward replaced on the instance", True),
     ("attention", lambda attention: replace_forward(attention, tripled),
-     "attention has its forward replaced on the instance"),
-    ("kv_norm", lambda kv_norm: replace_forward(kv_norm, tripled), "kv_norm has its forward replaced on the instance"),
+     "attention has its forward replaced on the instance", False),
+    ("kv_norm", lambda kv_norm: replace_forward(kv_norm, tripled), "kv_norm has its forward replaced on the instance",
+     False),
     ("attention.v_proj", lambda v_proj: parametrize.register_parametrization(v_proj, "weight", Doubled()),
-     "attention.v_proj has parametrized weights"),
+     "attention.v_proj has parametrized weights", False),
 ], ids=["k_proj-forward", "attention-forward", "kv_norm-forward", "v_proj-parametrization"])
-def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, caplog):
+def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, linear_left, caplog):
     # the fused CrossAttention does the MultiHeadAttention's forward itself, applies kv_norm and
     # projects K and V inside the fused op from the weights
     check_wrapped_left_as_is(perceiver_io(), run_io, torch.randn(2, 60, 20), pad_mask(2, 60),
                              unit=ENCODER_CROSS_ATTENTION,
                              wrap=lambda model: wrap(model.get_submodule(f"{ENCODER_CROSS_ATTENTION}.{path}")),
                              warning=f"patch leaves {ENCODER_CROSS_ATTENTION} (CrossAttention) as it is: {reason}",
-                             caplog=caplog)
+                             caplog=caplog,
+                             linear_left=linear_left_warning(f"{ENCODER_CROSS_ATTENTION}.{path}", linear_left))
 
 
 def test_state_dict_is_unchanged_and_unpatch_restores():
@@ -184,5 +187,5 @@ def test_state_dict_is_unchanged_and_unpatch_restores():
     model.load_state_dict(checkpoint)
     patched = type(model.cross_attention[0].module)
     assert patched is not km.CrossAttention and patched.__name__ == "CrossAttention"
-    assert pf.unpatch(model).replaced == {"CrossAttention": 1, "SelfAttention": 2}
+    assert pf.unpatch(model).replaced == {"CrossAttention": 1, "SelfAttention": 2, "Linear": 18, "MLP": 3}
     assert type(model.cross_attention[0].module) is km.CrossAttention

@@ -9,7 +9,8 @@ from torch.utils.module_tracker import ModuleTracker
 
 import perceiver_fast as pf
 from model_checks import (Doubled, FallbackLog, LoraLinear, check_falls_back, check_patched_model,
-                          check_wrapped_left_as_is, largest_tensor_in, relative_error, replace_forward)
+                          check_wrapped_left_as_is, largest_tensor_in, linear_left_warning, relative_error,
+                          replace_forward)
 
 pytest.importorskip("perceiver_pytorch")
 from perceiver_pytorch import Perceiver, PerceiverIO, PerceiverLM  # noqa: E402
@@ -39,7 +40,7 @@ def run_perceiver(model, data, mask):
 
 def test_perceiver_matches_original_with_mask():
     report = check_patched_model(image_perceiver(), run_perceiver, torch.randn(3, 7, 9, 3), keep_mask((3, 7, 9)))
-    assert report.replaced == {"PreNorm(Attention)": 6}
+    assert report.replaced == {"PreNorm(Attention)": 6, "Linear": 31}
 
 
 def test_perceiver_io_with_decoder_queries():
@@ -50,7 +51,7 @@ def test_perceiver_io_with_decoder_queries():
         return m(data, mask=mask, queries=queries)
 
     report = check_patched_model(model, run, torch.randn(2, 50, 20), keep_mask((2, 50)), torch.randn(2, 9, 24))
-    assert report.replaced == {"PreNorm(Attention)": 4}
+    assert report.replaced == {"PreNorm(Attention)": 4, "Linear": 19}
 
 
 def test_perceiver_lm_with_padding():
@@ -70,7 +71,7 @@ def test_bare_attention_module():
         return m(x, context=context, mask=mask)
 
     report = check_patched_model(attention, run, torch.randn(2, 5, 24), torch.randn(2, 33, 10), keep_mask((2, 33)))
-    assert report.replaced == {"Attention": 1}
+    assert report.replaced == {"Attention": 1, "Linear": 3}
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training-with-dropout"])
@@ -113,20 +114,22 @@ def tripled(output):
     return 3 * output
 
 
-@pytest.mark.parametrize("path,wrap,reason", [
-    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance
-    ("fn.to_kv", lambda to_kv: replace_forward(to_kv, tripled), "fn.to_kv has its forward replaced on the instance"),
-    ("fn", lambda attention: replace_forward(attention, tripled), "fn has its forward replaced on the instance"),
+@pytest.mark.parametrize("path,wrap,reason,linear_left", [
+    # accelerate's hooks, PEFT-style wrappers and monkeypatches set forward on the instance (the linear
+    # layer whose forward is replaced is left unswapped too: it would never run)
+    ("fn.to_kv", lambda to_kv: replace_forward(to_kv, tripled), "fn.to_kv has its forward replaced on the instance",
+     True),
+    ("fn", lambda attention: replace_forward(attention, tripled), "fn has its forward replaced on the instance", False),
     ("fn.to_kv", lambda to_kv: parametrize.register_parametrization(to_kv, "weight", Doubled()),
-     "fn.to_kv has parametrized weights"),
+     "fn.to_kv has parametrized weights", False),
 ], ids=["to_kv-forward", "attention-forward", "to_kv-parametrization"])
-def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, caplog):
+def test_wrapped_submodule_leaves_cross_attention_as_is(path, wrap, reason, linear_left, caplog):
     # the fused PreNorm does the Attention's forward itself and reads to_kv's weight instead of calling it
     check_wrapped_left_as_is(image_perceiver(), run_perceiver, torch.randn(2, 7, 9, 3), keep_mask((2, 7, 9)),
                              unit=CROSS_ATTENTION,
                              wrap=lambda model: wrap(model.get_submodule(f"{CROSS_ATTENTION}.{path}")),
                              warning=f"patch leaves {CROSS_ATTENTION} (PreNorm(Attention)) as it is: {reason}",
-                             caplog=caplog)
+                             caplog=caplog, linear_left=linear_left_warning(f"{CROSS_ATTENTION}.{path}", linear_left))
 
 
 def test_lora_projection_leaves_bare_attention_as_is(caplog):
@@ -172,5 +175,5 @@ def test_state_dict_is_unchanged_and_unpatch_restores():
     assert list(model.state_dict()) == keys
     patched = type(model.layers[0].cross_attn)
     assert patched is not PreNorm and issubclass(patched, PreNorm) and patched.__name__ == "PreNorm"
-    assert pf.unpatch(model).replaced == {"PreNorm(Attention)": 6}
+    assert pf.unpatch(model).replaced == {"PreNorm(Attention)": 6, "Linear": 31}
     assert type(model.layers[0].cross_attn) is PreNorm

@@ -96,7 +96,7 @@ def test_numpy_bools_are_bools_and_rejected_types_are_named_in_full():
 def test_explain_names_its_own_argument():
     q, k, v = inputs()
     with pytest.raises(TypeError, match=r"^pf\.explain's op must be one of pf\.cross_attention, pf\.latent_attention, "
-                                        r"pf\.fused_input_attention, or a q tensor \(short for pf\.cross_attention\), "
+                                        r"pf\.fused_input_attention, pf\.linear, or a q tensor \(short for pf\.cross_attention\), "
                                         r"got None$"):
         pf.explain(None)
     with pytest.raises(TypeError, match=r"got list$"):

@@ -13,8 +13,9 @@ import torch
 
 from ..dropout import draw_seed
 from ..ops.attention import attention
+from ..ops.linear import linear
 from ..ops.sharded import sharded_attention
-from ..validation import ATTENTION, AttentionProblem, InputAttentionProblem, Problem
+from ..validation import INPUT_ATTENTION, LINEAR, AttentionProblem, InputAttentionProblem, LinearProblem, Problem
 from .input_methods import composed, run_fused
 
 
@@ -62,10 +63,35 @@ class Capabilities:
         return reasons
 
 
+@dataclass(frozen=True)
+class LinearCapabilities:
+    """What a backend's linear kernels run (perceiver_fast::linear)."""
+
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    grad: bool
+    empty_batch: bool  # whether it runs an x with no rows
+
+    def refusals(self, problem: LinearProblem) -> list[str]:
+        reasons = []
+        if problem.device.type not in self.devices:
+            reasons.append(f"device {problem.device.type} not supported by its linear op "
+                           f"(supports {', '.join(sorted(self.devices))})")
+        if problem.dtype not in self.dtypes:
+            reasons.append(f"dtype {str(problem.dtype).replace('torch.', '')} not supported by its linear op "
+                           f"(supports {_names(self.dtypes)})")
+        if problem.rows == 0 and not self.empty_batch:
+            reasons.append("x has no rows (an empty batch)")
+        if problem.needs_grad and not self.grad:
+            reasons.append("gradients not supported by its linear op (inputs require grad)")
+        return reasons
+
+
 class Backend:
     """One implementation of the ops.
 
-    Subclasses set `name`, `capabilities` and `fused_input_methods`, set `unavailable` (why it
+    Subclasses set `name`, `capabilities`, `fused_input_methods` and `linear` (the capabilities of
+    its linear kernels, None for none), set `unavailable` (why it
     cannot run at all on this installation, settled at import) where it applies, and may add
     input-specific refusals in `extra_refusals`. Their module registers the kernels under `name`
     in the ops' kernel tables (perceiver_fast/ops/), and a backend with dropout gives the keep mask
@@ -76,7 +102,9 @@ class Backend:
     name: str
     capabilities: Capabilities
     fused_input_methods: frozenset[str] = frozenset()
+    linear: LinearCapabilities | None = None
     unavailable: str | None = None
+    linear_unavailable: str | None = None  # why its linear kernels cannot run on this installation
 
     def extra_refusals(self, problem: Problem, explicit: bool) -> list[str]:
         return []
@@ -86,9 +114,17 @@ class Backend:
 
         `explicit` is True when the caller named this backend rather than asking for auto.
         """
+        if problem.op == LINEAR:
+            return self.linear_refusals(problem, explicit)
         if self.unavailable:
             return [self.unavailable]
         return self.capabilities.refusals(problem) + self.extra_refusals(problem, explicit)
+
+    def linear_refusals(self, problem: LinearProblem, explicit: bool) -> list[str]:
+        """Why this backend cannot run a linear problem (its linear capabilities, or none); empty when it can."""
+        if self.linear is None:
+            return ["has no linear op"]
+        return [self.linear_unavailable] if self.linear_unavailable else self.linear.refusals(problem)
 
     def notes(self, problem: Problem) -> list[str]:
         """How it would run `problem`, where that is worth saying ("runs ..."); none by default."""
@@ -96,7 +132,7 @@ class Backend:
 
     def unfused_reason(self, problem: Problem) -> str | None:
         """Why an input-attention problem would run composed rather than fused here (None: fused)."""
-        if problem.op == ATTENTION or problem.method in self.fused_input_methods:
+        if problem.op != INPUT_ATTENTION or problem.method in self.fused_input_methods:
             return None
         if not self.fused_input_methods:
             return "has no fused input attention"
@@ -108,8 +144,11 @@ class Backend:
         Every backend whose capabilities declare dropout overrides it."""
         raise NotImplementedError(f"backend {self.name!r} has no attention dropout")
 
-    def run(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(out, lse) of a problem this backend accepted; lse is None for the input attention."""
+    def run(self, problem: Problem | LinearProblem) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, lse) of a problem this backend accepted; lse is None for the input attention and the linear op."""
+        if isinstance(problem, LinearProblem):
+            out = self.run_linear(problem).view(problem.shape)
+            return (out if problem.residual_after is None else out + problem.residual_after), None
         if isinstance(problem, AttentionProblem):
             return self.run_attention(problem)
         if self.unfused_reason(problem) is None:
@@ -124,6 +163,13 @@ class Backend:
             return sharded_attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, p.shards)
         seed = draw_seed(p.device) if p.dropout_p else None
         return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, p.dropout_p, seed, self.name, p.kind, [])
+
+    def run_linear(self, problem: LinearProblem) -> torch.Tensor:
+        """The (rows, out) result of a linear problem: the registered op on this backend's kernels,
+        keeping x W^T + b for the backward of an activation where gradients are needed."""
+        p = problem
+        save = p.activation != "none" and p.needs_grad
+        return linear(p.x, p.weight, p.bias, p.residual, p.activation, save, self.name)[0]
 
     def run_fused_input(self, problem: InputAttentionProblem) -> torch.Tensor:
         """The fused input attention of a backend with fused methods: its kernel's registered op."""

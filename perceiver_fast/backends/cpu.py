@@ -1,18 +1,20 @@
 """The cpu backend: C++ kernels (csrc/cpu/) on oneDNN brgemm micro-kernels and AVX-512 softmax; it fuses
 both input-attention methods. The kernels are the functions of perceiver_fast._C, registered here
-as the "cpu" kernels of the ops."""
+as the "cpu" kernels of the ops; its linear kernels (oneDNN GEMMs with fused epilogues) are
+cpu_linear's, which need no extension."""
 
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 
 from .. import extension
-from ..ops import attention, input_attention  # the op modules, whose KERNELS this fills
-from ..validation import INPUT_ATTENTION, MAX_HEAD_DIM
-from .base import Backend, Capabilities
+from ..ops import attention, input_attention, linear  # the op modules, whose KERNELS this fills
+from ..validation import INPUT_ATTENTION, LINEAR, MAX_HEAD_DIM
+from . import cpu_linear
+from .base import Backend, Capabilities, LinearCapabilities
+from .probes import median_ms
 
 
 class CpuBackend(Backend):
@@ -23,12 +25,28 @@ class CpuBackend(Backend):
         double_backward=False, dropout=True,
     )
     fused_input_methods = frozenset({"shortcut", "projection"})
+    linear = LinearCapabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.bfloat16, torch.float32}),
+                                grad=True,
+                                empty_batch=False)
     unavailable = extension.LOAD_ERROR
+    linear_unavailable = cpu_linear.UNAVAILABLE
+
+    def linear_refusals(self, problem, explicit: bool) -> list[str]:
+        reasons = super().linear_refusals(problem, explicit)
+        if not reasons and not explicit and problem.macs < cpu_linear.SMALL_PROBLEM_MACS:
+            reasons.append(f"{problem.macs} multiply-adds, under {cpu_linear.SMALL_PROBLEM_MACS}: the op's call "
+                           f"overhead (about 0.1 ms) would exceed what its GEMM saves over torch's")
+        return reasons
 
     def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):
         return extension.require().cpu_dropout_keep_mask(seed, batch, heads, queries, keys, dropout_p)
 
     def notes(self, problem) -> list[str]:
+        if problem.op == LINEAR:
+            speedup = cpu_linear.onednn_speedup(problem.dtype, problem.rows == 1)
+            if cpu_linear.gemm(problem.dtype, problem.rows) == "onednn":
+                return [f"runs oneDNN GEMMs with fused epilogues: {speedup:.2f}x torch's F.linear here"]
+            return [f"runs torch's own GEMM (F.linear): oneDNN's ran only {speedup:.2f}x as fast here"]
         if problem.dtype != torch.float32:
             return []
         precision = torch.backends.mkldnn.matmul.fp32_precision
@@ -68,22 +86,13 @@ class CpuBackend(Backend):
 SPEEDUP_NEEDED = 1.1
 
 
-def _median_ms(call, repeats: int = 9) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2] * 1e3
-
-
 def _probe_speedup(faster) -> float:
     """Time of the float32 forward over faster(kernel, q, k, v, scale) on one cross-attention (8 heads,
     256 queries, 4096 keys, head dim 64), median of 9 each."""
     kernel = extension.require().cpu_attention_forward
-    q, k, v = (torch.randn(1, 8, n, 64) for n in (256, 4096, 4096))
-    return _median_ms(lambda: kernel(q, k, v, None, False, 0.125)) / _median_ms(lambda: faster(kernel, q, k, v, 0.125))
+    generator = torch.Generator().manual_seed(0)  # not torch's default one, the caller's (dropout seeds)
+    q, k, v = (torch.randn(1, 8, n, 64, generator=generator) for n in (256, 4096, 4096))
+    return median_ms(lambda: kernel(q, k, v, None, False, 0.125)) / median_ms(lambda: faster(kernel, q, k, v, 0.125))
 
 
 @functools.cache
@@ -248,5 +257,6 @@ def _input_backward(dout, q, x, normalize, eps, k_weight, k_bias, v_weight, v_bi
 
 attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_forward),
                            _honouring_float32_precision(_backward, lse_position=5))
+linear.KERNELS.register(CpuBackend.name, cpu_linear.forward, cpu_linear.backward)
 input_attention.KERNELS.register(CpuBackend.name, _honouring_float32_precision(_input_forward, fused=True),
                                  _honouring_float32_precision(_input_backward, lse_position=10, fused=True))

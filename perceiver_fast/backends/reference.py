@@ -1,4 +1,5 @@
-"""The reference backend: plain PyTorch, every device and dtype, the whole contract. It fuses nothing:
+"""The reference backend: plain PyTorch, every device and dtype, the whole contract. Its linear op is
+torch's own F.linear (what auto dispatch keeps where no backend's linear kernels run). It fuses nothing:
 the input attention runs composed on the reference attention. Its attention differentiates by
 autograd; sharded over ranks it runs as the "reference" kernels of the attention op (forward, and
 the explicit backward formula), which the sharded op drives like any other backend's. Its dropout
@@ -10,9 +11,9 @@ import torch
 
 from ..ops import attention
 from ..dropout import draw_seed
-from ..reference import attention_reference, attention_reference_backward, dropout_keep_mask
-from ..validation import FLOAT_DTYPES, MAX_HEAD_DIM, AttentionProblem
-from .base import Backend, Capabilities
+from ..reference import attention_reference, attention_reference_backward, dropout_keep_mask, linear_reference
+from ..validation import FLOAT_DTYPES, MAX_HEAD_DIM, AttentionProblem, LinearProblem
+from .base import Backend, Capabilities, LinearCapabilities
 
 
 class ReferenceBackend(Backend):
@@ -22,6 +23,9 @@ class ReferenceBackend(Backend):
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
         double_backward=True, dropout=True,
     )
+    # torch's own F.linear and activations, differentiated by autograd.
+    linear = LinearCapabilities(devices=frozenset({"cpu", "cuda"}), dtypes=frozenset(FLOAT_DTYPES), grad=True,
+                                empty_batch=True)
 
     def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):
         return dropout_keep_mask(seed, batch, heads, queries, keys, dropout_p)
@@ -34,6 +38,11 @@ class ReferenceBackend(Backend):
         keep = _keep(draw_seed(p.device), p.q, p.k, p.dropout_p) if p.dropout_p else None
         return attention_reference(p.q, p.k, p.v, key_mask=p.key_mask, causal=p.causal, scale=p.scale,
                                    compute_dtype=_compute_dtype(p.q), dropout_p=p.dropout_p, dropout_keep=keep)
+
+
+    def run_linear(self, problem: LinearProblem) -> torch.Tensor:
+        p = problem
+        return linear_reference(p.x, p.weight, p.bias, activation=p.activation, residual=p.residual)
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:

@@ -80,10 +80,14 @@ def _prepare_krasserm(case: Case, dtype, device, backward):
     return _generating(forward.step, logits, case.new_tokens)
 
 
-def _prepare_ours(case: Case, dtype, device, backward):
+def _prepare_ours(case: Case, dtype, device, backward, patched: bool = False):
     from ..generation import KrassermPerceiverAR
 
     model = build_model(case, dtype, device)
+    if patched:  # its linear layers (one row per step) on pf.linear, the MLPs' GELU fused
+        import perceiver_fast as pf
+
+        pf.patch(model)
     decoder = KrassermPerceiverAR(model, None)
     pads = torch.zeros(case.B, dtype=torch.int64, device=device)
     cache = decoder.new_cache(case.B, padded=False)
@@ -94,4 +98,6 @@ def _prepare_ours(case: Case, dtype, device, backward):
 
 def generation_providers() -> list[Provider]:
     return [Provider("pf.generation", "generation", _refusal, _prepare_ours),
+            Provider("pf.generation + pf.patch", "generation", _refusal,
+                     lambda case, dtype, device, backward: _prepare_ours(case, dtype, device, backward, patched=True)),
             Provider("krasserm cached forward", "generation", _refusal, _prepare_krasserm)]

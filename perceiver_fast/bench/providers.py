@@ -39,6 +39,8 @@ class Provider:
     kernel: Callable[[Case, torch.dtype, str, bool], str] | None = None
     # Its call runs the cpu backend's attention kernels: on the CPU, measure() times them by phase too.
     cpu_phases: bool = False
+    # More fields of its row, from (case, dtype, device, call, what the measured call returned).
+    extras: Callable[[Case, torch.dtype, str, Callable[[], object], object], dict] | None = None
 
 
 def free_bytes(device: str) -> int:

@@ -96,10 +96,13 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
         rated = Case(**groups[keys[0]][0]["case"]).attention_flops("forward") is not None  # not at model level
         references = sorted({r["provider"] for k in keys for r in groups[k] if not is_ours(r["provider"])
                              and "ms" in r})
+        # each inference row's largest logit error against the float32 model run by HF
+        errors = any("max_logit_error" in r for k in keys for r in groups[k])
         lines += [f"## {title}", "",
                   "| case | dtype | pass | provider | ms | " + ("GFLOP/s | " if rated else "")
-                  + "peak extra MiB | outputs MiB | " + " | ".join(f"vs {ref}" for ref in references) + " |",
-                  "|---|---|---|---|---:|" + "---:|" * (2 + rated + len(references))]
+                  + "peak extra MiB | outputs MiB | " + ("max logit error | " if errors else "")
+                  + " | ".join(f"vs {ref}" for ref in references) + " |",
+                  "|---|---|---|---|---:|" + "---:|" * (2 + rated + errors + len(references))]
         for key in keys:
             found = groups[key]
             times = {r["provider"]: r["ms"] for r in found if "ms" in r}
@@ -110,13 +113,16 @@ def markdown(case_set: CaseSet, info: dict, rows: list[dict], plots: list[str]) 
                 rate = f"{case.attention_flops(r['pass']) / 1e9 / (r['ms'] / 1e3):.1f} | " if rated else ""
                 outputs = f"{r['outputs_mib']:.1f}" if "outputs_mib" in r else ""  # not in older result files
                 ratios = [f"{times[ref] / r['ms']:.2f}x" if ref in times else "" for ref in references]
-                provider = r["provider"] + (f" ({r['kernel']})" if "kernel" in r else "")  # SDPA: the kernel it ran
+                # SDPA: the kernel it ran; OpenVINO: the precision it ran
+                provider = r["provider"] + "".join(f" ({r[k]})" for k in ("kernel", "precision") if k in r)
+                error = (f"{r['max_logit_error']:.3g} | " if "max_logit_error" in r else " | ") if errors else ""
                 lines.append(f"| {case.label()} | {r['dtype']} | {r['pass']} | {provider} | {format_ms(r['ms'])} | "
-                             f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | " + " | ".join(ratios) + " |")
+                             f"{rate}{r['peak_extra_mib']:.1f} | {outputs} | {error}" + " | ".join(ratios) + " |")
         lines.append("")
     lines += sharded_section(rows)
     lines += generation_section(rows, info)
     lines += phases_section(rows)
+    lines += op_profile_section(rows)
     lines += not_run_section(rows)
     if plots:
         lines += ["## Scaling with the input length", ""]
@@ -215,6 +221,25 @@ def phases_section(rows: list[dict]) -> list[str]:
                      f"{r['phase_wall_s'] * 1e3:.1f} | " + " | ".join(f"{100 * x:.0f}%" for x in shares)
                      + f" | {100 * (1 - sum(shares)):.0f}% |")
     return lines + [""]
+
+
+def op_profile_section(rows: list[dict]) -> list[str]:
+    """Where a whole model's time goes, for the rows that profiled one more call (torch.profiler):
+    each op's self time and its share of the profiled total, the largest first."""
+    found = [r for r in rows if "op_ms" in r]
+    if not found:
+        return []
+    lines = ["## Where the patched model's time goes", "",
+             "One more call per row under torch.profiler: each op's own time (self CPU ms) and its share of the "
+             "call; `perceiver_fast::linear` holds the oneDNN (or torch) GEMMs, `mkldnn::_linear_pointwise` "
+             "is oneDNN's GEMM inside it.", ""]
+    for r in found:
+        total = sum(r["op_ms"].values())
+        lines += [f"{Case(**r['case']).label()}, {r['dtype']}, {r['pass']}, {r['provider']}: {total:.0f} ms profiled", "",
+                  "| op | ms | share |", "|---|---:|---:|"]
+        lines += [f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |" for name, ms in r["op_ms"].items()]
+        lines.append("")
+    return lines
 
 
 def not_run_section(rows: list[dict]) -> list[str]:

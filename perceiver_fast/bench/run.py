@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
     size of what the call returns (output, and gradients in forward+backward), or why it did not run.
 
     full: the full set, where providers too slow to set up for the others run on the CPU too."""
-    from .timing import median_seconds
+    from .timing import median_seconds, timed_seconds
 
     dtype, backward = DTYPES[dtype_name], pass_name == "forward+backward"
     rows = []
@@ -49,14 +50,20 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             torch.manual_seed(0)
             call = provider.prepare(case, dtype, device, backward)
             # a generation call makes new_tokens tokens: its times are per token
-            seconds = median_seconds(_loop(call, case.calls), repeats, device) / case.calls / (case.new_tokens or 1)
+            per_call = case.calls * (case.new_tokens or 1)
+            if case.level == "model":  # its rows keep every time: the rounds of a model case are merged
+                times = [t / per_call * 1e3 for t in timed_seconds(call, repeats, device)]
+                seconds, samples = statistics.median(times) / 1e3, {"times_ms": times}
+            else:
+                seconds, samples = median_seconds(_loop(call, case.calls), repeats, device) / per_call, {}
             (result, peak), moved = collective_bytes(lambda: peak_extra_mib(call, device))
             outputs = tensors_mib(result)
             phases = _cpu_phases_of(call) if provider.cpu_phases and device == "cpu" else {}
+            extras = _extras_of(provider, case, dtype, device, call, result)
             del call, result
-            rows.append({**row, "ms": seconds * 1e3, "peak_extra_mib": peak, "outputs_mib": outputs,
+            rows.append({**row, "ms": seconds * 1e3, **samples, "peak_extra_mib": peak, "outputs_mib": outputs,
                          **({"collective_bytes": moved} if dist.is_initialized() else {}),
-                         **_kernel_label(provider, case, dtype, device, backward), **phases})
+                         **_kernel_label(provider, case, dtype, device, backward), **phases, **extras})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
             rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
@@ -85,6 +92,16 @@ def _cpu_phases_of(call) -> dict:
         return cpu_phases(call)
     except Exception as error:  # noqa: BLE001 - reported in the row
         return {"phases_not_timed": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+
+
+def _extras_of(provider, case, dtype, device, call, result) -> dict:
+    """The provider's extra fields of the row; a failure to make them costs the row those, not its measurement."""
+    if provider.extras is None:
+        return {}
+    try:
+        return provider.extras(case, dtype, device, call, result)
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        return {"extras_not_made": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
 
 
 def _kernel_label(provider, case, dtype, device, backward) -> dict:
@@ -179,21 +196,53 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
     return rows
 
 
+# A model case runs in this many rounds of its providers (A B C A B C), its rows merged: the
+# machine's slow spells, which last about as long as one provider's process, reach every provider.
+MODEL_ROUNDS = 2
+
+
+def _processes(case: Case, only: list[str] | None) -> list[list[str] | None]:
+    """The providers of each process a case runs in: all in one, or at model level one process per
+    provider and round, so that no runtime's threads, caches or allocator state reach another's timing."""
+    if case.level != "model":
+        return [only]
+    return [[p.name] for _ in range(MODEL_ROUNDS) for p in providers_for(case.level) if not only or p.name in only]
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (case, dtype, pass, provider): the first round's, with the median over every
+    round's times (times_ms) and the largest peak; a provider that failed in any round is reported
+    with that round's reason."""
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        key = (json.dumps(row["case"], sort_keys=True), row["dtype"], row["pass"], row["provider"])
+        first = merged.setdefault(key, row)
+        if first is row:
+            continue
+        if "not_run" in row or "not_run" in first:
+            merged[key] = first if "not_run" in first else row
+            continue
+        first["times_ms"] = first["times_ms"] + row["times_ms"]
+        first["ms"] = statistics.median(first["times_ms"])
+        first["peak_extra_mib"] = max(first["peak_extra_mib"], row["peak_extra_mib"])
+    return list(merged.values())
+
+
 def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: str, repeats: int,
               progress=print, only: list[str] | None = None, full: bool = False) -> list[dict]:
-    """Every case x dtype x pass, one process each, with a progress line per process (measure's
-    `only` and `full` for all of them)."""
-    jobs = [(case, d, p) for case in cases for d in dtypes for p in passes]
+    """Every case x dtype x pass, one process each (one per provider and round at model level, the
+    rounds merged), with a progress line per process (measure's `only` and `full` for all of them)."""
+    jobs = [(case, d, p, names) for case in cases for d in dtypes for p in passes for names in _processes(case, only)]
     rows, start = [], time.monotonic()
-    for index, (case, dtype_name, pass_name) in enumerate(jobs, 1):
+    for index, (case, dtype_name, pass_name, names) in enumerate(jobs, 1):
         job = {"case": asdict(case), "dtype_name": dtype_name, "pass_name": pass_name, "device": device,
-               "repeats": repeats, "only": only, "full": full}
+               "repeats": repeats, "only": names, "full": full}
         found = run_job_in_subprocess(job)
         rows += found
         timed = ", ".join(f"{r['provider']} {format_ms(r['ms'])} ms" for r in found if "ms" in r)
         progress(f"[{index}/{len(jobs)} {time.monotonic() - start:5.0f} s] {case.level} {case.label()} "
                  f"{dtype_name} {pass_name}: {timed or 'nothing ran'}")
-    return rows
+    return merge_rounds(rows)
 
 
 def main(argv=None) -> int:

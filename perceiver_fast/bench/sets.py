@@ -71,17 +71,18 @@ def layer_cases(device: str) -> list[Case]:
 
 
 def model_cases(device: str) -> list[Case]:
-    """HF vision-fourier's 224 x 224 images, with no mask and with the second half of every item's inputs padded."""
-    pixels = 224 * 224
-    return [model_case("hf-vision-fourier", pixels), model_case("hf-vision-fourier", pixels, padded_inputs=pixels // 2)]
+    """HF vision-fourier's 224 x 224 images at batch 1, and HF language's MLM at batch 2 of 2048 bytes."""
+    return [model_case("hf-vision-fourier", 224 * 224), model_case("hf-language", 2048, batch=2)]
 
 
 def training_cases(device: str) -> list[Case]:
     """Training steps with HF's default attention dropout (0.1): HF vision-fourier's cross-attention
-    layer at batch 4 (and the same step without dropout, what dropout costs) and the whole HF
-    vision-fourier classifier on 224 x 224 images."""
+    layer at batch 4 (and the same step without dropout, what dropout costs), and whole models with
+    an AdamW step: the HF vision-fourier classifier on 224 x 224 images and HF language's MLM at
+    batch 2 of 2048 bytes."""
     layer = case_from_shape("hf-vision-fourier-cross", "layer", batch=4)
-    return [layer, replace(layer, dropout=0.1), replace(model_case("hf-vision-fourier", 224 * 224), dropout=0.1)]
+    return [layer, replace(layer, dropout=0.1), replace(model_case("hf-vision-fourier", 224 * 224), dropout=0.1),
+            replace(model_case("hf-language", 2048, batch=2), dropout=0.1)]
 
 
 def generation_cases(device: str) -> list[Case]:
@@ -133,14 +134,16 @@ SETS = {s.name: s for s in (
     CaseSet("sharded", "the million-input cross-attention layer (pf.nn.CrossAttention) on one process and with its "
                        "input sharded over 2 processes (gloo), time, peak memory per rank and bytes all-reduced",
             sharded_cases, devices=("cpu",), dtypes=("float32",)),
-    CaseSet("model", "the whole HF vision-fourier classifier, unpatched and after pf.patch, inference",
-            model_cases, passes=("forward",)),
+    CaseSet("model", "whole HF models (the vision-fourier classifier at batch 1, the language MLM at batch 2 x 2048), "
+                     "inference: HF, after pf.patch (and with its attention alone patched), and the model exported to "
+                     "ONNX Runtime and OpenVINO, each in its own process", model_cases, passes=("forward",)),
     CaseSet("training", "training steps (forward+backward) with attention dropout 0.1: HF's vision-fourier "
-                        "cross-attention layer at batch 4 (and without dropout) and the whole classifier, HF "
-                        "against HF + pf.patch",
-            training_cases, providers=("HF", "HF + pf.patch"), passes=("forward+backward",)),
+                        "cross-attention layer at batch 4 (and without dropout), and the whole vision-fourier "
+                        "classifier and language MLM with an AdamW step, HF against HF + pf.patch",
+            training_cases, providers=("HF", "HF + pf.patch", "HF + pf.patch (attention only)"),
+            passes=("forward+backward",)),
     CaseSet("generation", "Perceiver AR decoding, ms per new token: krasserm's CausalSequenceModel (8 latent "
                           "layers of 512 channels, 512 latents) after 4k, 16k and 64k-token prompts, its own "
                           "cached forward against perceiver_fast.generation", generation_cases,
-            providers=("pf.generation", "krasserm cached forward"), passes=(DECODE,)),
+            providers=("pf.generation", "pf.generation + pf.patch", "krasserm cached forward"), passes=(DECODE,)),
 )}

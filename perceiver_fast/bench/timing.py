@@ -17,6 +17,11 @@ def median_seconds(call, repeats: int, device: str) -> float:
         from triton.testing import do_bench
 
         return do_bench(call, return_mode="median") / 1e3
+    return statistics.median(timed_seconds(call, repeats, device))
+
+
+def timed_seconds(call, repeats: int, device: str) -> list[float]:
+    """The wall times of `repeats` calls after one untimed call (compilation, caches)."""
     call()
     times = []
     for _ in range(repeats):
@@ -27,7 +32,7 @@ def median_seconds(call, repeats: int, device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def cpu_model() -> str:

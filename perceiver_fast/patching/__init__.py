@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..arguments import check_flag
 from ..dispatch import BACKEND_NAMES
 from ..shards import check_group
-from .registry import (FastModule, Swap, bypass_reason, has_instance_forward, import_adapter, library_of, log,
-                       original_class, swaps_of)
+from .registry import (LINEAR_ADAPTER, FastModule, Swap, bypass_reason, has_instance_forward, import_adapter,
+                       library_of, log, original_class, swaps_of)
 
 SUPPORTED = ("HF transformers Perceiver* models (transformers.models.perceiver), lucidrains perceiver-pytorch "
              "(Perceiver, PerceiverIO, PerceiverLM), krasserm perceiver-io (perceiver.model.core)")
@@ -46,8 +47,9 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def patch(model: nn.Module, backend: str | None = None, process_group=None) -> PatchReport:
-    """Swaps the attention modules of `model` (a whole model or any submodule of one) for fused ones.
+def patch(model: nn.Module, backend: str | None = None, process_group=None, linear: bool = True) -> PatchReport:
+    """Swaps the attention modules of `model` (a whole model or any submodule of one) for fused ones,
+    and (linear=True) its linear layers for pf.linear ones.
 
     backend: as in `perceiver_fast.cross_attention` (None: the best one for each call). Returns
     the counts replaced, by class. Raises TypeError when `model` holds no module this knows.
@@ -64,20 +66,31 @@ def patch(model: nn.Module, backend: str | None = None, process_group=None) -> P
     Perceiver and PerceiverIO, krasserm PerceiverEncoder) attends to every rank's shard;
     everything after it runs replicated. Wrapped in DistributedDataParallel over the same group,
     the model ends each backward with the gradients of the whole input (docs/distributed.md).
+
+    linear: every nn.Linear inside a module of a supported library runs `pf.linear` (oneDNN GEMMs on
+    packed weights on the CPU where they are faster than torch's, torch's own GEMM elsewhere), with
+    the activation after it (GELU) and the residual add fused into it where the library's layer
+    allows (docs/patching.md). The parameter objects stay, so an optimizer made before the patch
+    keeps working. linear=False leaves every linear layer as it is; patching again with it does not
+    undo an earlier linear=True (unpatch does).
     """
     _check_model(model)
+    linear = check_flag("linear", linear)
     if backend is not None and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
     if process_group is not None:
         check_group(process_group)
     report = PatchReport()
     taken_over = set()  # the inner modules of the swaps met, patched or left with them; parents come first
+    in_libraries = _inside_library_modules(model)
+    linear_left: dict[tuple[str, str], list[str]] = {}  # (label, reason) -> paths: one warning for them all
     for name, module in model.named_modules():
         original = original_class(type(module))
         adapter = library_of(original)
-        if adapter is None or id(module) in taken_over:
+        if adapter is None or id(module) in taken_over or (adapter == LINEAR_ADAPTER and id(module) not in in_libraries):
             continue
-        swap = next((s for s in swaps_of(adapter) if original is s.original and s.applies(module)), None)
+        swap = next((s for s in swaps_of(adapter)
+                     if original is s.original and (linear or not s.linear) and s.applies(module)), None)
         if swap is None:
             continue
         if swap.inner is not None:  # left with its parent when that is left as it is: one unit, one warning
@@ -85,13 +98,19 @@ def patch(model: nn.Module, backend: str | None = None, process_group=None) -> P
         label = swap.label or original.__name__
         reason = None if isinstance(module, FastModule) else _refusal_reason(module, swap)
         if reason is not None:
-            log.warning("patch leaves %s as it is: %s", f"{name} ({label})" if name else label, reason)
+            if swap.linear:
+                linear_left.setdefault((label, reason), []).append(name)
+            else:
+                log.warning("patch leaves %s as it is: %s", f"{name} ({label})" if name else label, reason)
             report.skipped[label] += 1
             continue
         module.__class__ = swap.fast
         module.pf_backend = backend
         module.pf_process_group = None
         report.replaced[label] += 1
+    for (label, reason), names in linear_left.items():  # accelerate's hooks, say, are on every layer
+        log.warning("patch leaves %d x %s as %s (%s): %s", len(names), label, "it is" if len(names) == 1 else "they are",
+                    ", ".join(names), reason)
     if not report.total and not report.skipped:
         raise TypeError(f"patch found no attention module it knows in {type(model).__name__}; "
                         f"it supports {SUPPORTED}")
@@ -99,6 +118,16 @@ def patch(model: nn.Module, backend: str | None = None, process_group=None) -> P
         _shard_input_attentions(model, process_group)
     log.info("patched %s", report)
     return report
+
+
+def _inside_library_modules(model: nn.Module) -> set[int]:
+    """ids of the modules inside (or themselves) a module of a Perceiver library: where linear layers are swapped."""
+    inside = set()
+    for module in model.modules():
+        adapter = library_of(original_class(type(module)))
+        if adapter is not None and adapter != LINEAR_ADAPTER and id(module) not in inside:
+            inside.update(id(m) for m in module.modules())
+    return inside
 
 
 def _refusal_reason(module: nn.Module, swap: Swap) -> str | None:

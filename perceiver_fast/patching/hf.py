@@ -1,5 +1,7 @@
 """HF transformers Perceiver models: `PerceiverSelfAttention` (encoder cross-attention, latent
-self-attention, decoders) and `PerceiverModel`, whose padding mask is kept at O(B * M)."""
+self-attention, decoders) and `PerceiverModel`, whose padding mask is kept at O(B * M); with the
+linear layers patched, the epilogues fused into them: `PerceiverLayer` (the MLP's GELU and the
+residual add), `PerceiverAttention` (the query residual) and `PerceiverEmbeddingDecoder` (its bias)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import torch
 from torch import nn
 from transformers.models.perceiver import modeling_perceiver as hf
 
+from ..linear import linear
 from ..nn.functional import attention, input_attention, merge_heads, split_heads
+from .linear_layers import activation_name, fused_linear, linear_backend
 from .masks import MaskShapeError, NotPerKey, additive_to_key_mask, mask_shape_error, settled_reason
-from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
+from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason, original_class, wrapper_of
 
 
 class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
@@ -83,10 +87,57 @@ class FastPerceiverModel(FastModule, hf.PerceiverModel):
                              ) from e
 
 
+class FastPerceiverLayer(FastModule, hf.PerceiverLayer):
+    """The MLP's GELU fused into its first linear layer, the residual add into its second. A chunked
+    feed-forward (chunk_size_feed_forward), or an MLP that is wrapped, of another class or with
+    another activation, runs as HF's."""
+
+    def forward(self, hidden_states, attention_mask=None, inputs=None, inputs_mask=None, output_attentions=False):
+        if self.chunk_size_feed_forward:
+            return super().forward(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
+        attention_outputs = self.attention(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
+        attention_output = attention_outputs[0]
+        mlp, normed = self.mlp, self.layernorm(attention_output)
+        activation = activation_name(mlp.intermediate_act_fn)
+        if original_class(type(mlp)) is hf.PerceiverMLP and wrapper_of(mlp) is None and activation is not None:
+            hidden = fused_linear(mlp.dense1, normed, activation)
+            layer_output = fused_linear(mlp.dense2, hidden, residual=attention_output)
+        else:
+            layer_output = mlp(normed) + attention_output
+        return (layer_output,) + attention_outputs[1:]
+
+
+class FastPerceiverAttention(FastModule, hf.PerceiverAttention):
+    """The query residual added in the output projection's epilogue."""
+
+    def forward(self, hidden_states, attention_mask=None, inputs=None, inputs_mask=None, output_attentions=False):
+        self_outputs = self.self(hidden_states, attention_mask, inputs, inputs_mask, output_attentions)
+        residual = hidden_states if self.use_query_residual else None
+        if original_class(type(self.output)) is hf.PerceiverSelfOutput and wrapper_of(self.output) is None:
+            attention_output = fused_linear(self.output.dense, self_outputs[0], residual=residual)
+        else:
+            attention_output = self.output(self_outputs[0])
+            attention_output = attention_output if residual is None else attention_output + residual
+        return (attention_output,) + self_outputs[1:]
+
+
+class FastPerceiverEmbeddingDecoder(FastModule, hf.PerceiverEmbeddingDecoder):
+    """The logits over the vocabulary as one linear op on the input embedding's weight, the bias fused."""
+
+    def forward(self, hidden_states: torch.Tensor, embedding_layer: torch.Tensor) -> torch.Tensor:
+        batch, length, channels = hidden_states.shape
+        logits = linear(hidden_states.reshape(-1, channels), embedding_layer.weight, self.bias,
+                        backend=linear_backend(self.pf_backend))
+        return logits.reshape(batch, length, self.vocab_size)
+
+
 def input_attentions(model):
     """The attention of each PerceiverEncoder's cross-attention layer: it reads the model's input."""
     return [m.cross_attention.attention.self for m in model.modules() if isinstance(m, hf.PerceiverEncoder)]
 
 
 SWAPS = (Swap(hf.PerceiverSelfAttention, FastPerceiverSelfAttention),
-         Swap(hf.PerceiverModel, FastPerceiverModel))
+         Swap(hf.PerceiverModel, FastPerceiverModel),
+         Swap(hf.PerceiverLayer, FastPerceiverLayer, linear=True),
+         Swap(hf.PerceiverAttention, FastPerceiverAttention, linear=True),
+         Swap(hf.PerceiverEmbeddingDecoder, FastPerceiverEmbeddingDecoder, linear=True))

@@ -10,6 +10,7 @@ from perceiver.model.core.utils import ModuleOutput
 from torch import nn
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
+from .linear_layers import activation_name, fused_linear
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
 from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
 
@@ -122,6 +123,18 @@ class FastSelfAttention(FastModule, km.SelfAttention):
                        self.pf_backend)
 
 
+class FastMLP(FastModule, km.MLP):
+    """LayerNorm, then the GELU fused into the first linear layer. An MLP whose GELU is of another
+    kind or has hooks runs as krasserm's."""
+
+    def forward(self, x):
+        if len(self) != 4 or activation_name(self[2]) is None:
+            return super().forward(x)
+        norm, first, act, second = self
+        activation = activation_name(act)
+        return ModuleOutput(last_hidden_state=fused_linear(second, fused_linear(first, norm(x), activation)))
+
+
 def input_attentions(model):
     """The cross-attention layers of each PerceiverEncoder (all of them read the encoder's input)."""
     return [m for encoder in model.modules() if isinstance(encoder, km.PerceiverEncoder)
@@ -130,4 +143,5 @@ def input_attentions(model):
 
 SWAPS = (Swap(km.CrossAttention, FastCrossAttention, inner="attention"),
          Swap(km.SelfAttention, FastSelfAttention, inner="attention"),
-         Swap(km.MultiHeadAttention, FastMultiHeadAttention))
+         Swap(km.MultiHeadAttention, FastMultiHeadAttention),
+         Swap(km.MLP, FastMLP, linear=True))

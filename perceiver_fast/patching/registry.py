@@ -20,7 +20,8 @@ class Swap:
     """Instances of `original` (for which `applies` holds) get `fast`, a subclass overriding forward.
 
     `inner` names the submodule whose computation the fast forward takes over (a PreNorm's
-    attention): it is left as it is. `label` names the swap in reports.
+    attention): it is left as it is. `label` names the swap in reports. `linear`: a swap of the
+    linear layers (pf.linear, fused epilogues), made only with patch(linear=True).
     """
 
     original: type
@@ -28,6 +29,7 @@ class Swap:
     applies: Callable[[nn.Module], bool] = lambda module: True
     inner: str | None = None
     label: str | None = None
+    linear: bool = False
 
 
 # module-name prefix of a library's classes -> our adapter for it (a module of this package)
@@ -35,7 +37,9 @@ LIBRARIES = {
     "transformers.models.perceiver": "hf",
     "perceiver_pytorch": "lucidrains",
     "perceiver.model.core": "krasserm",
+    "torch.nn.modules.linear": "linear_layers",  # nn.Linear, swapped only inside the libraries' modules
 }
+LINEAR_ADAPTER = "linear_layers"
 
 
 def library_of(cls: type) -> str | None:
