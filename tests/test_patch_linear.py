@@ -202,6 +202,15 @@ def test_backend_reference_gives_higher_order_gradients():
     assert model.perceiver.encoder.self_attends[0].mlp.dense1.weight.grad.abs().sum() > 0
 
 
+def test_model_pinned_to_the_cpu_backend_keeps_float64_linear_layers_running():
+    model = language_model().double()
+    original = copy.deepcopy(model)
+    pf.patch(model, backend="cpu")  # the cpu kernels run float64 attention, not float64 linear layers
+    ids = tokens()
+    with torch.no_grad():
+        assert relative_error(logits(model, ids), logits(original, ids)) <= 1e-10
+
+
 def test_model_backend_without_a_linear_op_runs_auto_linear_layers():
     model = language_model()
     pf.patch(model, backend="triton")  # its attention refuses CPU tensors outside the interpreter: linear only here

@@ -13,19 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import cpu_linear
-from ..dispatch import BACKENDS
 from ..linear import linear
 from ..reference import activation_reference
 from .registry import FastModule, Swap, wrapper_of
 
-# The backends with a linear op: a patched model's backend where it is one of them, else auto.
-LINEAR_BACKENDS = tuple(b.name for b in BACKENDS if b.linear is not None)
-
-
 def linear_backend(backend: str | None) -> str | None:
-    """The backend a patched linear layer runs on: the model's, where that backend has a linear op
-    (patch(model, backend="reference") runs torch's own), else auto."""
-    return backend if backend in LINEAR_BACKENDS else None
+    """The backend a patched linear layer runs on: "reference" (torch's own F.linear, with
+    higher-order gradients) for patch(model, backend="reference"), else auto. A model pinned to
+    another backend pins its attention: its linear layers still take torch's GEMM where the cpu
+    kernels cannot run them (float64, an empty batch, a small call) rather than raise."""
+    return "reference" if backend == "reference" else None
 
 
 def small(layer: nn.Linear, x: torch.Tensor) -> bool:
