@@ -18,7 +18,7 @@ import torch
 from ..profiler.memory_model import predicted_peak_bytes
 from ..profiler.models import NAMED_MODELS
 from .cases import Case
-from .providers import Provider, missing_module, with_backward
+from .providers import Provider, make_call, missing_module, with_backward
 
 # Ops listed in a patched model's profile (the rest summed as "other").
 PROFILED_OPS = 8
@@ -62,34 +62,11 @@ def op_profile(call) -> dict[str, float]:
             "other": sum(times[name] for name in largest[PROFILED_OPS:])}
 
 
-def training_step(model: torch.nn.Module, forward, leaves: list[torch.Tensor], backward: bool):
-    """One call: an inference forward (no_grad), or a training step: forward, backward of the logits'
-    sum and an AdamW step, returning the logits and the gradients of `leaves` (taken off them, so
-    that each call holds its own; the parameters' are set to None after the step)."""
-    if not backward:
-        def call():
-            with torch.no_grad():
-                return forward()
-        return call
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-    def call():
-        out = forward()
-        out.backward(torch.ones_like(out))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        grads = [t.grad for t in leaves]
-        for t in leaves:
-            t.grad = None
-        return out.detach(), grads
-    return call
-
-
 def model_extras(profiled: bool):
     """The extra fields of a model row: max_logit_error of an inference forward (a training step's
     logits come from dropped attention and moving weights: none), and op_ms where `profiled`."""
     def extras(case, dtype, device, call, result):
-        training = isinstance(result, tuple)  # training_step's (logits, gradients)
+        training = isinstance(result, tuple)  # make_call's (logits, gradients) of a training step
         fields = {} if training else {"max_logit_error": max_logit_error(case, device, result)}
         return {**fields, "op_ms": op_profile(call)} if profiled else fields
     return extras
@@ -122,7 +99,9 @@ def _provider(name: str, patched: bool, linear: bool = True) -> Provider:
         inputs, mask = model_inputs(case, dtype, device, backward)
         leaves = [inputs] if inputs.requires_grad else []
         # Every named model is an HF Perceiver: the padding mask goes in as its attention_mask.
-        return training_step(model, lambda: model(inputs=inputs, attention_mask=mask).logits, leaves, backward)
+        # A training step at this level: forward, backward and an AdamW step.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if backward else None
+        return make_call(lambda: model(inputs=inputs, attention_mask=mask).logits, leaves, backward, optimizer)
 
     def forward_bytes(case, dtype):
         # The profiler's model of an inference forward's peak (perceiver_fast/profiler/memory_model.py);

@@ -80,8 +80,11 @@ def score_bytes(case: Case, dtype: torch.dtype) -> int:
     return case.B * case.H * case.N * case.M * torch.finfo(dtype).bits // 8
 
 
-def make_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> Callable[[], object]:
-    """One call: forward under no_grad, or forward and backward to every leaf (inputs and weights).
+def make_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool,
+              optimizer: torch.optim.Optimizer | None = None) -> Callable[[], object]:
+    """One call: forward under no_grad, or forward and backward to every leaf (inputs and weights),
+    then the optimizer's step where one is given (a training step; its parameters' gradients are
+    set to None after it).
 
     The gradients are returned with the output and taken off the leaves, so that each call's
     memory holds its own gradients and none are left over from the call before.
@@ -95,6 +98,9 @@ def make_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], b
     def call():
         out = forward()
         out.backward(torch.ones_like(out))
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         grads = [t.grad for t in leaves]
         for t in leaves:
             t.grad = None
