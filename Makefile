@@ -9,14 +9,14 @@ PY := $(VENV)/bin/python
 # krasserm's perceiver-io 0.11.0 declares Python < 3.11, but the modules we patch run on 3.11:
 # it is installed without its dependencies, after the two it needs (einops, fairscale).
 DROP_IN_LIBS := transformers==5.23.0 perceiver-pytorch==0.11.0 einops fairscale
-# The CPU deployment runtimes the model benchmarks compare whole models against (the ONNX export's
-# runtimes), tested with the benchmark engine.
-RUNTIMES := onnx==1.23.2 onnxruntime==1.32.0 openvino==2026.4.1
+# The CPU deployment routes: the ONNX runtimes the model benchmarks compare whole models against, and
+# torch's dynamo ONNX exporter (onnxscript), with which tests/test_export.py exports patched models.
+RUNTIMES := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
 DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test test-properties test-oldest-triton report check cuda-check gpu clean
+.PHONY: install test test-properties test-oldest-triton test-oldest-torch test-packaging report check cuda-check gpu clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
@@ -73,18 +73,63 @@ test-oldest-triton: install $(OLDEST_STAMP)
 	  -m "not gpu" -k "triton or Triton or tiles or compile_check"
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m perceiver_fast.kernels.compile_check --arch 90
 
-# Every CUDA source compiled for the H100 (sm_90a) with nvcc, on any machine: they include only
-# CUDA headers. Fails on a compile error; skipped, saying so, where nvcc is missing.
+# The oldest torch setup.py admits (the GPU machine's, 2.11; a CUDA build, 4.7 GB installed, about a
+# minute here): the package built and installed into a second environment with it by
+# `pip install --no-build-isolation .`, with PERCEIVER_FAST_CUDA=0 (the CPU extension alone, from a
+# torch with CUDA: the CUDA sources compile in cuda-check), and the cpu contract, dispatch and
+# torch.compile tests run on it, so that an API newer than the floor fails here.
+OLDEST_TORCH ?= torch==2.11.0
+OLDEST_TORCH_VENV ?= .venv-oldest-torch
+OLDEST_TORCH_STAMP := $(OLDEST_TORCH_VENV)/.perceiver-fast-deps
+$(OLDEST_TORCH_STAMP): Makefile
+	test -x $(OLDEST_TORCH_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_TORCH_VENV)
+	$(OLDEST_TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_TORCH_VENV)/bin/python -m pip install --quiet "$(OLDEST_TORCH)" numpy pytest hypothesis ninja setuptools wheel
+	touch $(OLDEST_TORCH_STAMP)
+
+test-oldest-torch: $(OLDEST_TORCH_STAMP)
+	PERCEIVER_FAST_CUDA=0 PATH="$(abspath $(OLDEST_TORCH_VENV))/bin:$$PATH" $(OLDEST_TORCH_VENV)/bin/python -m pip install \
+	  --quiet --no-build-isolation --no-deps --force-reinstall .
+	$(OLDEST_TORCH_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_TESTS) tests/test_dispatch.py tests/test_compile.py \
+	  tests/test_linear.py tests/test_non_finite.py tests/test_reference.py tests/test_nn.py
+
+# The package as a user gets it, built the other ways the README documents: the sdist (from the
+# tracked and new files of this tree), a wheel built from it with build isolation (the torch of the
+# build environment pinned to this venv's, a local CPU build here: PIP_CONSTRAINT for `build`,
+# --build-constraint for pip, which applies no other constraint to build environments) and with clang,
+# without OpenMP (what Apple clang without libomp builds: csrc/cpu/parallel.h's threads, clang's
+# target attributes), and a fresh venv that installs that wheel and runs the cpu contract tests on it.
+PACKAGING ?= build/packaging
+CONTRACT_TESTS := tests/test_cpu_attention.py tests/test_input_attention.py tests/test_dropout.py tests/test_devices.py
+test-packaging: install
+	rm -rf $(PACKAGING) && mkdir -p $(PACKAGING)/tree
+	git ls-files -co --exclude-standard | grep -v '^$(PACKAGING)' | tar -cf - -T - | tar -xf - -C $(PACKAGING)/tree
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PACKAGING)/constraints.txt
+	$(PY) -m pip install --quiet build
+	cd $(PACKAGING)/tree && PIP_CONSTRAINT=$(abspath $(PACKAGING))/constraints.txt $(abspath $(PY)) -m build --sdist \
+	  --outdir $(abspath $(PACKAGING))/dist .
+	CC=clang CXX=clang++ PERCEIVER_FAST_OPENMP=0 $(PY) -m pip wheel --no-deps \
+	  --build-constraint $(PACKAGING)/constraints.txt -w $(PACKAGING)/dist $(PACKAGING)/dist/perceiver_fast-*.tar.gz
+	$(PYTHON) -m venv $(PACKAGING)/venv
+	$(PACKAGING)/venv/bin/pip install --quiet -c $(PACKAGING)/constraints.txt $(PACKAGING)/dist/perceiver_fast-*.whl \
+	  pytest hypothesis
+	$(PACKAGING)/venv/bin/python tools/check_wheel.py $(PACKAGING)/dist/perceiver_fast-*.whl
+	$(PACKAGING)/venv/bin/pytest -q -p no:cacheprovider $(CONTRACT_TESTS)
+
+# Every CUDA source compiled with nvcc for each arch torch's CUDA wheels target (CUDA_ARCHS: sm_75,
+# where the bfloat16 kernels compile to a trap, up to sm_120), on any machine: they include only CUDA
+# headers. Fails on a compile error; skipped, saying so, where nvcc is missing.
 CUDA_SOURCES := $(shell find csrc -name '*.cu' 2>/dev/null)
+CUDA_ARCHS ?= 75 80 86 89 90a 100 120
 # The torch binding of the CUDA kernels is syntax-checked against torch's headers too; a CPU torch
 # lacks one header its CUDA build generates (c10/cuda/impl/cuda_cmake_macros.h): an empty stand-in.
 # C++17 as the GPU machine's torch 2.11 builds it; torch 2.13's headers warn of C++20 extensions.
 cuda-check: install
 	@if command -v nvcc >/dev/null; then \
-	  out=$$(mktemp -d) && for f in $(CUDA_SOURCES); do \
-	    echo "nvcc sm_90a $$f" && nvcc -gencode=arch=compute_90a,code=sm_90a -std=c++17 -O3 -c $$f \
-	      -o $$out/$$(basename $$f).o || { rm -rf $$out; exit 1; }; \
-	  done; \
+	  out=$$(mktemp -d) && for arch in $(CUDA_ARCHS); do for f in $(CUDA_SOURCES); do \
+	    echo "nvcc sm_$$arch $$f" && nvcc -gencode=arch=compute_$$arch,code=sm_$$arch -std=c++17 -O3 -c $$f \
+	      -o $$out/$$(basename $$f).$$arch.o || { rm -rf $$out; exit 1; }; \
+	  done; done; \
 	  cuda_include=$$(dirname $$(dirname $$(nvcc -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=//p')))/include; \
 	  torch_include=$$($(PY) -c "import torch.utils.cpp_extension as e; print(' '.join('-I' + p for p in e.include_paths()))"); \
 	  python_include=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
@@ -115,4 +160,4 @@ gpu:
 	$(GPU_PYTHON) tools/gpu_run.py --out $(GPU_OUT) --steps $(GPU_STEPS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so
+	rm -rf $(VENV) $(OLDEST_VENV) $(OLDEST_TORCH_VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so

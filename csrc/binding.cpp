@@ -6,6 +6,7 @@
 #include "cpu/attention.h"
 #include "cpu/dropout.h"
 #include "cpu/input_attention.h"
+#include "cpu/parallel.h"
 #include "cpu/phase_timer.h"
 #include "cpu/softmax_rows_avx512.h"
 #include "cpu/tile_gemm.h"
@@ -332,7 +333,7 @@ at::Tensor dropout_keep_mask(const at::Tensor& dropout_seed, int64_t batch, int6
   const cpu::Dropout dropout = checked_dropout(dropout_p, dropout_seed, 0);
   auto mask = at::empty({batch, heads, queries, keys}, at::TensorOptions().dtype(at::kBool));
   bool* data = mask.data_ptr<bool>();
-  at::parallel_for(0, batch * heads * queries, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, batch * heads * queries, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> words(cpu::keep_words(keys));
     for (int64_t r = begin; r < end; ++r) {
       cpu::dropout_keep_bits(dropout, r / queries, r % queries, 0, keys, words.data());

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .arguments import check_flag, check_int, type_name
+from .backends.base import serves_device
 from .dispatch import get_backend, run_sharded, select_backend
 from .dropout import check_dropout_p, draw_seed
 from .validation import validate_attention
@@ -81,7 +82,7 @@ def attention_dropout_mask(batch: int, heads: int, queries: int, keys: int, drop
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must name a device, such as 'cpu' or 'cuda:0', got {device!r}") from None
-    if device.type not in chosen.capabilities.devices:
+    if not serves_device(chosen.capabilities.devices, device.type):
         raise ValueError(f"device must be one that backend {backend!r} runs on "
                          f"({', '.join(sorted(chosen.capabilities.devices))}), got {device}: the mask is drawn by "
                          f"that backend's kernels, on that device")

@@ -1,5 +1,6 @@
 """The `perceiver-fast` command.
 
+  info    what this installation has: versions, the compiled extension (or why it does not load), each backend
   check   compile every Triton kernel configuration for a GPU target (no GPU needed)
   bench   run a benchmark case set (--set) and write its report (tables, plots, JSON); --compare an earlier run
   profile where time and memory go in a named Perceiver, with and without pf.patch
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perceiver-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what this installation has: versions, the compiled extension (or why it does not "
+                                "load), each backend")
     check = sub.add_parser("check", help="compile every Triton kernel configuration for a GPU target (no GPU needed)")
     check.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
     check.add_argument("--workers", type=int, default=None, help="parallel compile processes (default: up to 2)")
@@ -29,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     add_profile_arguments(profile)
     args = parser.parse_args(argv)
 
+    if args.command == "info":
+        from .installation import installation_report
+
+        print("\n".join(installation_report()))
+        return 0
     if args.command == "bench":
         return bench_command(args, bench)
     if args.command == "profile":

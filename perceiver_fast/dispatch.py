@@ -2,22 +2,26 @@
 
 Auto dispatch walks BACKENDS in priority order (fastest first) and takes the first that accepts
 the problem, preferring one that runs it fused; an explicitly named backend that cannot run it
-raises BackendUnsupportedError listing every reason. Everything here reads shapes, dtypes,
+raises BackendUnsupportedError listing every reason. While `torch.onnx.export` traces a model, every
+call runs on the "onnx" backend, whatever was asked: an ONNX file holds standard operators only. Everything here reads shapes, dtypes,
 devices and settings fixed at import, so torch.compile traces it without a graph break.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.onnx._internal.exporter import _flags as _onnx_flags
 
 from .arguments import type_name
-from .backends import Backend, CpuBackend, CudaBackend, ReferenceBackend, TritonBackend
+from .backends import Backend, CpuBackend, CudaBackend, OnnxExportBackend, ReferenceBackend, TritonBackend
 from .ops import kernel_table
 from .shards import agree
 from .validation import Problem
 
+# Auto dispatch's priority order. The onnx backend is not in it: it runs when named, and under ONNX export.
 BACKENDS: tuple[Backend, ...] = (TritonBackend(), CudaBackend(), CpuBackend(), ReferenceBackend())
-BACKEND_NAMES = tuple(b.name for b in BACKENDS)
+ONNX_EXPORT_BACKEND = OnnxExportBackend()
+BACKEND_NAMES = tuple(b.name for b in BACKENDS) + (ONNX_EXPORT_BACKEND.name,)
 
 
 class BackendUnsupportedError(ValueError):
@@ -27,20 +31,36 @@ class BackendUnsupportedError(ValueError):
 def get_backend(name) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str or None, got {type_name(name)}")
-    for backend in BACKENDS:
+    for backend in BACKENDS + (ONNX_EXPORT_BACKEND,):
         if backend.name == name:
             return backend
     raise ValueError(f"backend must be None, 'auto' or one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
 
 
+def fused_device(device_type: str) -> bool:
+    """Whether a backend with kernels of its own (not the reference, which is plain torch) is installed
+    for this kind of device."""
+    return any(not b.unavailable and b.name != "reference" and device_type in b.capabilities.devices
+               for b in BACKENDS)
+
+
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing the caller. torch.onnx.is_in_onnx_export() says so, except
+    under dynamo, which folds it to False: the dynamo exporter's strict capture reads the flag it sets."""
+    return torch.onnx.is_in_onnx_export() or getattr(_onnx_flags, "_is_onnx_exporting", False)
+
+
 def select_backend(problem: Problem, requested: str | None) -> Backend:
     """The backend that runs `problem`: the one named, or under auto (None or "auto") the first in
-    priority order that runs it fused, else the first that runs it at all."""
-    if requested is not None and requested != "auto":
-        backend = get_backend(requested)
+    priority order that runs it fused, else the first that runs it at all; "onnx" under ONNX export."""
+    exporting = onnx_exporting()
+    if exporting or (requested is not None and requested != "auto"):
+        backend = ONNX_EXPORT_BACKEND if exporting else get_backend(requested)
         reasons = backend.refusals(problem, explicit=True)
         if reasons:
-            raise BackendUnsupportedError(f"backend {backend.name!r} cannot run {problem.describe()}: "
+            during = (" under torch.onnx.export, which runs every op as standard ONNX operators (export the model "
+                      "in eval mode, unsharded)") if exporting else ""
+            raise BackendUnsupportedError(f"backend {backend.name!r} cannot run {problem.describe()}{during}: "
                                           + "; ".join(reasons))
         return backend
     accepting, refused = [], []

@@ -317,9 +317,17 @@ def _validate_attention(q, k, v, key_mask, causal, scale, kind: str, dropout_p: 
                             dropout_p=dropout_p)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this kind of device (never for one autocast does not cover, such as meta).
+    Traced, only the second question is asked: dynamo before torch 2.13 cannot trace the first."""
+    if torch.compiler.is_compiling():
+        return torch.is_autocast_enabled(device_type)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def compute_dtype(tensors: list[torch.Tensor], device_type: str) -> torch.dtype:
     """autocast's dtype where autocast is on (as F.linear would run), else the promoted dtype."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_on(device_type):
         return torch.get_autocast_dtype(device_type)
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -442,7 +450,7 @@ def validate_linear(x, weight, bias=None, *, activation="none", residual=None) -
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"x, weight, bias and residual must be on one device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_on(x.device.type)
     if not autocast and len({t.dtype for t in tensors}) > 1:
         raise TypeError(f"x, weight, bias and residual must share one dtype (as in F.linear; or run under autocast), "
                         f"got " + ", ".join(f"{n} {t.dtype}" for n, t in

@@ -61,8 +61,8 @@ def test_full_set_covers_every_published_shape():
 
 
 def test_sets_are_named_and_quick_and_full_keep_their_cases():
-    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model", "training",
-                          "generation"]
+    assert list(SETS) == ["quick", "full", "cpu-backend", "layer", "overhead", "gpu", "sharded", "model", "deployment",
+                          "training", "generation"]
     assert SETS["quick"].cases("cpu") == quick_cases("cpu") and SETS["full"].cases("cuda") == full_cases("cuda")
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
@@ -132,9 +132,18 @@ def test_model_set_is_whole_models_against_the_deployment_runtimes():
     assert [(c.name, c.level, c.B, c.M, c.padded_inputs) for c in cases] == [
         ("hf-vision-fourier", "model", 1, 50176, 0), ("hf-language", "model", 2, 2048, 0)]
     assert (cases[0].N, cases[0].latent_dim, cases[0].H, cases[0].dqk, cases[0].C) == (512, 1024, 1, 261, 261)
-    assert {p.name for p in providers_for("model")} == {"HF", "HF + pf.patch", "HF + pf.patch (attention only)",
-                                                        "ONNX Runtime", "OpenVINO"} and not model.providers
+    assert model.providers == ("HF", "HF + pf.patch", "HF + pf.patch (attention only)", "ONNX Runtime", "OpenVINO")
+    assert set(model.providers) < {p.name for p in providers_for("model")}
     assert model.passes == ("forward",)
+
+
+def test_deployment_set_is_every_route_on_one_model():
+    deployment = SETS["deployment"]
+    assert [(c.name, c.B, c.M) for c in deployment.cases("cpu")] == [("hf-vision-fourier", 1, 50176)]
+    assert deployment.dtypes == ("float32",) and deployment.passes == ("forward",)
+    assert set(deployment.providers) == {"HF", "HF + pf.patch", "AOTInductor (pf.patch)", "ONNX Runtime", "OpenVINO",
+                                         "ONNX Runtime (pf.patch)", "OpenVINO (pf.patch)"}
+    assert set(deployment.providers) <= {p.name for p in providers_for("model")}
 
 
 def test_training_set_runs_hf_layer_and_model_steps_with_attention_dropout():
@@ -308,6 +317,17 @@ def test_runtime_providers_run_the_exported_model(tiny_model):
     assert rows["OpenVINO"]["ms"] > 0 and rows["OpenVINO"]["precision"] in ("bf16", "f32")
     training = measure(tiny_model, "float32", "forward+backward", "cpu", repeats=1, only=runtimes)
     assert all("inference runtime" in r["not_run"] for r in training)
+
+
+def test_deployment_routes_of_the_patched_model_run(tiny_model):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    routes = ["ONNX Runtime (pf.patch)", "OpenVINO (pf.patch)", "AOTInductor (pf.patch)"]
+    padded = replace(tiny_model, padded_inputs=8)
+    rows = {r["provider"]: r for r in measure(padded, "float32", "forward", "cpu", repeats=1, only=routes)}
+    for name in routes:
+        assert rows[name]["ms"] > 0 and rows[name]["max_logit_error"] <= 1e-4, rows[name]
 
 
 def test_flops_are_the_attention_matmuls_and_the_backward_counts_two_and_a_half_forwards():

@@ -20,7 +20,7 @@ LAYERS = [
     ["explain", "nn"],
     ["patching", "generation"],
     ["__init__"],  # the package's face, `import perceiver_fast as pf`
-    ["bench", "profiler"],
+    ["bench", "profiler", "installation"],
     ["cli"],
 ]
 

@@ -187,5 +187,6 @@ def test_state_dict_is_unchanged_and_unpatch_restores():
     model.load_state_dict(checkpoint)
     patched = type(model.cross_attention[0].module)
     assert patched is not km.CrossAttention and patched.__name__ == "CrossAttention"
-    assert pf.unpatch(model).replaced == {"CrossAttention": 1, "SelfAttention": 2, "Linear": 18, "MLP": 3}
+    assert pf.unpatch(model).replaced == {"CrossAttention": 1, "SelfAttention": 2, "Linear": 18, "MLP": 3,
+                                          "FrequencyPositionEncoding": 1}
     assert type(model.cross_attention[0].module) is km.CrossAttention

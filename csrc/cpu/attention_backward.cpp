@@ -2,7 +2,6 @@
 // query rows (attention_tiles.h), and writes dk and dv of its tiles once; dq gathers in a private
 // fp32 buffer per segment, written directly when the segment holds the whole head, else summed
 // over slots.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <vector>
@@ -10,6 +9,7 @@
 #include "attention.h"
 #include "attention_loops.h"
 #include "attention_tiles.h"
+#include "parallel.h"
 #include "phase_timer.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
@@ -28,7 +28,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
 
   std::vector<acc_t> slot_dq(plan.num_slots * n * dqk);
 
-  at::parallel_for(0, plan.segments_of_worker.size(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.segments_of_worker.size(), [&](int64_t begin, int64_t end) {
     HeadRows<T, P> rows(s);
     std::vector<P> k_packed_t(rows.dqk_p * kt), v_packed_t(rows.dv_p * kt), k_packed(Gemm::padded_k(kt) * dqk);
     std::vector<acc_t> bias(kt), dk_t(dqk * kt), dv_t(dv_ * kt);
@@ -80,7 +80,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
     Gemm::release();
   });
 
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * s.heads, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head].empty()) continue;
       PhaseScope timed(Phase::merge);

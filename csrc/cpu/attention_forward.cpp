@@ -1,7 +1,6 @@
 // Forward: every worker streams its key tiles once, with all query rows of the head resident
 // (queries, fp32 accumulator, running max and sum), so K and V are read from memory exactly once.
 // A head of few queries (a decode step) reads its tiles in place instead of packing them for GEMMs.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <vector>
@@ -10,6 +9,7 @@
 #include "attention_loops.h"
 #include "attention_tiles.h"
 #include "key_rows.h"
+#include "parallel.h"
 #include "phase_timer.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
@@ -67,7 +67,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   SlotStates<acc_t> slots(plan.num_slots, n, dv);
   const bool few = n <= kFewQueries;
 
-  at::parallel_for(0, plan.segments_of_worker.size(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.segments_of_worker.size(), [&](int64_t begin, int64_t end) {
     std::vector<P> q_rows(few ? 0 : n * dqk, P()), k_packed(few ? 0 : dqk * kt),
         v_packed(few ? 0 : Gemm::padded_k(kt) * dv);
     std::vector<acc_t> q_wide(few ? n * s.dim_qk : 0);  // the few-query path's queries, widened once
@@ -119,7 +119,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
     Gemm::release();
   });
 
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * s.heads, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head].empty()) continue;
       PhaseScope timed(Phase::merge);

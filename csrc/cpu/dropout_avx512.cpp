@@ -1,15 +1,16 @@
 #include "dropout_avx512.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
+#if defined(__GNUC__) && defined(__x86_64__)  // GCC and clang
 #include <immintrin.h>
 #define PF_HAVE_AVX512 1
 #endif
 
+#include "isa_target.h"
+
 namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
-
+PF_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,bmi2")
 
 namespace {
 
@@ -51,6 +52,7 @@ void philox_keep_words(uint32_t k0, uint32_t k1, uint32_t row, uint32_t head, ui
   }
 }
 
+PF_ISA_END
 #else
 
 void philox_keep_words(uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, int64_t, int64_t, uint64_t*) {}

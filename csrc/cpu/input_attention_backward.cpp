@@ -5,7 +5,6 @@
 //   shortcut:   dxn = sum over heads of dK + dV (K = V = xn)
 // and dxn into dx through the LayerNorm: dx = rstd (dxn - mean(dxn) - xn mean(dxn xn)).
 // dx of each tile is written once; dq and the weight gradients gather per worker and are summed.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <vector>
@@ -14,6 +13,7 @@
 #include "attention_tiles.h"
 #include "input_attention.h"
 #include "input_tiles.h"
+#include "parallel.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
 
@@ -97,7 +97,7 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
   std::vector<acc_t> slot_dq(plan.num_slots * heads * n * dqk);
   std::vector<WeightGrads<acc_t>> worker_grads(workers);
 
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, workers, [&](int64_t begin, int64_t end) {
     std::vector<HeadRows<T>> rows(heads, HeadRows<T>(s));
     const int64_t dqk_p = rows[0].dqk_p, dv_p = rows[0].dv_p;
     std::vector<T> k_packed_t(dqk_p * kt), v_packed_t(shortcut ? 0 : dv_p * kt), k_packed(ktk * dqk);
@@ -183,7 +183,7 @@ void input_attention_backward(const InputAttentionInputs<T>& in, Strided<const T
     Gemm::release();
   });
 
-  at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * heads, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head / heads].empty()) continue;
       sum_dq_slots(slots_of_head_in_batch_plan(plan, head, heads), slot_dq, n * dqk, grads.dq + head * n * dqk);

@@ -2,7 +2,6 @@
 // tile's x rows are normalised (and projected) once and then serve all heads, whose query rows
 // and online-softmax states stay resident. Split batch items merge per head as in
 // attention_forward.cpp, slot s of head h at s * heads + h.
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <vector>
@@ -11,6 +10,7 @@
 #include "attention_tiles.h"
 #include "input_attention.h"
 #include "input_tiles.h"
+#include "parallel.h"
 #include "tile_gemm.h"
 #include "work_plan.h"
 
@@ -29,7 +29,7 @@ void input_attention_forward(const InputAttentionInputs<T>& in, T* out, float* l
 
   SlotStates<acc_t> slots(plan.num_slots * heads, n, dv);
 
-  at::parallel_for(0, plan.segments_of_worker.size(), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, plan.segments_of_worker.size(), [&](int64_t begin, int64_t end) {
     std::vector<T> q_rows(heads * n * dqk, T(0)), k_packed(dqk * kt), v_packed(Gemm::padded_k(kt) * dv);
     std::vector<acc_t> bias(kt), acc(heads * n * dv), max(heads * n), sum(heads * n);
     InputTile<T> tile(in, kt);
@@ -85,7 +85,7 @@ void input_attention_forward(const InputAttentionInputs<T>& in, T* out, float* l
     Gemm::release();
   });
 
-  at::parallel_for(0, s.batch * heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * heads, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
       if (plan.slots_of_head[head / heads].empty()) continue;
       merge_slots(s, slots_of_head_in_batch_plan(plan, head, heads), slots, out + head * n * dv, lse + head * n);

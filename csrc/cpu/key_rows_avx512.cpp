@@ -2,15 +2,17 @@
 
 #include <cstdint>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#if defined(__GNUC__) && defined(__x86_64__)  // GCC and clang
 #include <immintrin.h>
 #define PF_HAVE_AVX512 1
 #endif
 
+#include "isa_target.h"
+
 namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
+PF_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma")
 
 namespace {
 
@@ -113,6 +115,7 @@ void accumulate_rows(const float* p, const c10::BFloat16* v, int64_t stride, int
   accumulate_rows_impl(p, v, stride, count, dim, acc);
 }
 
+PF_ISA_END
 #else  // not x86-64 GCC/Clang: never called (vector_paths.h finds no AVX-512 there)
 
 void dot_rows(const float*, const float*, int64_t, int64_t, int64_t, float*) {}

@@ -2,15 +2,17 @@
 
 #include <algorithm>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#if defined(__GNUC__) && defined(__x86_64__)  // GCC and clang
 #include <immintrin.h>
 #define PF_HAVE_AVX512 1
 #endif
 
+#include "isa_target.h"
+
 namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
+PF_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq")
 
 namespace {
 
@@ -156,6 +158,7 @@ void transpose_words(const void* src, int64_t ld_bytes, int64_t n, int64_t halve
   }
 }
 
+PF_ISA_END
 #else  // not x86-64 GCC/Clang: never called (vector_paths.h finds no AVX-512 there)
 
 void pack_rows_vnni(const float*, int64_t, int64_t, int64_t, c10::BFloat16*) {}

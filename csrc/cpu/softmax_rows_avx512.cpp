@@ -5,16 +5,17 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#if defined(__GNUC__) && defined(__x86_64__)  // GCC and clang
 #include <immintrin.h>
 #define PF_HAVE_AVX512 1
 #endif
 
+#include "isa_target.h"
+
 namespace perceiver_fast::cpu::avx512 {
 
 #ifdef PF_HAVE_AVX512
-
+PF_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 
 namespace {
 
@@ -195,6 +196,7 @@ void softmax_backward_step(float* scores, float* dprobs, int64_t valid, int64_t 
   }
 }
 
+PF_ISA_END
 #else
 
 float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&, KeepRow<float>) {

@@ -63,7 +63,7 @@ __device__ void multiply_accumulate(Accumulator (&acc)[4], const T* a, int a_dep
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionBackwardParams p) {
+__device__ void attention_backward_block(AttentionBackwardParams p) {
   extern __shared__ __align__(32) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem + BackwardShared::q);
   T* k_s = reinterpret_cast<T*>(smem + BackwardShared::k);
@@ -186,6 +186,15 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionB
     if (with_dv && c0 + c < p.dim_v) {
       static_cast<T*>(p.dv)[(head_key0 + key) * p.dim_v + c0 + c] = from_float<T>(dp_s[r * kScoreLd + c]);
     }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_backward_kernel(AttentionBackwardParams p) {
+  if constexpr (wmma_available<T>()) {
+    attention_backward_block<T>(p);
+  } else {
+    __trap();
   }
 }
 

@@ -31,7 +31,7 @@ struct SharedLayout {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {
+__device__ void attention_forward_block(AttentionParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem + SharedLayout::q);
   T* k_s = reinterpret_cast<T*>(smem + SharedLayout::k);
@@ -166,6 +166,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionPa
         p.lse[head_row0 + row] = lse;
       }
     }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionParams p) {
+  if constexpr (wmma_available<T>()) {
+    attention_forward_block<T>(p);
+  } else {
+    __trap();
   }
 }
 

@@ -7,6 +7,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention.cuh"
 
@@ -17,6 +18,17 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kPad = 8;  // 16-byte row padding of the half-precision tiles (WMMA ldm multiple of 8)
 constexpr int kTileLd = kDimChunk + kPad;
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Whether this compilation has WMMA fragments of T: bfloat16 ones need sm_80. Below it a bfloat16
+// kernel compiles to a trap; the cuda backend refuses bfloat16 on such a GPU before any launch.
+template <typename T>
+__host__ __device__ constexpr bool wmma_available() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return !std::is_same_v<T, __nv_bfloat16>;
+#else
+  return true;
+#endif
+}
 
 template <typename T>
 __device__ T from_float(float x);

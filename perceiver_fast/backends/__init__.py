@@ -3,7 +3,8 @@
 from .base import Backend, Capabilities
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .onnx_export import OnnxExportBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-__all__ = ["Backend", "Capabilities", "CpuBackend", "CudaBackend", "ReferenceBackend", "TritonBackend"]
+__all__ = ["Backend", "Capabilities", "CpuBackend", "CudaBackend", "OnnxExportBackend", "ReferenceBackend", "TritonBackend"]

@@ -19,6 +19,14 @@ from ..validation import INPUT_ATTENTION, LINEAR, AttentionProblem, InputAttenti
 from .input_methods import composed, run_fused
 
 
+# A backend written in plain torch ops runs on every device torch runs them on (mps, xpu, ...).
+ANY_DEVICE = "any"
+
+
+def serves_device(devices: frozenset[str], device_type: str) -> bool:
+    return ANY_DEVICE in devices or device_type in devices
+
+
 def _names(dtypes) -> str:
     return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
 
@@ -43,7 +51,7 @@ class Capabilities:
 
     def refusals(self, problem: Problem) -> list[str]:
         reasons = []
-        if problem.device.type not in self.devices:
+        if not serves_device(self.devices, problem.device.type):
             reasons.append(f"device {problem.device.type} not supported (supports {', '.join(sorted(self.devices))})")
         if problem.dtype not in self.dtypes:
             reasons.append(f"dtype {str(problem.dtype).replace('torch.', '')} not supported "
@@ -74,7 +82,7 @@ class LinearCapabilities:
 
     def refusals(self, problem: LinearProblem) -> list[str]:
         reasons = []
-        if problem.device.type not in self.devices:
+        if not serves_device(self.devices, problem.device.type):
             reasons.append(f"device {problem.device.type} not supported by its linear op "
                            f"(supports {', '.join(sorted(self.devices))})")
         if problem.dtype not in self.dtypes:
@@ -162,7 +170,7 @@ class Backend:
         if p.shards is not None:
             return sharded_attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, self.name, p.kind, p.shards)
         seed = draw_seed(p.device) if p.dropout_p else None
-        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, p.dropout_p, seed, self.name, p.kind, [])
+        return attention(p.q, p.k, p.v, p.key_mask, p.causal, p.scale, p.dropout_p, seed, self.name, p.kind, [0])
 
     def run_linear(self, problem: LinearProblem) -> torch.Tensor:
         """The (rows, out) result of a linear problem: the registered op on this backend's kernels,

@@ -1,6 +1,8 @@
 """The cuda backend: hand-written CUDA kernels (csrc/cuda/), float16/bfloat16, forward and backward.
 
-Built only where torch has CUDA. The kernels compile for sm_90a in `make test` but have not yet
+Built only where torch has CUDA, for every arch torch's CUDA wheels target (sm_75 and up); below
+sm_80 the bfloat16 kernels are compiled out and it refuses bfloat16. The kernels compile in `make
+test` (`make cuda-check`, each arch) but have not yet
 run on a GPU, so auto dispatch does not choose them: name backend="cuda" to use them. It has no
 fused input attention: that op runs composed on its attention kernel, and no attention dropout.
 Its kernels are perceiver_fast._C.cuda_attention_forward and _backward, registered here as the
@@ -8,6 +10,8 @@ Its kernels are perceiver_fast._C.cuda_attention_forward and _backward, register
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -29,9 +33,18 @@ class CudaBackend(Backend):
         else "the CUDA kernels are not built (perceiver_fast._C was compiled against a torch without CUDA)")
 
     def extra_refusals(self, problem: Problem, explicit: bool) -> list[str]:
-        if not explicit:
-            return ["not yet run on a GPU: auto dispatch does not choose it (name backend='cuda')"]
-        return []
+        reasons = [] if explicit else ["not yet run on a GPU: auto dispatch does not choose it (name backend='cuda')"]
+        if problem.dtype == torch.bfloat16 and problem.device.type == "cuda":
+            major, minor = _capability(problem.device.index)
+            if major < 8:
+                reasons.append(f"bfloat16 needs an sm_80 (Ampere) or newer GPU, this one is sm_{major}{minor}: its "
+                               f"bfloat16 tensor-core kernels are compiled out below sm_80 (float16 runs)")
+        return reasons
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _forward(q, k, v, key_mask, causal, scale, dropout_p, dropout_seed, kind, tiling):

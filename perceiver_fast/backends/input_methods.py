@@ -41,7 +41,7 @@ def _input_attention_call(problem: InputAttentionProblem, kernel: str, tiling: t
                                                                        p.causal, p.scale, kernel, p.shards)
     seed = draw_seed(p.device) if p.dropout_p else None
     return lambda q, x, *weights_and_mask: input_attention(q, x, normalize, eps, *weights_and_mask, p.causal, p.scale,
-                                                           p.dropout_p, seed, kernel, list(tiling))
+                                                           p.dropout_p, seed, kernel, list(tiling) or [0])
 
 
 def run_fused(problem: InputAttentionProblem, kernel: str, tiling: tuple[int, ...] = ()) -> torch.Tensor:
@@ -75,7 +75,8 @@ def composed(problem: InputAttentionProblem) -> AttentionProblem:
     if p.shards is not None:
         weights = sum_gradients_across(p.shards, *weights)
     norm_weight, norm_bias, k_weight, k_bias, v_weight, v_bias = weights
-    x = p.x if p.norm_eps is None else F.layer_norm(p.x, p.x.shape[-1:], norm_weight, norm_bias, p.norm_eps)
+    # A constant normalized shape: the TorchScript ONNX exporter takes no traced size there.
+    x = p.x if p.norm_eps is None else F.layer_norm(p.x, (int(p.channels),), norm_weight, norm_bias, p.norm_eps)
     k = F.linear(x, k_weight, k_bias).view(p.batch, p.keys, p.heads, p.dim_qk).transpose(1, 2)
     v = F.linear(x, v_weight, v_bias).view(p.batch, p.keys, p.heads, p.dim_v).transpose(1, 2)
     return AttentionProblem(q=p.q, k=k, v=v, key_mask=p.key_mask, causal=p.causal, scale=p.scale,

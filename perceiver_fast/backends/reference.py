@@ -13,18 +13,18 @@ from ..ops import attention
 from ..dropout import draw_seed
 from ..reference import attention_reference, attention_reference_backward, dropout_keep_mask, linear_reference
 from ..validation import FLOAT_DTYPES, MAX_HEAD_DIM, AttentionProblem, LinearProblem
-from .base import Backend, Capabilities, LinearCapabilities
+from .base import ANY_DEVICE, Backend, Capabilities, LinearCapabilities
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     capabilities = Capabilities(
-        devices=frozenset({"cpu", "cuda"}), dtypes=frozenset(FLOAT_DTYPES),
+        devices=frozenset({ANY_DEVICE}), dtypes=frozenset(FLOAT_DTYPES),
         max_dim_qk=MAX_HEAD_DIM, max_dim_v=MAX_HEAD_DIM, key_mask=True, causal=True, grad=True,
         double_backward=True, dropout=True,
     )
     # torch's own F.linear and activations, differentiated by autograd.
-    linear = LinearCapabilities(devices=frozenset({"cpu", "cuda"}), dtypes=frozenset(FLOAT_DTYPES), grad=True,
+    linear = LinearCapabilities(devices=frozenset({ANY_DEVICE}), dtypes=frozenset(FLOAT_DTYPES), grad=True,
                                 empty_batch=True)
 
     def dropout_keep_mask(self, seed, batch, heads, queries, keys, dropout_p):

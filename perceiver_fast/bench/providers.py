@@ -298,11 +298,11 @@ def _bare_kernel(q, k, v, case):
 
 
 def op_providers() -> list[Provider]:
-    """Every fast backend of ours (the reference is for checking), then the references, then the cpu
-    backend's kernels below the Python layer (overhead set only)."""
-    from ..dispatch import BACKEND_NAMES
+    """Every fast backend of ours (auto dispatch's, less the reference, which is for checking), then the
+    references, then the cpu backend's kernels below the Python layer (overhead set only)."""
+    from ..dispatch import BACKENDS
 
-    return ([_ours(b) for b in BACKEND_NAMES if b != "reference"]
+    return ([_ours(b.name) for b in BACKENDS if b.name != "reference"]
             + [_op_provider("eager", lambda q, k, v, case: eager(q, k, v, case.causal),
                             # scores and probabilities (2 GiB measured where they are 1 GiB each)
                             predicted_bytes=with_backward(lambda case, dtype: 2 * score_bytes(case, dtype))),

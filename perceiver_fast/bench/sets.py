@@ -75,6 +75,10 @@ def model_cases(device: str) -> list[Case]:
     return [model_case("hf-vision-fourier", 224 * 224), model_case("hf-language", 2048, batch=2)]
 
 
+def deployment_cases(device: str) -> list[Case]:
+    return [model_case("hf-vision-fourier", 224 * 224)]
+
+
 def training_cases(device: str) -> list[Case]:
     """Training steps with HF's default attention dropout (0.1): HF vision-fourier's cross-attention
     layer at batch 4 (and the same step without dropout, what dropout costs), and whole models with
@@ -136,7 +140,14 @@ SETS = {s.name: s for s in (
             sharded_cases, devices=("cpu",), dtypes=("float32",)),
     CaseSet("model", "whole HF models (the vision-fourier classifier at batch 1, the language MLM at batch 2 x 2048), "
                      "inference: HF, after pf.patch (and with its attention alone patched), and the model exported to "
-                     "ONNX Runtime and OpenVINO, each in its own process", model_cases, passes=("forward",)),
+                     "ONNX Runtime and OpenVINO, each in its own process", model_cases, passes=("forward",),
+            providers=("HF", "HF + pf.patch", "HF + pf.patch (attention only)", "ONNX Runtime", "OpenVINO")),
+    CaseSet("deployment", "the vision-fourier classifier at batch 1 in float32 by each deployment route: HF and "
+                          "pf.patch eager, the patched model as an AOTInductor package, and ONNX files of HF's model "
+                          "and of the patched one in ONNX Runtime and OpenVINO, each in its own process",
+            deployment_cases, passes=("forward",), dtypes=("float32",),
+            providers=("HF", "HF + pf.patch", "AOTInductor (pf.patch)", "ONNX Runtime", "OpenVINO",
+                       "ONNX Runtime (pf.patch)", "OpenVINO (pf.patch)")),
     CaseSet("training", "training steps (forward+backward) with attention dropout 0.1: HF's vision-fourier "
                         "cross-attention layer at batch 4 (and without dropout), and the whole vision-fourier "
                         "classifier and language MLM with an AdamW step, HF against HF + pf.patch",

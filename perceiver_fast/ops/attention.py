@@ -11,8 +11,9 @@ csrc/cpu), "triton" (perceiver_fast/kernels, CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1) or "cuda" (CUDA C++). `kind` ("cross" or "latent") picks the
 Triton tile set. `tiling` overrides a kernel's loop sizes, for tests that reach tile edges with
 small inputs: (key_tile, row_block, workers[, query_chunk]) for "cpu" (query_chunk: rows per chunk of
-a long query axis, perceiver_fast/backends/cpu.py), (splits,) for "triton" and "cuda"; empty for the
-kernel's own choice.
+a long query axis, perceiver_fast/backends/cpu.py), (splits,) for "triton" and "cuda"; non-positive entries (or
+none) for the kernel's own choice: dispatch passes [0], since an AOTInductor package passes an empty
+list to the op as None.
 """
 
 from typing import List, Optional, Tuple

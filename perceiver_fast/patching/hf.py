@@ -13,7 +13,8 @@ from ..linear import linear
 from ..nn.functional import attention, input_attention, merge_heads, split_heads
 from .linear_layers import activation_name, fused_linear, linear_backend
 from .masks import MaskShapeError, NotPerKey, additive_to_key_mask, mask_shape_error, settled_reason
-from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason, original_class, wrapper_of
+from .registry import (FastModule, Swap, attention_dropout, bypass_reason, device_reason, dropout_reason, original_class,
+                       wrapper_of)
 
 
 class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
@@ -32,7 +33,8 @@ class FastPerceiverSelfAttention(FastModule, hf.PerceiverSelfAttention):
         batch, keys = source.shape[0], source.shape[1]
         mask = inputs_mask if cross else attention_mask
         group = self.pf_process_group
-        reason = "output_attentions=True" if output_attentions else bypass_reason(self, self.pf_bypassed)
+        reason = "output_attentions=True" if output_attentions else (
+            bypass_reason(self, self.pf_bypassed) or device_reason(source))
         wrong_shape = mask_shape_error("inputs_mask" if cross else "attention_mask", mask, batch, keys)
         if wrong_shape is not None:
             if group is None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 from perceiver.model.core import modules as km
+from perceiver.model.core.position import FrequencyPositionEncoding
 from perceiver.model.core.utils import ModuleOutput
 from torch import nn
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .linear_layers import activation_name, fused_linear
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
+from .registry import FastModule, Swap, attention_dropout, bypass_reason, device_reason, dropout_reason
 
 
 def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_cache, process_group=None):
@@ -27,7 +28,7 @@ def _unfused_reason(module, mha, queries, kv_input, keys_in_call, pad_mask, kv_c
 
 def _call_reason(module, mha, kv_input, keys_in_call, pad_mask, kv_cache):
     """_unfused_reason before the check of rows without keys."""
-    reason = bypass_reason(module, module.pf_bypassed)
+    reason = bypass_reason(module, module.pf_bypassed) or device_reason(kv_input)
     reason = reason or dropout_reason(module, attention_dropout(mha, mha.dropout))
     if reason:
         return reason, None
@@ -135,6 +136,15 @@ class FastMLP(FastModule, km.MLP):
         return ModuleOutput(last_hidden_state=fused_linear(second, fused_linear(first, norm(x), activation)))
 
 
+class FastFrequencyPositionEncoding(FastModule, FrequencyPositionEncoding):
+    """The rotary embeddings' angles with the integer positions cast to the frequencies' dtype first:
+    the same values (positions are exact in float32 up to 2^24), from an einsum of one dtype, which ONNX
+    requires (krasserm's multiplies int64 by float, which ONNX Runtime and OpenVINO refuse to load)."""
+
+    def forward(self, abs_pos):
+        return super().forward(abs_pos.to(self.inv_freq.dtype))
+
+
 def input_attentions(model):
     """The cross-attention layers of each PerceiverEncoder (all of them read the encoder's input)."""
     return [m for encoder in model.modules() if isinstance(encoder, km.PerceiverEncoder)
@@ -144,4 +154,5 @@ def input_attentions(model):
 SWAPS = (Swap(km.CrossAttention, FastCrossAttention, inner="attention"),
          Swap(km.SelfAttention, FastSelfAttention, inner="attention"),
          Swap(km.MultiHeadAttention, FastMultiHeadAttention),
-         Swap(km.MLP, FastMLP, linear=True))
+         Swap(km.MLP, FastMLP, linear=True),
+         Swap(FrequencyPositionEncoding, FastFrequencyPositionEncoding))

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..nn.functional import attention, input_attention, layer_norm, merge_heads, split_heads
 from .masks import NotPerKey, key_mask_from_bool, settled_reason
-from .registry import FastModule, Swap, attention_dropout, bypass_reason, dropout_reason
+from .registry import FastModule, Swap, attention_dropout, bypass_reason, device_reason, dropout_reason
 
 ATTENTION_CLASSES = (pp.Attention, io.Attention)
 
@@ -30,7 +30,7 @@ def _call_reason(module, attn, x, context, mask, inverted_attention) -> tuple[st
     keys = x.shape[1] if context is None else context.shape[1]
     if inverted_attention:
         return "inverted attention", None, keys
-    reason = bypass_reason(module, module.pf_bypassed)
+    reason = bypass_reason(module, module.pf_bypassed) or device_reason(x)
     reason = reason or dropout_reason(module, attention_dropout(attn, getattr(attn, "dropout", None)))
     if reason:
         return reason, None, keys

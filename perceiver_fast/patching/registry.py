@@ -115,6 +115,25 @@ def attention_dropout(module: nn.Module, dropout: nn.Module | float | None) -> f
     return float(p) if module.training else 0.0
 
 
+_devices_logged: set[str] = set()
+
+
+def device_reason(tensor) -> str | None:
+    """A device for which no backend with kernels of its own is installed (mps, xpu, or the CPU
+    without the extension): the library's own computation runs there, as before patching, and the
+    first such call on each kind of device says so in one log line."""
+    from ..dispatch import fused_device
+
+    device_type = tensor.device.type
+    if fused_device(device_type):
+        return None
+    reason = f"no fused backend runs on {device_type}"
+    if device_type not in _devices_logged:
+        _devices_logged.add(device_type)
+        log.info("pf.patch: %s; the patched modules run the library's own computation there", reason)
+    return reason
+
+
 def dropout_reason(module: "FastModule", dropout_p: float) -> str | None:
     """Attention dropout runs fused, but not over an input sharded across processes."""
     if dropout_p and module.pf_process_group is not None:
