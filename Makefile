@@ -99,9 +99,11 @@ test-oldest-torch: $(OLDEST_TORCH_STAMP)
 # --build-constraint for pip, which applies no other constraint to build environments) and with clang,
 # without OpenMP (what Apple clang without libomp builds: csrc/cpu/parallel.h's threads, clang's
 # target attributes), and a fresh venv that installs that wheel and runs the cpu contract tests on it.
+# clang comes from Debian's packages where it is missing (as root, as CI runs).
 PACKAGING ?= build/packaging
 CONTRACT_TESTS := tests/test_cpu_attention.py tests/test_input_attention.py tests/test_dropout.py tests/test_devices.py
 test-packaging: install
+	command -v clang++ >/dev/null || { apt-get update -qq && apt-get install -y -qq clang; }
 	rm -rf $(PACKAGING) && mkdir -p $(PACKAGING)/tree
 	git ls-files -co --exclude-standard | grep -v '^$(PACKAGING)' | tar -cf - -T - | tar -xf - -C $(PACKAGING)/tree
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(PACKAGING)/constraints.txt
