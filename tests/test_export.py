@@ -3,6 +3,7 @@ packages, and ONNX files from both of torch's exporters run in ONNX Runtime and 
 output is compared with the unpatched model's in float64, on inputs of the example's sizes and of
 other sizes where the route is dynamic."""
 
+import copy
 import functools
 import os
 import subprocess
@@ -138,14 +139,9 @@ def _models(name: str) -> tuple[Called, Called]:
     torch.manual_seed(sum(map(ord, name)))
     model = MODELS[name].build().eval()
     patched = Called(model.model, model.call).float()
-    reference = Called(_copy(model.model).double(), model.call)
+    reference = Called(copy.deepcopy(model.model).double(), model.call)
     pf.patch(patched.model)
     return reference, patched
-
-
-def _copy(module):
-    import copy
-    return copy.deepcopy(module)
 
 
 def _sizes(name: str) -> list[tuple[int, int]]:
