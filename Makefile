@@ -16,7 +16,7 @@ DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test test-properties test-oldest-triton test-oldest-torch test-packaging report check cuda-check gpu clean
+.PHONY: install test test-properties test-oldest-triton test-oldest-torch test-packaging report check cuda-check aarch64-check gpu clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
@@ -40,7 +40,7 @@ install: $(BUILD_STAMP)
 # GPU-marked tests first (they skip without CUDA); then everything else (the C++ cpu backend
 # natively, the Triton kernels on the CPU under the interpreter); then the ahead-of-time compile of every kernel
 # configuration for an H100 (sm_90).
-test: install cuda-check
+test: install cuda-check aarch64-check
 	$(VENV)/bin/pytest tests -q -m gpu
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest tests -q -m "not gpu"
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
@@ -140,6 +140,18 @@ cuda-check: install
 	    -I$$python_include -I$$cuda_include -DTORCH_EXTENSION_NAME=_C csrc/cuda_binding.cpp || { rm -rf $$out; exit 1; }; \
 	  rm -rf $$out; \
 	else echo "cuda-check: nvcc not found, CUDA sources not compiled"; fi
+
+# Every C++ kernel file (csrc/cpu/) compiled for Linux aarch64, where the SIMD rows are NEON code,
+# by Debian's cross compiler (installed where missing, as root, as CI runs), against this torch's
+# headers; warnings in our files are errors. A compile check: nothing built for aarch64 runs here.
+AARCH64_CXX ?= aarch64-linux-gnu-g++
+aarch64-check: install
+	command -v $(AARCH64_CXX) >/dev/null || { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; }
+	@torch_include=$$($(PY) -c "import torch.utils.cpp_extension as e; print(' '.join('-isystem ' + p for p in e.include_paths()))"); \
+	for f in $(wildcard csrc/cpu/*.cpp); do \
+	  echo "aarch64 $$f" && $(AARCH64_CXX) -std=c++17 -O2 -ffp-contract=off -fopenmp -Wall -Werror $$torch_include \
+	    -c $$f -o /dev/null || exit 1; \
+	done
 
 check: install
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90

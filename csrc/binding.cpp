@@ -105,6 +105,13 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return c;
 }
 
+// bfloat16 inputs are multiplied as bfloat16 only where the CPU has bfloat16 dot products (the
+// brgemm's VNNI layout); elsewhere their tiles are widened to float32 as they are packed, which
+// beats at::mm's per-tile conversions and keeps the probabilities in float32.
+bool widen_bf16(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 && !cpu::TileGemm<c10::BFloat16>::vnni();
+}
+
 template <typename T>
 cpu::AttentionInputs<T> kernel_inputs(const Checked& c, bool causal, double scale, int64_t key_tile,
                                       int64_t row_block, int64_t workers, const cpu::Dropout& dropout) {
@@ -137,6 +144,12 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
         lse.data_ptr<float>());
     return {out, lse};
   }
+  if (widen_bf16(q)) {
+    cpu::attention_forward<c10::BFloat16, float>(
+        kernel_inputs<c10::BFloat16>(c, causal, scale, key_tile, row_block, workers, dropout),
+        out.data_ptr<c10::BFloat16>(), lse.data_ptr<float>());
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_forward", [&] {
     cpu::attention_forward<scalar_t>(kernel_inputs<scalar_t>(c, causal, scale, key_tile, row_block, workers, dropout),
                                      out.data_ptr<scalar_t>(), lse.data_ptr<float>());
@@ -167,6 +180,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout, 
         kernel_inputs<float>(c, causal, scale, key_tile, row_block, workers, dropout), strided<float>(dout_c),
         out_c.data_ptr<float>(), lse_c.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
         dv.data_ptr<float>());
+    return {dq, dk, dv};
+  }
+  if (widen_bf16(q)) {
+    cpu::attention_backward<c10::BFloat16, float>(
+        kernel_inputs<c10::BFloat16>(c, causal, scale, key_tile, row_block, workers, dropout),
+        strided<c10::BFloat16>(dout_c), out_c.data_ptr<c10::BFloat16>(), lse_c.data_ptr<float>(),
+        dq.data_ptr<c10::BFloat16>(), dk.data_ptr<c10::BFloat16>(), dv.data_ptr<c10::BFloat16>());
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "cpu_attention_backward", [&] {
@@ -381,16 +401,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_dropout_keep_mask", &perceiver_fast::dropout_keep_mask, py::arg("dropout_seed"), py::arg("batch"),
         py::arg("heads"), py::arg("queries"), py::arg("keys"), py::arg("dropout_p"));
   m.def("cpu_features", [] {
-    return std::map<std::string, bool>{
-        {"avx512_softmax", perceiver_fast::cpu::avx512_bf16_supported()},
-        {"avx512_rows", perceiver_fast::cpu::avx512_rows_supported()},
-        {"avx512_philox", perceiver_fast::cpu::avx512_bmi2_supported()},
-        {"brgemm_bf16_vnni", perceiver_fast::cpu::TileGemm<c10::BFloat16>::vnni()},
-        {"portable_gemm_forced", perceiver_fast::cpu::portable_gemm()},
-        {"portable_rows_forced", perceiver_fast::cpu::portable_rows_forced()},
-        {"without_avx512_bf16_forced", perceiver_fast::cpu::without_avx512_bf16_forced()},
-    };
-  });
+    namespace cpu = perceiver_fast::cpu;
+    const auto& names = cpu::isa_names();
+    py::dict features;
+    features["isa"] = names[static_cast<int>(cpu::active_isa())];
+    features["isa_detected"] = names[static_cast<int>(cpu::detected_isa())];
+    features["isa_cap"] = cpu::isa_cap();
+    features["isa_levels"] = names;
+    features["simd_rows"] = cpu::use_simd_rows();
+    features["avx512_rows"] = cpu::use_avx512_rows();
+    features["avx512_softmax"] = cpu::use_avx512_bf16_rows();
+    features["avx512_philox"] = cpu::use_avx512_philox();
+    features["brgemm_float"] = cpu::TileGemm<float>::brgemm();
+    features["brgemm_bf16_vnni"] = cpu::TileGemm<c10::BFloat16>::vnni();
+    features["portable_gemm_forced"] = cpu::portable_gemm();
+    return features;
+  }, "The row code and GEMMs the cpu kernels run with: the instruction-set level in use (detected, capped by "
+     "PERCEIVER_FAST_CPU_ISA or set_cpu_isa), and each path it enables.");
   m.def("set_phase_timing", &perceiver_fast::cpu::set_phase_timing,
         "Start (True) or stop timing the cpu attention kernels by phase (the benchmark engine's breakdown).");
   m.def("take_phase_seconds", [] {
@@ -399,12 +426,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (size_t p = 0; p < taken.size(); ++p) seconds[perceiver_fast::cpu::kPhaseNames[p]] = taken[p] * 1e-9;
     return seconds;
   }, "Seconds per phase of the cpu attention kernels, summed over threads, since the last call (then reset).");
-  m.def("set_portable_rows", &perceiver_fast::cpu::set_portable_rows,
-        "Force the portable loops of the row code (softmax steps, few-query rows, bfloat16 packing) instead of "
-        "AVX-512 (for tests of the path other CPUs take).");
-  m.def("set_without_avx512_bf16", &perceiver_fast::cpu::set_without_avx512_bf16,
-        "Run the row code as on a CPU with AVX-512 but no AVX512-BF16: AVX-512 packing and few-query rows, "
-        "portable softmax steps (for tests of the path other CPUs take).");
+  m.def("set_cpu_isa", &perceiver_fast::cpu::set_isa_cap, py::arg("name"),
+        "Cap the instruction-set level of every path the cpu kernels pick (rows, softmax, packing, Philox, "
+        "brgemm): one of cpu_features()['isa_levels'], or 'none'. perceiver_fast sets it from "
+        "PERCEIVER_FAST_CPU_ISA at import; tests use it to run the paths other CPUs take.");
   m.def("set_portable_gemm", &perceiver_fast::cpu::set_portable_gemm,
         "Force the at::mm GEMM path instead of oneDNN brgemm (for tests of the path other CPUs take).");
 }

@@ -10,11 +10,14 @@ the reference backend: plain PyTorch).
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
 
 BUILD_COMMAND = "pip install --no-build-isolation ."
+# Caps the instruction sets of the C++ kernels' paths (csrc/cpu/vector_paths.h): read at import.
+CPU_ISA_VARIABLE = "PERCEIVER_FAST_CPU_ISA"
 
 
 class ExtensionWarning(RuntimeWarning):
@@ -39,6 +42,15 @@ except ImportError as error:
                   f"CPU: plain PyTorch, slower and materialising the scores)", ExtensionWarning, stacklevel=2)
 else:
     LOAD_ERROR = None
+    if os.environ.get(CPU_ISA_VARIABLE):
+        try:
+            compiled.set_cpu_isa(os.environ[CPU_ISA_VARIABLE])
+        except ValueError as error:
+            raise ValueError(f"{CPU_ISA_VARIABLE}={os.environ[CPU_ISA_VARIABLE]!r}: {error}") from None
+
+# The instruction-set level the C++ kernels run at in this process (the CPU's, capped), settled here
+# so that dispatch reads a constant.
+CPU_ISA: str | None = None if compiled is None else compiled.cpu_features()["isa"]
 
 # The CUDA kernels are compiled in only where the extension was built against a torch with CUDA.
 HAS_CUDA_KERNELS = compiled is not None and hasattr(compiled, "cuda_attention_forward")

@@ -17,9 +17,11 @@ def installation_report() -> list[str]:
     if extension.compiled is None:
         lines.append(f"extension: not loaded: {extension.LOAD_ERROR}")
     else:
-        paths = ", ".join(name for name, on in extension.compiled.cpu_features().items() if on)
+        features = extension.compiled.cpu_features()
+        paths = ", ".join(name for name, on in features.items() if on is True)
         kernels = "C++ and CUDA kernels" if extension.HAS_CUDA_KERNELS else "C++ kernels"
-        lines.append(f"extension: loaded ({kernels}); cpu vector paths: {paths or 'portable only'}")
+        lines.append(f"extension: loaded ({kernels}); cpu instruction set {features['isa']} (detected "
+                     f"{features['isa_detected']}, cap {features['isa_cap']}); paths: {paths or 'portable only'}")
     for backend in BACKENDS:
         lines.append(f"backend {backend.name}: " + (f"unavailable: {backend.unavailable}" if backend.unavailable
                                                    else "available"))

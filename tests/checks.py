@@ -200,22 +200,35 @@ LATENT_SHAPES = {"n64-d32": (2, 2, 64, 64, 32, 32), "n100-qk32-v160": (1, 2, 100
                  "n48-d128": (1, 1, 48, 48, 128, 128), "n1": (2, 1, 1, 1, 8, 8)}
 
 
-# The C++ kernel's vector paths this machine can force (csrc/cpu/vector_paths.cpp). "native" is
-# the best the CPU has; on a CPU without AVX-512 every path is the portable one.
-CPU_PATHS = ["native", "portable-rows", "without-avx512-bf16", "portable-gemm"]
+def _lower_isa_levels() -> list[str]:
+    """The instruction-set levels below the one in use (csrc/cpu/vector_paths.h), highest first: each
+    the paths of a CPU that has only that much (x86-64: avx512, avx2, portable)."""
+    from perceiver_fast.extension import compiled as _C
+    if _C is None:
+        return []
+    features = _C.cpu_features()
+    levels = features["isa_levels"]
+    return levels[:levels.index(features["isa"])][::-1]
+
+
+# The C++ kernel's paths this machine can force: "native" is what runs here (the CPU's level, under
+# PERCEIVER_FAST_CPU_ISA where set), then each lower instruction-set level, then the at::mm GEMMs.
+ISA_PATHS = _lower_isa_levels()
+CPU_PATHS = ["native", *ISA_PATHS, "portable-gemm"]
+# The row code's own paths (softmax steps, few-query rows): native, the SIMD rows, the portable loops.
+ROW_PATHS = ["native", *(level for level in ISA_PATHS if level in ("avx2", "neon", "portable"))]
 
 
 @contextlib.contextmanager
 def forced_cpu_path(path: str):
-    from perceiver_fast.extension import compiled as _C
-    _C.set_portable_rows(path == "portable-rows")
-    _C.set_without_avx512_bf16(path == "without-avx512-bf16")
+    from perceiver_fast.extension import CPU_ISA_VARIABLE, compiled as _C
+    if path in ISA_PATHS:
+        _C.set_cpu_isa(path)
     _C.set_portable_gemm(path == "portable-gemm")
     try:
         yield
     finally:
-        _C.set_portable_rows(False)
-        _C.set_without_avx512_bf16(False)
+        _C.set_cpu_isa(os.environ.get(CPU_ISA_VARIABLE) or "none")
         _C.set_portable_gemm(False)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -22,6 +23,7 @@ from perceiver_fast.bench.report import load_json, markdown, sweeps, write_repor
 from perceiver_fast.bench.run import measure, run_cases
 from perceiver_fast.bench.sets import SETS, full_cases, quick_cases
 from perceiver_fast.cli import main as cli
+from perceiver_fast.extension import compiled as _C
 
 TINY = Case(name="tiny", level="op", kind="cross", B=1, H=2, N=8, M=32, dqk=16, dv=8, sweep="tiny")
 INFO = {"cpu": "test CPU", "cpu_threads": 2, "torch": "x", "triton": "y", "python": "3", "device": "cpu"}
@@ -67,16 +69,17 @@ def test_sets_are_named_and_quick_and_full_keep_their_cases():
     assert not SETS["quick"].providers and not SETS["full"].providers  # every provider of each level
 
 
-def test_cpu_backend_set_is_the_old_scripts_cases():
-    # The former benchmarks/cpu_backend.py's CASES: name -> (B, H, N, M, Dqk, Dv), the last a latent self-attention.
+def test_cpu_backend_set_is_the_old_scripts_cases_and_the_wide_latent_one():
+    # The former benchmarks/cpu_backend.py's CASES: name -> (B, H, N, M, Dqk, Dv), the last a latent
+    # self-attention; then the latent case of head dim 128 whose backward must be tight.
     old = {"b1-h1-m50k-d64": (1, 1, 512, 50176, 64, 64), "b1-h8-m50k-d64": (1, 8, 512, 50176, 64, 64),
            "b4-h1-m262k-d64": (4, 1, 256, 262144, 64, 64), "b1-h1-m50k-d261": (1, 1, 512, 50176, 261, 261),
-           "latent-b8-h8-n512-d64": (8, 8, 512, 512, 64, 64)}
+           "latent-b8-h8-n512-d64": (8, 8, 512, 512, 64, 64), "latent-b4-h8-n512-d128": (4, 8, 512, 512, 128, 128)}
     cpu_backend = SETS["cpu-backend"]
     cases = cpu_backend.cases("cpu")
     assert {c.name: (c.B, c.H, c.N, c.M, c.dqk, c.dv) for c in cases} == old
     assert {c.level for c in cases} == {"op"} and not any(c.causal for c in cases)
-    assert [c.name for c in cases if c.kind == "latent"] == ["latent-b8-h8-n512-d64"]
+    assert [c.name for c in cases if c.kind == "latent"] == ["latent-b8-h8-n512-d64", "latent-b4-h8-n512-d128"]
     assert set(cpu_backend.providers) == {"perceiver_fast[cpu]", "sdpa", "eager"} <= {p.name for p in op_providers()}
     assert cpu_backend.passes == ("forward", "forward+backward") and cpu_backend.devices == ("cpu",)
 
@@ -539,7 +542,10 @@ def test_cli_compares_two_files_and_rejects_bad_arguments(tmp_path, capsys):
                           (["--set", "model", "--levels", "op"], "--levels op: the model set has no case"),
                           (["--dtypes", "float8"], "--dtypes: float8"),
                           (["--passes", "sideways"], "--passes: sideways"),
-                          (["--repeats", "0"], "--repeats must be at least 1")):
+                          (["--repeats", "0"], "--repeats must be at least 1"),
+                          (["--isa", "avx3"], "--isa avx3: expected one of portable"),
+                          (["--set", "cpu-backend", "--providers", "eager,nope"], "--providers: nope"),
+                          (["--providers", "sdpa"], "--providers: the quick set runs every provider")):
         with pytest.raises(SystemExit):
             cli(["bench", *argv])
         assert message in capsys.readouterr().err
@@ -579,3 +585,28 @@ def test_cli_full_is_the_full_set_and_writes_its_report(tmp_path, monkeypatch, c
     machine, rows = load_json(tmp_path / "results-full-cpu.json")
     assert [r["provider"] for r in rows] == ["sdpa"] and rows[0]["ms"] > 0
     assert set(machine["matmul_gflops"]) == {"float32"} and machine["transformers"]
+
+
+def test_cli_isa_caps_every_case_process_and_names_the_caps(tmp_path, monkeypatch, capsys):
+    """--isa emulates a CPU with less: this library's level and torch's, oneDNN's and MKL's caps, set in
+    the environment the case processes inherit, and named in the report's header."""
+    level = "avx2" if "avx2" in _C.cpu_features()["isa_levels"] else "portable"
+    before = os.environ.get("PERCEIVER_FAST_CPU_ISA") or "none"
+    for name in ("PERCEIVER_FAST_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the caps stay in this test
+    monkeypatch.setitem(SETS, "full", replace(SETS["full"], cases=lambda device: [TINY],
+                                              providers=("perceiver_fast[cpu]",)))
+    try:
+        assert cli(["bench", "--full", "--isa", level, "--device", "cpu", "--dtypes", "float32", "--passes",
+                    "forward", "--repeats", "1", "--no-plots", "--out", str(tmp_path)]) == 0
+    finally:
+        _C.set_cpu_isa(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"report-full-cpu-{level}.md", f"results-full-cpu-{level}.json"]
+    machine, rows = load_json(tmp_path / f"results-full-cpu-{level}.json")
+    assert machine["isa_caps"]["PERCEIVER_FAST_CPU_ISA"] == level and machine["cpu_kernel_paths"]["isa"] == level
+    assert set(machine["isa_caps"]) == {"PERCEIVER_FAST_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                        "MKL_ENABLE_INSTRUCTIONS"}
+    assert rows[0]["ms"] > 0
+    report = (tmp_path / f"report-full-cpu-{level}.md").read_text()
+    assert f"Instruction sets capped (`--isa {level}`" in report and "ONEDNN_MAX_CPU_ISA=" in report

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from checks import (CROSS_SHAPES, forced_cpu_path, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
+from checks import (CROSS_SHAPES, ISA_PATHS, ROW_PATHS, forced_cpu_path, LATENT_SHAPES, MASKINGS, assert_matches, check_attention, check_non_contiguous,
                     kernel_runner, random_inputs, random_key_mask, reference_with_grads)
 
 import perceiver_fast as pf
@@ -65,13 +65,13 @@ FEW_QUERY_SHAPES = {"n1-d64": (2, 2, 1, 300, 64, 64), "n2-d100-v40": (1, 3, 2, 2
                     "n4-m2": (2, 2, 4, 2, 16, 16)}
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx512-where-present", "portable"])
+@pytest.mark.parametrize("rows", ROW_PATHS)
 @pytest.mark.parametrize("tiling", [(0, 0, 0), (16, 8, 3), (7, 5, 4)], ids=["default", "small-tiles", "odd-tiles"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("shape", FEW_QUERY_SHAPES.values(), ids=FEW_QUERY_SHAPES.keys())
-def test_few_query_forward(shape, key_mask, causal, dtype, tiling, portable):
-    with forced_cpu_path("portable-rows" if portable else "native"):
+def test_few_query_forward(shape, key_mask, causal, dtype, tiling, rows):
+    with forced_cpu_path(rows):
         check_attention(cpu(*tiling), shape, dtype, key_mask, causal)
 
 
@@ -106,13 +106,13 @@ def test_phase_timing_covers_each_phase_only_while_on(dtype):
     assert set(_C.take_phase_seconds().values()) == {0.0}, "taking the seconds resets them"
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["avx512-where-present", "portable"])
+@pytest.mark.parametrize("rows", ROW_PATHS)
 @pytest.mark.parametrize("key_tile", [16, 96])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("scores", ["rising", "wide", "spike"])
-def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile, portable):
+def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile, rows):
     """The forward's softmax keeps a row's running max until a score passes it by 2^8 (lazy rescaling,
     csrc/cpu/softmax_rows_avx512.cpp); here scores jump past it within and across key tiles: "rising"
     scores climb by about 10 (base e) over the keys, "wide" ones spread with a standard deviation of 8,
@@ -133,36 +133,24 @@ def test_running_max_jumps(scores, key_mask, causal, dtype, dropout_p, key_tile,
     mask = random_key_mask(B, M) if key_mask else None
     if mask is not None:
         mask[1:, 136] = True  # the spike stays a key wherever a batch entry has any
-    with forced_cpu_path("portable-rows" if portable else "native"):
+    with forced_cpu_path(rows):
         check_attention(cpu(key_tile, 8, 3), (B, H, N, M, D, D), dtype, False if mask is None else mask, causal,
                         dropout_p=dropout_p, inputs=(q, k, v))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("key_mask,causal", MASKINGS)
-@pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "tiny-heads"])
-def test_portable_row_code(shape, key_mask, causal, dtype):
-    # The loops CPUs without AVX-512 run for the softmax steps and the bfloat16 packing of P and dS.
-    with forced_cpu_path("portable-rows"):
-        assert _C.cpu_features()["portable_rows_forced"]
-        check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask, causal)
-
-
+# What each lower level runs (csrc/cpu/vector_paths.h): avx512 (Skylake-X to Ice Lake) the AVX-512
+# packing and few-query rows with the SIMD softmax steps; avx2 (Zen 2/3, Intel client CPUs) the SIMD
+# rows; portable the scalar loops. Below avx512_bf16, bfloat16 inputs are widened to float32 GEMMs.
+@pytest.mark.parametrize("level", ISA_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("key_mask,causal", MASKINGS)
 @pytest.mark.parametrize("shape", ["small", "d261", "qk32-v160", "tiny-heads", "one-query"])
-def test_avx512_without_bf16(shape, key_mask, causal, dtype):
-    # A CPU with AVX-512 but no AVX512-BF16 (Skylake-X to Ice Lake): AVX-512 packing and few-query
-    # rows, portable softmax steps, and, for bfloat16, no bfloat16 brgemm (oneDNN needs the
-    # instructions), so the at::mm path.
-    _C.set_without_avx512_bf16(True)
-    _C.set_portable_gemm(dtype == torch.bfloat16)
-    try:
-        assert _C.cpu_features()["without_avx512_bf16_forced"]
+def test_lower_instruction_set_levels(shape, key_mask, causal, dtype, level):
+    with forced_cpu_path(level):
+        features = _C.cpu_features()
+        assert features["isa"] == level and features["isa_cap"] == level
+        assert features["brgemm_bf16_vnni"] == (level == "avx512_bf16")
         check_attention(cpu(16, 8, 3), CROSS_SHAPES[shape], dtype, key_mask, causal)
-    finally:
-        _C.set_without_avx512_bf16(False)
-        _C.set_portable_gemm(False)
 
 
 def test_public_functions_dispatch_to_cpu():
@@ -203,18 +191,42 @@ def test_binding_rejects_bad_inputs():
 
 def test_cpu_features_reports_the_paths_in_use():
     features = _C.cpu_features()
-    assert set(features) == {"avx512_softmax", "avx512_rows", "avx512_philox", "brgemm_bf16_vnni",
-                             "portable_gemm_forced", "portable_rows_forced", "without_avx512_bf16_forced"}
-    assert features["avx512_rows"] or not features["avx512_softmax"]  # the rows need a subset of the softmax's ISA
-    assert not (features["portable_gemm_forced"] or features["portable_rows_forced"]
-                or features["without_avx512_bf16_forced"])
-    if os.path.exists("/proc/cpuinfo"):
-        # The paths are those the CPU allows, whichever order the library's files were initialised in.
+    levels = features["isa_levels"]
+    assert features["isa_cap"] == (os.environ.get("PERCEIVER_FAST_CPU_ISA") or "none")
+    assert levels.index(features["isa"]) <= levels.index(features["isa_detected"])
+    level = levels.index(features["isa"])
+    assert not features["portable_gemm_forced"]
+    if os.path.exists("/proc/cpuinfo") and levels[1] == "avx2":
+        # The levels are those the CPU allows, whichever order the library's files were initialised in.
         flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-        avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-        assert features["avx512_rows"] == avx512
-        assert features["avx512_softmax"] == (avx512 and "avx512_bf16" in flags)
-        assert features["avx512_philox"] == (avx512 and "bmi2" in flags)
+        avx2 = {"avx2", "fma"} <= flags
+        avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        detected = 3 if avx512 and "avx512_bf16" in flags else 2 if avx512 else 1 if avx2 else 0
+        assert features["isa_detected"] == levels[detected]
+        assert features["avx512_philox"] == (level >= 2 and "bmi2" in flags)
+    assert features["simd_rows"] == (level >= 1)
+    assert features["avx512_rows"] == (level >= 2)
+    assert features["avx512_softmax"] == (level >= 3)
+    assert not features["brgemm_bf16_vnni"] or level >= 3
+
+
+@pytest.mark.parametrize("value", ["avx3", "AVX2", "neon" if os.uname().machine == "x86_64" else "avx2"])
+def test_an_unknown_isa_cap_is_refused_at_import(value):
+    import subprocess
+    import sys
+    env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": value}
+    result = subprocess.run([sys.executable, "-c", "import perceiver_fast"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"PERCEIVER_FAST_CPU_ISA={value!r}" in result.stderr and "expected one of portable" in result.stderr
+
+
+def test_an_isa_cap_from_the_environment_caps_every_path():
+    import subprocess
+    import sys
+    env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": "portable"}
+    code = "from perceiver_fast.extension import compiled as c; f = c.cpu_features(); print(f['isa'], f['isa_cap'], f['simd_rows'], f['avx512_philox'], f['brgemm_float'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["portable", "portable", "False", "False", "False"]
 
 
 def test_long_query_axes_run_in_chunks_of_bounded_workspace():

@@ -5,7 +5,7 @@ faster, within a bound from their significant bits, and says so in pf.explain.""
 
 import pytest
 import torch
-from checks import (CROSS_SHAPES, forced_cpu_path, MASKINGS, check_attention, kernel_runner, random_inputs, random_key_mask,
+from checks import (CROSS_SHAPES, ISA_PATHS, forced_cpu_path, MASKINGS, check_attention, kernel_runner, random_inputs, random_key_mask,
                     reference_with_grads)
 
 import perceiver_fast as pf
@@ -130,8 +130,8 @@ def run_rounded_to_bf16(run, q, k, v, **kwargs):
 
 
 # The packing paths: AVX-512 packers on brgemm's VNNI layout ("native"), at::mm's plain layout, and
-# scalar packers. On a CPU without a bfloat16 brgemm the first is the second.
-GEMM_PATHS = ["native", "portable-gemm", "portable-rows"]
+# the scalar packers of each lower level. On a CPU without a bfloat16 brgemm the first is the second.
+GEMM_PATHS = ["native", "portable-gemm", *ISA_PATHS]
 
 
 @pytest.fixture(params=GEMM_PATHS)

@@ -1,5 +1,9 @@
 """Backend selection: capabilities, auto choice, explicit refusals that say why."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -143,3 +147,24 @@ def test_explain_takes_any_op_and_names_bad_ones(interpreting):
         pf.explain(print, q, q, q)
     with pytest.raises(ValueError, match="latent_attention is self-attention"):
         pf.explain(pf.latent_attention, q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
+
+
+@pytest.mark.parametrize("level", ["avx2", "portable"])
+def test_a_capped_instruction_set_level_still_runs_the_cpu_kernels_and_explain_says_how_it_measured(level):
+    """The level is settled at import (PERCEIVER_FAST_CPU_ISA), so a process of its own: auto dispatch
+    keeps the cpu backend (SDPA does not keep the contract on non-finite inputs) and says how the
+    level's kernels measured against SDPA; at the native level it says nothing."""
+    from perceiver_fast import extension
+    if extension.compiled is None or level not in extension.compiled.cpu_features()["isa_levels"]:
+        pytest.skip(f"no {level} level on this architecture")
+    code = ("import torch, perceiver_fast as pf\n"
+            "from perceiver_fast.dispatch import select_backend\n"
+            "from perceiver_fast.validation import validate_attention\n"
+            "q = torch.randn(1, 2, 5, 8); k = torch.randn(1, 2, 7, 8)\n"
+            "print(select_backend(validate_attention(q, k, k), None).name)\n"
+            "print(pf.explain(q, k, k)['cpu'])\n")
+    env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": level}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[0] == "cpu"
+    assert f"runs at instruction-set level {level!r}: " in lines[1] and "SDPA" in lines[1]

@@ -39,9 +39,9 @@ struct AttentionInputs {
   Dropout dropout;  // of the attention probabilities (inactive: none)
 };
 
-// The GEMM operand type P of float32 inputs under torch's "tf32" precision (tile_gemm.h); by
-// default P = T. Instantiated for T in {float, double, bfloat16} with P = T, and for float with
-// P = SplitBF16.
+// The GEMM operand type P: by default P = T. Instantiated for T in {float, double, bfloat16} with
+// P = T, for float with P = SplitBF16 (float32 inputs under torch's "tf32" precision, tile_gemm.h),
+// and for bfloat16 with P = float (CPUs without bfloat16 dot products: tiles widened as packed).
 struct SplitBF16;
 
 // out (B, H, N, Dv) and lse (B, H, N) float32, both contiguous.

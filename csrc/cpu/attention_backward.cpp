@@ -22,7 +22,7 @@ void attention_backward(const AttentionInputs<T>& in, Strided<const T> dout, con
   using acc_t = acc_type<T>;
   using Gemm = TileGemm<P>;
   const Shape& s = in.shape;
-  const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::backward);
+  const LoopSizes loop = loop_sizes<P>(s, in.tiling, Pass::backward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
   const int64_t n = s.queries, m = s.keys, dqk = s.dim_qk, dv_ = s.dim_v, kt = loop.key_tile;
 
@@ -98,5 +98,8 @@ template void attention_backward(const AttentionInputs<c10::BFloat16>&, Strided<
 
 template void attention_backward<float, SplitBF16>(const AttentionInputs<float>&, Strided<const float>, const float*,
                                                   const float*, float*, float*, float*);
+template void attention_backward<c10::BFloat16, float>(const AttentionInputs<c10::BFloat16>&,
+                                                       Strided<const c10::BFloat16>, const c10::BFloat16*,
+                                                       const float*, c10::BFloat16*, c10::BFloat16*, c10::BFloat16*);
 
 }  // namespace perceiver_fast::cpu

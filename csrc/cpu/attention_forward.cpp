@@ -59,7 +59,7 @@ void attention_forward(const AttentionInputs<T>& in, T* out, float* lse) {
   using acc_t = acc_type<T>;
   using Gemm = TileGemm<P>;
   const Shape& s = in.shape;
-  const LoopSizes loop = loop_sizes<T>(s, in.tiling, Pass::forward);
+  const LoopSizes loop = loop_sizes<P>(s, in.tiling, Pass::forward);
   const WorkPlan plan = plan_work(s.batch * s.heads, tile_costs(s, in.causal, loop), loop.workers);
   const int64_t n = s.queries, dv = s.dim_v, dqk = Gemm::padded_k(s.dim_qk), kt = loop.key_tile;
   const acc_t scale_log2 = static_cast<acc_t>(in.scale * M_LOG2E);
@@ -132,5 +132,6 @@ template void attention_forward(const AttentionInputs<float>&, float*, float*);
 template void attention_forward(const AttentionInputs<double>&, double*, float*);
 template void attention_forward(const AttentionInputs<c10::BFloat16>&, c10::BFloat16*, float*);
 template void attention_forward<float, SplitBF16>(const AttentionInputs<float>&, float*, float*);
+template void attention_forward<c10::BFloat16, float>(const AttentionInputs<c10::BFloat16>&, c10::BFloat16*, float*);
 
 }  // namespace perceiver_fast::cpu

@@ -22,7 +22,8 @@ enum class Pass { forward, backward };
 // shapes of the cpu-backend benchmark set: float32 streams 128 keys per tile (its score
 // block and K/V tiles then stay in L2 beside the queries and accumulator) with all rows of a head
 // per GEMM in the forward and 128 in the backward (five GEMMs share the tile there); bfloat16
-// halves the bytes and prefers 256 x 256.
+// halves the bytes and prefers 256 x 256. T: the GEMM operand type (bfloat16 inputs widened to
+// float32 GEMMs take float32's tiles).
 template <typename T>
 LoopSizes loop_sizes(const Shape& s, const Tiling& t, Pass pass) {
   const bool half = sizeof(T) == 2;

@@ -46,7 +46,7 @@ void dropout_keep_bits(const Dropout& d, int64_t head, int64_t row, int64_t key_
   const int64_t used = (count + 63) / 64;
   words[used] = 0;  // read by the shift below when the generated bits fit in `used` words
   const auto k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32), global_row = uint32_t(d.row_offset + row);
-  if (avx512_bmi2_supported()) {
+  if (use_avx512_philox()) {
     avx512::philox_keep_words(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
   } else {
     keep_words_portable(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "key_rows_avx512.h"
+#include "rows_simd.h"
 #include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
@@ -13,6 +14,7 @@ template <typename T>
 void dot_rows(const acc_type<T>* q, const T* k, int64_t stride, int64_t count, int64_t dim, acc_type<T>* scores) {
   if constexpr (!std::is_same_v<T, double>) {
     if (use_avx512_rows()) return avx512::dot_rows(q, k, stride, count, dim, scores);
+    if (use_simd_rows()) return simd::dot_rows(q, k, stride, count, dim, scores);
   }
   for (int64_t j = 0; j < count; ++j) {
     const T* row = k + j * stride;
@@ -26,6 +28,7 @@ template <typename T>
 void accumulate_rows(const acc_type<T>* p, const T* v, int64_t stride, int64_t count, int64_t dim, acc_type<T>* acc) {
   if constexpr (!std::is_same_v<T, double>) {
     if (use_avx512_rows()) return avx512::accumulate_rows(p, v, stride, count, dim, acc);
+    if (use_simd_rows()) return simd::accumulate_rows(p, v, stride, count, dim, acc);
   }
   for (int64_t j = 0; j < count; ++j) {
     if (p[j] == 0) continue;  // masked, dropped or underflowed: nothing to add

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "rows_simd.h"
 #include "softmax_rows_avx512.h"
 #include "vector_paths.h"
 
@@ -20,7 +21,7 @@ acc_t scaled_score(const acc_t* scores, const acc_t* bias, int64_t j, acc_t scal
   return bias && bias[j] != acc_t(0) ? bias[j] : scores[j] * scale_log2;
 }
 
-// Portable versions: float64, and float32 on CPUs without AVX-512.
+// Portable versions: float64, and float32 on CPUs without a SIMD level (vector_paths.h).
 template <typename acc_t, typename P>
 acc_t forward_step_portable(acc_t* scores, P* probs, int64_t valid, int64_t width, acc_t scale_log2,
                             const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
@@ -74,6 +75,9 @@ acc_t softmax_forward_step(acc_t* scores, P* probs, int64_t valid, int64_t width
                            const acc_t* bias, acc_t& m, acc_t& l, KeepRow<acc_t> keep) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx512_bf16_rows()) return avx512::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
+    if constexpr (std::is_same_v<P, float>) {
+      if (use_simd_rows()) return simd::softmax_forward_step(scores, probs, valid, width, scale_log2, bias, m, l, keep);
+    }
   }
   return forward_step_portable(scores, probs, valid, width, scale_log2, bias, m, l, keep);
 }
@@ -84,6 +88,10 @@ void softmax_backward_step(acc_t* scores, acc_t* dprobs, int64_t valid, int64_t 
   if constexpr (std::is_same_v<acc_t, float>) {
     if (use_avx512_bf16_rows()) {
       avx512::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale, keep);
+      return;
+    }
+    if (use_simd_rows()) {
+      simd::softmax_backward_step(scores, dprobs, valid, width, scale_log2, bias, lse2, delta, scale, keep);
       return;
     }
   }

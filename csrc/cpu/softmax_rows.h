@@ -23,8 +23,9 @@ struct KeepRow {
 // Forward online-softmax step: probs[j] = exp2(score*scale_log2 + bias - m_new) (times keep's
 // factor), m (the row's reference value) and l (sum of the undropped probabilities relative to it)
 // updated; returns the factor by which the row's output accumulator must be scaled. m is the
-// running max in the portable steps; the AVX-512 ones let it lag the row's max by up to 8 (lazy
-// rescaling, probabilities up to 2^8), so only m + log2(l) is the row's log-sum-exp (base 2).
+// running max in the portable steps; the vector ones (AVX-512, SIMD) let it lag the row's max by
+// up to 8 (lazy rescaling, probabilities up to 2^8), so only m + log2(l) is the row's log-sum-exp
+// (base 2).
 // probs may alias scores when P is the accumulator type. A row that has seen no key keeps m = -inf,
 // l = 0 and gets zero probabilities.
 template <typename acc_t, typename P>

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "pack_avx512.h"
+#include "rows_simd.h"
 #include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
@@ -38,13 +39,16 @@ bool probe_brgemm(bool vnni) {
   }
 }
 
+// oneDNN's micro-kernels need AVX2 for float32 and bfloat16 dot products (AVX512-BF16 or AMX) for
+// bfloat16: the capped level of vector_paths.h decides, so a cap emulates a CPU without them.
 template <typename T>
 bool brgemm_available() {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
     static const bool available = probe_brgemm<T>(std::is_same_v<T, c10::BFloat16>);
-    return available && !force_portable.load();
+    const Isa needed = std::is_same_v<T, c10::BFloat16> ? Isa::avx512_bf16 : Isa::simd;
+    return available && !force_portable.load() && active_isa() >= needed;
   }
 }
 
@@ -96,6 +100,15 @@ void native_multiply(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, c
 
 void set_portable_gemm(bool portable) { force_portable.store(portable); }
 bool portable_gemm() { return force_portable.load(); }
+
+template <typename T>
+bool TileGemm<T>::brgemm() {
+  if constexpr (std::is_same_v<T, SplitBF16>) {
+    return TileGemm<c10::BFloat16>::brgemm();
+  } else {
+    return brgemm_available<T>();
+  }
+}
 
 template <typename T>
 bool TileGemm<T>::vnni() {
@@ -153,6 +166,9 @@ void TileGemm<T>::pack_transposed(const S* src, int64_t ld, int64_t n, int64_t k
                                      reinterpret_cast<uint32_t*>(dst));
     }
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_simd_rows()) return simd::transpose(src, ld, n, k, dst);
+  }
   if (!vnni()) {
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t d = 0; d < k; ++d) dst[d * n + j] = static_cast<T>(src[j * ld + d]);
@@ -198,6 +214,9 @@ void store_transposed(const acc_type<T>* src, int64_t rows, int64_t cols, T* dst
         return convert_row(transposed.data(), rows * cols, dst);
       }
     }
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_simd_rows()) return simd::transpose(src, cols, rows, cols, dst);
+    }
   }
   for (int64_t j = 0; j < cols; ++j) {
     for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = static_cast<T>(src[i * cols + j]);
@@ -240,6 +259,7 @@ PF_PACKERS(float, float)
 PF_PACKERS(double, double)
 PF_PACKERS(c10::BFloat16, c10::BFloat16)
 PF_PACKERS(c10::BFloat16, float)
+PF_PACKERS(float, c10::BFloat16)
 PF_PACKERS(SplitBF16, float)
 #undef PF_PACKERS
 

@@ -63,6 +63,8 @@ struct TileGemm {
 
   // Whether B is VNNI-packed (bfloat16 on the brgemm path) and k must be padded to even.
   static bool vnni();
+  // Whether multiply runs on oneDNN's brgemm (else at::mm).
+  static bool brgemm();
   static int64_t padded_k(int64_t k) { return vnni() ? (k + 1) / 2 * 2 : k; }
 
   // B = src (k_rows x n, source rows `ld` apart), converted to T. Writes padded_k(k_rows) rows.

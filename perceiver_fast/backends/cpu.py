@@ -1,5 +1,6 @@
-"""The cpu backend: C++ kernels (csrc/cpu/) on oneDNN brgemm micro-kernels and AVX-512 softmax; it fuses
-both input-attention methods. The kernels are the functions of perceiver_fast._C, registered here
+"""The cpu backend: C++ kernels (csrc/cpu/) on oneDNN brgemm micro-kernels and AVX-512, AVX2 or NEON
+row code; it fuses both input-attention methods. At an instruction-set level where its kernels
+measured slower than SDPA, pf.explain says so (cpu_levels.py). The kernels are the functions of perceiver_fast._C, registered here
 as the "cpu" kernels of the ops; its linear kernels (oneDNN GEMMs with fused epilogues) are
 cpu_linear's, which need no extension."""
 
@@ -12,7 +13,7 @@ import torch
 from .. import extension
 from ..ops import attention, input_attention, linear  # the op modules, whose KERNELS this fills
 from ..validation import INPUT_ATTENTION, LINEAR, MAX_HEAD_DIM
-from . import cpu_linear
+from . import cpu_levels, cpu_linear
 from .base import Backend, Capabilities, LinearCapabilities
 from .probes import median_ms
 
@@ -43,10 +44,17 @@ class CpuBackend(Backend):
 
     def notes(self, problem) -> list[str]:
         if problem.op == LINEAR:
-            speedup = cpu_linear.onednn_speedup(problem.dtype, problem.rows == 1)
-            if cpu_linear.gemm(problem.dtype, problem.rows) == "onednn":
-                return [f"runs oneDNN GEMMs with fused epilogues: {speedup:.2f}x torch's F.linear here"]
-            return [f"runs torch's own GEMM (F.linear): oneDNN's ran only {speedup:.2f}x as fast here"]
+            return self._linear_notes(problem)
+        level = cpu_levels.level_note()
+        return ([level] if level else []) + self._precision_notes(problem)
+
+    def _linear_notes(self, problem) -> list[str]:
+        speedup = cpu_linear.onednn_speedup(problem.dtype, problem.rows == 1)
+        if cpu_linear.gemm(problem.dtype, problem.rows) == "onednn":
+            return [f"runs oneDNN GEMMs with fused epilogues: {speedup:.2f}x torch's F.linear here"]
+        return [f"runs torch's own GEMM (F.linear): oneDNN's ran only {speedup:.2f}x as fast here"]
+
+    def _precision_notes(self, problem) -> list[str]:
         if problem.dtype != torch.float32:
             return []
         precision = torch.backends.mkldnn.matmul.fp32_precision

@@ -30,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"generation set's only pass is {DECODE}")
     parser.add_argument("--levels", default=",".join(LEVELS),
                         help="comma-separated from " + ", ".join(LEVELS) + ": run only the set's cases of these")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated providers of the set to run (default: all of them), e.g. to leave out "
+                             "one too slow at a capped --isa")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider (median)")
+    parser.add_argument("--isa", default=None, metavar="LEVEL",
+                        help="emulate a CPU with only this instruction-set level (portable, avx2, avx512, avx512_bf16 "
+                             "on x86-64; portable, neon on aarch64): caps this library's kernels "
+                             "(PERCEIVER_FAST_CPU_ISA) and torch's, oneDNN's and MKL's in every case process, and "
+                             "names the caps in the report")
     parser.add_argument("--out", default="bench-results",
                         help="folder for report-<set>-<device>.md, results-<set>-<device>.json and the plots "
                              "(the quick set: report-<device>.md, results-<device>.json); made, with its parents, "
@@ -62,6 +70,34 @@ def _make_out_folder(parser, path: str) -> None:
         parser.error(f"--out {path}: not writable")
 
 
+# Per level of csrc/cpu/vector_paths.h, the caps of torch's vectorized kernels, oneDNN and MKL that
+# emulate a CPU with only that much (aarch64's NEON has no caps of theirs below it).
+ISA_CAPS = {
+    "portable": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "neon": {},
+}
+
+
+def _cap_instruction_sets(parser, level: str) -> None:
+    """Sets the caps of `level` in this process's environment, which every case process inherits, and
+    this library's in this process too (the report's header reads it)."""
+    from ..extension import CPU_ISA_VARIABLE, compiled
+
+    if compiled is None:
+        parser.error("--isa: the C++ extension is not loaded, so there is no kernel level to cap")
+    levels = compiled.cpu_features()["isa_levels"]
+    if level not in levels:
+        parser.error(f"--isa {level}: expected one of {', '.join(levels)} on this CPU architecture")
+    caps = {CPU_ISA_VARIABLE: level, **ISA_CAPS[level]}
+    os.environ.update(caps)
+    compiled.set_cpu_isa(level)
+
+
 def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .compare import compare, format_changes
     from .report import load_json
@@ -90,6 +126,14 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     allowed_passes = (DECODE,) if DECODE in case_set.passes else PASSES  # decoding has no forward+backward
     passes = _split(parser, "passes", args.passes, allowed_passes) if args.passes else list(case_set.passes)
     levels = _split(parser, "levels", args.levels, LEVELS)
+    providers = list(case_set.providers) or None
+    if args.providers:
+        if providers is None:
+            parser.error(f"--providers: the {case_set.name} set runs every provider of each level; name a set "
+                         f"with its own providers")
+        providers = _split(parser, "providers", args.providers, providers)
+    if args.isa is not None:
+        _cap_instruction_sets(parser, args.isa)
 
     import torch
 
@@ -109,8 +153,10 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     print(f"perceiver-fast bench: {len(cases)} cases x {len(dtypes)} dtypes x {len(passes)} passes on {device}, "
           f"{case_set.name} set", flush=True)
     rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True),
-                     only=list(case_set.providers) or None, full=case_set.name == "full")
+                     only=providers, full=case_set.name == "full")
     info = machine(device, {name: DTYPES[name] for name in dtypes})
+    if args.isa is not None:
+        info["isa_caps"] = {name: os.environ[name] for name in ("PERCEIVER_FAST_CPU_ISA", *ISA_CAPS[args.isa])}
     written = write_report(args.out, case_set, info, rows, plots=not args.no_plots)
     print(f"wrote {written['report']}, {written['results']} and {len(written['plots'])} plots")
     if old_rows is not None:

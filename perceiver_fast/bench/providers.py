@@ -226,8 +226,10 @@ def _ours(backend: str | None) -> Provider:
 
     def refusal(case, dtype, device):
         op = pf.latent_attention if case.kind == "latent" else pf.cross_attention
-        # As auto dispatch would judge it: the Triton interpreter is not timed.
-        return "; ".join(pf.explain(op, *meta_inputs(case, dtype, device), causal=case.causal)[backend]) or None
+        # As auto dispatch would judge it (the Triton interpreter is not timed); lines saying how it
+        # runs ("runs ...") are no refusal.
+        verdict = pf.explain(op, *meta_inputs(case, dtype, device), causal=case.causal)[backend]
+        return "; ".join(line for line in verdict if not line.startswith("runs ")) or None
 
     if backend != "cpu":
         return _op_provider(f"perceiver_fast[{backend}]", fn, refusal)

@@ -27,9 +27,11 @@ def group_key(row: dict) -> tuple:
     return (row["case"]["level"], Case(**row["case"]).label(), row["dtype"], row["pass"])
 
 
-def file_stem(set_name: str, device: str) -> str:
-    # The quick set keeps the names report-<device>.md and results-<device>.json that links point to.
-    return device if set_name == "quick" else f"{set_name}-{device}"
+def file_stem(set_name: str, device: str, isa: str | None = None) -> str:
+    # The quick set keeps the names report-<device>.md and results-<device>.json that links point to; a
+    # run with capped instruction sets (--isa) ends in its level.
+    stem = device if set_name == "quick" else f"{set_name}-{device}"
+    return stem if isa is None else f"{stem}-{isa}"
 
 
 def format_ms(ms: float) -> str:
@@ -58,8 +60,13 @@ def machine_line(info: dict) -> str:
             f"device {info['device']}.")
     if info.get("cpu_kernel_paths"):
         line += f" cpu backend kernel paths: {info['cpu_kernel_paths']}."
+    if info.get("isa_caps"):
+        caps = ", ".join(f"{name}={value}" for name, value in info["isa_caps"].items())
+        line += (f" Instruction sets capped (`--isa {info['isa_caps']['PERCEIVER_FAST_CPU_ISA']}`: a CPU with only "
+                 f"these, emulated on this one) in every case process: {caps}.")
     if info.get("matmul_gflops"):
-        line += " One torch matmul (2048^3): " + ", ".join(
+        uncapped = " (the reporting process, not capped)" if info.get("isa_caps") else ""
+        line += f" One torch matmul (2048^3){uncapped}: " + ", ".join(
             f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in info["matmul_gflops"].items()) + "."
     if info.get("read_gbs"):
         line += f" Memory read rate (a sum over 1 GiB of float32): {info['read_gbs']:.1f} GB/s."
@@ -308,11 +315,11 @@ def plot_sweeps(rows: list[dict], out_dir: Path, device: str, stem: str) -> list
 
 def write_report(out_dir, case_set: CaseSet, info: dict, rows: list[dict], plots: bool = True) -> dict[str, str]:
     """report-<set>-<device>.md, results-<set>-<device>.json and plot-<set>-<device>-*.png (the quick set:
-    without "<set>-") in out_dir; returns their paths."""
+    without "<set>-"; under --isa, each stem ends in "-<level>") in out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = info["device"]
-    stem = file_stem(case_set.name, device)
+    stem = file_stem(case_set.name, device, (info.get("isa_caps") or {}).get("PERCEIVER_FAST_CPU_ISA"))
     plot_paths = plot_sweeps(rows, out, device, stem) if plots else []
     report, results = out / f"report-{stem}.md", out / f"results-{stem}.json"
     write_json(results, case_set.name, info, rows)

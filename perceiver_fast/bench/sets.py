@@ -49,13 +49,15 @@ def full_cases(device: str) -> list[Case]:
 
 
 def cpu_backend_cases(device: str) -> list[Case]:
-    """The cpu backend's target cases (issue 3): long inputs at head dims 64 and 261, and a latent self-attention."""
+    """The cpu backend's target cases: long inputs at head dims 64 and 261, and two latent self-attentions
+    (small square problems, where the scores are cheap to materialise and the backward must be tight)."""
     op = partial(Case, level="op", kind="cross", N=512, M=50176, dqk=64, dv=64)
     return [op(name="b1-h1-m50k-d64", B=1, H=1),
             op(name="b1-h8-m50k-d64", B=1, H=8),
             op(name="b4-h1-m262k-d64", B=4, H=1, N=256, M=262144),
             op(name="b1-h1-m50k-d261", B=1, H=1, dqk=261, dv=261),
-            op(name="latent-b8-h8-n512-d64", kind="latent", B=8, H=8, M=512)]
+            op(name="latent-b8-h8-n512-d64", kind="latent", B=8, H=8, M=512),
+            op(name="latent-b4-h8-n512-d128", kind="latent", B=4, H=8, M=512, dqk=128, dv=128)]
 
 
 def sharded_cases(device: str) -> list[Case]:
