@@ -6,6 +6,7 @@ cut by causal masking, split heads and the merge of their partial results are al
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -215,7 +216,9 @@ def test_an_unknown_isa_cap_is_refused_at_import(value):
     import subprocess
     import sys
     env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": value}
-    result = subprocess.run([sys.executable, "-c", "import perceiver_fast"], env=env, capture_output=True, text=True)
+    # Out of the source tree, so that the package imported is the one under test (an installed copy in CI's other venvs).
+    result = subprocess.run([sys.executable, "-c", "import perceiver_fast"], env=env, capture_output=True, text=True,
+                            cwd=tempfile.gettempdir())
     assert result.returncode != 0
     assert f"PERCEIVER_FAST_CPU_ISA={value!r}" in result.stderr and "expected one of portable" in result.stderr
 
@@ -225,7 +228,8 @@ def test_an_isa_cap_from_the_environment_caps_every_path():
     import sys
     env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": "portable"}
     code = "from perceiver_fast.extension import compiled as c; f = c.cpu_features(); print(f['isa'], f['isa_cap'], f['simd_rows'], f['avx512_philox'], f['brgemm_float'])"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=tempfile.gettempdir())
     assert result.stdout.split() == ["portable", "portable", "False", "False", "False"]
 
 

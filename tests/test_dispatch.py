@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -164,7 +165,8 @@ def test_a_capped_instruction_set_level_still_runs_the_cpu_kernels_and_explain_s
             "print(select_backend(validate_attention(q, k, k), None).name)\n"
             "print(pf.explain(q, k, k)['cpu'])\n")
     env = {**os.environ, "PERCEIVER_FAST_CPU_ISA": level}
-    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    # Out of the source tree, so that the package imported is the one under test (an installed copy in CI's other venvs).
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           cwd=tempfile.gettempdir()).stdout.splitlines()
     assert lines[0] == "cpu"
     assert f"runs at instruction-set level {level!r}: " in lines[1] and "SDPA" in lines[1]
