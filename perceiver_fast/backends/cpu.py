@@ -1,8 +1,8 @@
 """The cpu backend: C++ kernels (csrc/cpu/) on oneDNN brgemm micro-kernels and AVX-512, AVX2 or NEON
-row code; it fuses both input-attention methods. At an instruction-set level where its kernels
-measured slower than SDPA, pf.explain says so (cpu_levels.py). The kernels are the functions of perceiver_fast._C, registered here
-as the "cpu" kernels of the ops; its linear kernels (oneDNN GEMMs with fused epilogues) are
-cpu_linear's, which need no extension."""
+row code; it fuses both input-attention methods. Below the CPU's native instruction-set level,
+pf.explain says how the level's kernels measured against SDPA (cpu_levels.py). The kernels are the
+functions of perceiver_fast._C, registered here as the "cpu" kernels of the ops; its linear kernels
+(oneDNN GEMMs with fused epilogues) are cpu_linear's, which need no extension."""
 
 from __future__ import annotations
 
