@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "dropout_avx512.h"
+#include "dropout_simd.h"
 #include "vector_paths.h"
 
 namespace perceiver_fast::cpu {
@@ -48,6 +49,8 @@ void dropout_keep_bits(const Dropout& d, int64_t head, int64_t row, int64_t key_
   const auto k0 = uint32_t(d.seed), k1 = uint32_t(d.seed >> 32), global_row = uint32_t(d.row_offset + row);
   if (use_avx512_philox()) {
     avx512::philox_keep_words(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
+  } else if (use_simd_rows()) {
+    simd::philox_keep_words(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
   } else {
     keep_words_portable(k0, k1, global_row, uint32_t(head), d.offset, d.threshold, first, total, words);
   }

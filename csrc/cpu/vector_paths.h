@@ -1,9 +1,10 @@
 // This CPU's vector instruction sets, probed once, and which row code runs with them. The levels,
 // each a superset of the one before:
-//   x86-64:  portable < avx2 (AVX2+FMA: the SIMD rows, rows_simd.h; oneDNN's float32 brgemm)
+//   x86-64:  portable < avx2 (AVX2+FMA: the SIMD rows, rows_simd.h, and Philox, dropout_simd.h;
+//                             oneDNN's float32 brgemm)
 //            < avx512 (AVX-512 F/BW/VL/DQ: packing, transposes, few-query rows; Philox with BMI2)
 //            < avx512_bf16 (AVX512-BF16: the AVX-512 softmax steps and the bfloat16 brgemm)
-//   aarch64: portable < neon (the SIMD rows)
+//   aarch64: portable < neon (the SIMD rows and Philox)
 // The path in use is the lower of the CPU's level and a cap: PERCEIVER_FAST_CPU_ISA, which
 // perceiver_fast/extension.py passes to set_isa_cap at import, so every process of a test run, a
 // bench case or a user's report runs the same paths. The one place that asks the CPU.
