@@ -219,6 +219,13 @@ CPU_PATHS = ["native", *ISA_PATHS, "portable-gemm"]
 ROW_PATHS = ["native", *(level for level in ISA_PATHS if level in ("avx2", "neon", "portable"))]
 
 
+def besides_level(notes: list[str]) -> list[str]:
+    """pf.explain's cpu notes less the line naming this process's instruction-set level, which it adds
+    at every level but the one measured fastest (backends/cpu_levels.py: a capped x86 level, or NEON)."""
+    from perceiver_fast.backends.cpu_levels import level_note
+    return [note for note in notes if note != level_note()]
+
+
 @contextlib.contextmanager
 def forced_cpu_path(path: str):
     from perceiver_fast.extension import CPU_ISA_VARIABLE, compiled as _C

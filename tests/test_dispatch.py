@@ -8,6 +8,8 @@ import tempfile
 import pytest
 import torch
 
+from checks import besides_level
+
 import perceiver_fast as pf
 from perceiver_fast.backends import TritonBackend
 from perceiver_fast.dispatch import BACKENDS, select_backend
@@ -91,7 +93,7 @@ def test_explain_reports_each_backend(interpreting):
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     reasons = pf.explain(q, k, v)
     assert list(reasons) == ["triton", "cuda", "cpu", "reference"]
-    assert reasons["reference"] == [] and reasons["cpu"] == []
+    assert reasons["reference"] == [] and besides_level(reasons["cpu"]) == []
     assert any("TRITON_INTERPRET" in r for r in reasons["triton"])
 
 
@@ -142,8 +144,8 @@ def test_a_named_backend_that_fuses_another_method_runs_composed(interpreting, m
 def test_explain_takes_any_op_and_names_bad_ones(interpreting):
     interpreting(False)
     q = torch.randn(1, 2, 4, 8)
-    assert pf.explain(pf.latent_attention, q, q, q)["cpu"] == []
-    assert pf.explain(pf.cross_attention, q, q, q, backend="reference", return_lse=True)["cpu"] == []
+    assert besides_level(pf.explain(pf.latent_attention, q, q, q)["cpu"]) == []
+    assert besides_level(pf.explain(pf.cross_attention, q, q, q, backend="reference", return_lse=True)["cpu"]) == []
     with pytest.raises(TypeError, match="op must be one of pf.cross_attention"):
         pf.explain(print, q, q, q)
     with pytest.raises(ValueError, match="latent_attention is self-attention"):

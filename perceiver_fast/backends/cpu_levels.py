@@ -1,6 +1,6 @@
 """How the C++ kernels compared with SDPA at each instruction-set level (csrc/cpu/vector_paths.h), as
 the benchmark engine measured them on the cpu-backend set, each level emulated on a Zen 5 by capping
-it (`bench --isa`; docs/kernels.md has the tables). pf.explain says it below the native level.
+it (`bench --isa`; docs/kernels.md has the tables). pf.explain says it at every level but avx512_bf16.
 
 Auto dispatch runs them at every level all the same. SDPA is not a drop-in for the ops' contract:
 measured here, it reads masked keys' values (a NaN in a masked key reaches rows that never see it,
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from .. import extension
 
-# level -> what its kernels measured against SDPA (every level but the native one's, which is faster
-# on every case: 1.16x to 3.96x).
+# level -> what its kernels measured against SDPA (every level but avx512_bf16, the Zen 5's own, which is
+# faster on every case: 1.16x to 3.96x).
 MEASURED = {
     "avx512": "the AVX-512 rows with the SIMD softmax, measured at 0.74x to 1.80x SDPA's forward (the 0.74x in a "
               "slowdown of the machine) and 1.44x to 3.19x its forward+backward",
@@ -23,13 +23,14 @@ MEASURED = {
     "portable": "the scalar loops, measured in float32 at 1.07x to 1.19x SDPA's forward and 1.14x to 1.93x its "
                 "forward+backward on a CPU without AVX2 (SDPA's kernels scalar too), but at 0.46x to 0.96x and "
                 "0.53x to 1.68x where torch's own kernels have AVX2 (a build without vector code, such as MSVC's)",
-    "neon": "the NEON rows, whose speed has not been measured (no aarch64 machine here; they are compiled for it, "
-            "not run)",
+    "neon": "the NEON rows, whose results pass the contract tests under emulation (make test-aarch64) but whose "
+            "speed has not been measured on an ARM CPU",
 }
 
 
 def level_note() -> str | None:
-    """What pf.explain says about this process's instruction-set level; None at the native level."""
+    """What pf.explain says about this process's instruction-set level; None at avx512_bf16, faster than
+    SDPA on every case."""
     level = extension.CPU_ISA
     if level not in MEASURED:
         return None
