@@ -144,9 +144,9 @@ cuda-check: install
 # The cpu test suites on Linux aarch64, emulated by qemu-user (tools/aarch64_emulated.py): a Debian
 # arm64 sysroot with Python 3.11, torch's aarch64 CPU wheel, the extension cross-compiled against it, and
 # pytest under qemu-aarch64, all under build/aarch64 (about 1.8 GB). The host tools come from Debian's
-# packages where missing (as root). About 11 minutes, too long for CI, which runs test-aarch64-ci: the
-# cpu attention, dropout and non-finite contracts. The speed probes are left out: 4.5 minutes emulated,
-# for a speed that says nothing of an ARM CPU.
+# packages where missing (as root). 8 to 11 minutes, too long for CI, which runs test-aarch64-ci: the
+# cpu attention, dropout and non-finite contracts (the README gives the last result of each). The speed
+# probes are left out: 4.5 minutes emulated, for a speed that says nothing of an ARM CPU.
 AARCH64_TESTS ?= $(CONTRACT_TESTS) tests/test_cpu_precision.py tests/test_non_finite.py tests/test_properties.py \
   tests/test_validation.py tests/test_dispatch.py tests/test_reference.py \
   --deselect tests/test_cpu_precision.py::test_the_probes_measure_a_speedup

@@ -1,6 +1,6 @@
 """The cpu contract tests on Linux aarch64, emulated on an x86-64 machine by qemu-user: `make test-aarch64`.
 
-Steps, each skipped when what it makes is already there (delete the folder to start over):
+Steps, each skipped when it has finished before (delete the folder to start over):
 
   sysroot  Debian bookworm for arm64 (debootstrap's first stage, its packages unpacked, no chroot)
            with Python 3.11 and its headers
@@ -51,8 +51,11 @@ def run(command: list, **kwargs) -> None:
     subprocess.run([str(c) for c in command], check=True, **kwargs)
 
 
+DONE = ".perceiver-fast-done"  # written when a step has finished, so an interrupted one starts over
+
+
 def make_sysroot(sysroot: Path) -> None:
-    if (sysroot / "usr" / "bin" / PYTHON).exists() and (sysroot / "usr" / "include" / PYTHON / "Python.h").exists():
+    if (sysroot / DONE).exists():
         return
     shutil.rmtree(sysroot, ignore_errors=True)
     suite, mirror = DEBIAN
@@ -62,10 +65,11 @@ def make_sysroot(sysroot: Path) -> None:
     # the system, which needs binfmt_misc: unpacking them is all the tests need.
     for deb in sorted((sysroot / "var" / "cache" / "apt" / "archives").glob("*.deb")):
         run(["dpkg", "-x", deb, sysroot])
+    (sysroot / DONE).touch()
 
 
 def make_site(site: Path) -> None:
-    if (site / "torch" / "lib" / "libtorch_cpu.so").exists():
+    if (site / DONE).exists():
         return
     shutil.rmtree(site, ignore_errors=True)
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--target", site, "--only-binary=:all:",
@@ -73,6 +77,7 @@ def make_site(site: Path) -> None:
     # Without its dependencies: pip judges their markers by this machine, and torch's x86-64 ones are CUDA's.
     run([*pip, "--no-deps", AARCH64_TORCH])
     run([*pip, "--upgrade", *PACKAGES])
+    (site / DONE).touch()
 
 
 def extension_sources() -> list[Path]:

@@ -1,24 +1,12 @@
 #include "dropout_simd.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define PF_SIMD_X86 1
-#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
-#include <arm_neon.h>
-#define PF_SIMD_NEON 1
-#endif
-
-#include "isa_target.h"
+#include "simd_set.h"
 
 namespace perceiver_fast::cpu::simd {
 
-#if defined(PF_SIMD_X86) || defined(PF_SIMD_NEON)
-#if defined(PF_SIMD_X86)
-PF_ISA_BEGIN("avx2")
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+#ifdef PF_SIMD
+PF_SIMD_BEGIN
+constexpr int kLanes = PF_SIMD_LANES;
 
 namespace {
 
@@ -84,9 +72,7 @@ void philox_keep_words(uint32_t k0, uint32_t k1, uint32_t row, uint32_t head, ui
   }
 }
 
-#if defined(PF_SIMD_X86)
-PF_ISA_END
-#endif
+PF_SIMD_END
 #else  // another compiler or architecture: never called (vector_paths.h finds no SIMD level there)
 
 void philox_keep_words(uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, int64_t, int64_t, uint64_t*) {}

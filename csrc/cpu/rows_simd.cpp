@@ -4,25 +4,13 @@
 #include <cmath>
 #include <cstring>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define PF_SIMD_X86 1
-#elif (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__)
-#include <arm_neon.h>
-#define PF_SIMD_NEON 1
-#endif
-
-#include "isa_target.h"
+#include "simd_set.h"
 
 namespace perceiver_fast::cpu::simd {
 
-#if defined(PF_SIMD_X86) || defined(PF_SIMD_NEON)
-#if defined(PF_SIMD_X86)
-PF_ISA_BEGIN("avx2,fma")
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+#ifdef PF_SIMD
+PF_SIMD_BEGIN
+constexpr int kLanes = PF_SIMD_LANES;
 
 namespace {
 
@@ -372,9 +360,7 @@ void transpose(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t k, float
   transpose_impl(src, ld, n, k, dst);
 }
 
-#if defined(PF_SIMD_X86)
-PF_ISA_END
-#endif
+PF_SIMD_END
 #else  // another compiler or architecture: never called (vector_paths.h finds no SIMD level there)
 
 float softmax_forward_step(float*, float*, int64_t, int64_t, float, const float*, float&, float&, KeepRow<float>) {

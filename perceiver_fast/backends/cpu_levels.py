@@ -16,8 +16,10 @@ from .. import extension
 # level -> what its kernels measured against SDPA (every level but avx512_bf16, the Zen 5's own, which is
 # faster on every case: 1.16x to 3.96x).
 MEASURED = {
-    "avx512": "the AVX-512 rows with the SIMD softmax, measured at 0.74x to 1.80x SDPA's forward (the 0.74x in a "
-              "slowdown of the machine) and 1.44x to 3.19x its forward+backward",
+    "avx512": "the AVX-512 rows with the SIMD softmax, measured at 0.93x to 1.80x SDPA's forward outside the "
+              "machine's slowdowns (a float32 latent forward read 0.93x once in four runs, 1.05x to 1.17x in the "
+              "others; D = 261 read 0.74x and 0.94x in slowdowns, 1.38x and 1.54x steady) and 1.44x to 3.19x its "
+              "forward+backward",
     "avx2": "the AVX2 rows, measured at 0.89x to 1.45x SDPA's forward (under 0.95x: a bfloat16 latent forward) and "
             "1.07x to 12.4x its forward+backward",
     "portable": "the scalar loops, measured in float32 at 1.07x to 1.19x SDPA's forward and 1.14x to 1.93x its "
