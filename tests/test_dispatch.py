@@ -156,7 +156,7 @@ def test_explain_takes_any_op_and_names_bad_ones(interpreting):
 def test_a_capped_instruction_set_level_still_runs_the_cpu_kernels_and_explain_says_how_it_measured(level):
     """The level is settled at import (PERCEIVER_FAST_CPU_ISA), so a process of its own: auto dispatch
     keeps the cpu backend (SDPA does not keep the contract on non-finite inputs) and says how the
-    level's kernels measured against SDPA; at the native level it says nothing."""
+    level's kernels measured against SDPA; at avx512_bf16 it says nothing."""
     from perceiver_fast import extension
     if extension.compiled is None or level not in extension.compiled.cpu_features()["isa_levels"]:
         pytest.skip(f"no {level} level on this architecture")

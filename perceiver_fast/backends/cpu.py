@@ -1,5 +1,5 @@
 """The cpu backend: C++ kernels (csrc/cpu/) on oneDNN brgemm micro-kernels and AVX-512, AVX2 or NEON
-row code; it fuses both input-attention methods. Below the CPU's native instruction-set level,
+row code; it fuses both input-attention methods. At every instruction-set level but avx512_bf16,
 pf.explain says how the level's kernels measured against SDPA (cpu_levels.py). The kernels are the
 functions of perceiver_fast._C, registered here as the "cpu" kernels of the ops; its linear kernels
 (oneDNN GEMMs with fused epilogues) are cpu_linear's, which need no extension."""
