@@ -14,9 +14,9 @@ DROP_IN_LIBS := transformers==5.23.0 perceiver-pytorch==0.11.0 einops fairscale
 RUNTIMES := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
 DEPS_STAMP := $(VENV)/.perceiver-fast-deps
 BUILD_STAMP := $(VENV)/.perceiver-fast-built
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: install test test-properties test-oldest-triton test-oldest-torch test-packaging test-aarch64 test-aarch64-ci report check cuda-check gpu clean
+.PHONY: install test test-properties test-oldest-triton test-oldest-torch test-packaging test-aarch64 test-aarch64-ci report check cuda-check gpu gpu-prebuild gpu-dry-run clean
 
 # A current pip: older ones fall back to `setup.py develop`, which builds in an isolated
 # environment without torch.
@@ -39,11 +39,13 @@ install: $(BUILD_STAMP)
 
 # GPU-marked tests first (they skip without CUDA); then everything else (the C++ cpu backend
 # natively, the Triton kernels on the CPU under the interpreter); then the ahead-of-time compile of every kernel
-# configuration for an H100 (sm_90).
+# configuration for an H100 (sm_90); then the GPU machine's prebuilt extension and a dry run of `make gpu`.
 test: install cuda-check
 	$(VENV)/bin/pytest tests -q -m gpu
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest tests -q -m "not gpu"
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
+	@if [ -n "$(GPU_MACHINE_PYTHON)" ]; then $(MAKE) --no-print-directory gpu-dry-run; else \
+	  echo "make test: no Python 3.12 (the GPU machine's) here: the GPU prebuild and dry run did not run"; fi
 
 # The property suite (tests/test_properties.py) with more examples than `make test` runs (20 per
 # property and backend): PROPERTY_EXAMPLES each.
@@ -73,24 +75,51 @@ test-oldest-triton: install $(OLDEST_STAMP)
 	  -m "not gpu" -k "triton or Triton or tiles or compile_check"
 	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m perceiver_fast.kernels.compile_check --arch 90
 
-# The oldest torch setup.py admits (the GPU machine's, 2.11; a CUDA build, 4.7 GB installed, about a
-# minute here): the package built and installed into a second environment with it by
-# `pip install --no-build-isolation .`, with PERCEIVER_FAST_CUDA=0 (the CPU extension alone, from a
-# torch with CUDA: the CUDA sources compile in cuda-check), and the cpu contract, dispatch and
-# torch.compile tests run on it, so that an API newer than the floor fails here.
-OLDEST_TORCH ?= torch==2.11.0
-OLDEST_TORCH_VENV ?= .venv-oldest-torch
-OLDEST_TORCH_STAMP := $(OLDEST_TORCH_VENV)/.perceiver-fast-deps
-$(OLDEST_TORCH_STAMP): Makefile
-	test -x $(OLDEST_TORCH_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_TORCH_VENV)
-	$(OLDEST_TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(OLDEST_TORCH_VENV)/bin/python -m pip install --quiet "$(OLDEST_TORCH)" numpy pytest hypothesis ninja setuptools wheel
-	touch $(OLDEST_TORCH_STAMP)
+# The GPU machine's environment: its Python (3.12) and torch (2.11.0+cu130, the oldest setup.py admits; a
+# CUDA build, 4.6 GB installed, about a minute here), in .venv-gpu-machine. `make gpu-prebuild` installs this
+# tree there with `pip install --no-build-isolation .`, its CUDA kernels built for the H100 (sm_90a), and
+# keeps the extension in .gpu-prebuilt/ for `make gpu` on that machine, which then skips its build
+# (tools/gpu_prebuild.py; a run carries the folder). It checks what it kept: built for that Python, torch
+# and tree, loads beside that torch with its CUDA functions, small enough to travel, and an sm_90 cubin of
+# every CUDA kernel. Python 3.12 is taken from pyenv's versions or python3.12 (GPU_MACHINE_PYTHON=... names one).
+GPU_MACHINE_TORCH ?= torch==2.11.0
+GPU_MACHINE_VENV ?= .venv-gpu-machine
+GPU_MACHINE_PYTHON ?= $(shell for p in $(HOME)/.pyenv/versions/3.12.*/bin/python3 $$(command -v python3.12); do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo "$$p" && break; done)
+GPU_MACHINE_STAMP := $(GPU_MACHINE_VENV)/.perceiver-fast-deps
+# torch guesses the CUDA toolkit from nvcc's folder; nvcc itself names it (here /usr/local/bin/nvcc is a
+# script that runs the toolkit's).
+NVCC_CUDA_HOME = $(abspath $(shell nvcc -v -E -x cu /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p'))
+$(GPU_MACHINE_STAMP): Makefile
+	@test -n "$(GPU_MACHINE_PYTHON)" || { echo "no Python 3.12, the GPU machine's: install it (pyenv install 3.12) or \
+	  set GPU_MACHINE_PYTHON"; exit 1; }
+	test -x $(GPU_MACHINE_VENV)/bin/python || $(GPU_MACHINE_PYTHON) -m venv $(GPU_MACHINE_VENV)
+	$(GPU_MACHINE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_MACHINE_VENV)/bin/python -m pip install --quiet "$(GPU_MACHINE_TORCH)" numpy pytest hypothesis ninja setuptools wheel
+	touch $(GPU_MACHINE_STAMP)
 
-test-oldest-torch: $(OLDEST_TORCH_STAMP)
-	PERCEIVER_FAST_CUDA=0 PATH="$(abspath $(OLDEST_TORCH_VENV))/bin:$$PATH" $(OLDEST_TORCH_VENV)/bin/python -m pip install \
-	  --quiet --no-build-isolation --no-deps --force-reinstall .
-	$(OLDEST_TORCH_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_TESTS) tests/test_dispatch.py tests/test_compile.py \
+GPU_PREBUILT := .gpu-prebuilt/manifest.json
+$(GPU_PREBUILT): $(GPU_MACHINE_STAMP) setup.py $(CSRC)
+	@command -v nvcc >/dev/null || { echo "make gpu-prebuild: nvcc not found: the CUDA kernels cannot be built"; exit 1; }
+	CUDA_HOME=$(NVCC_CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0a PATH="$(abspath $(GPU_MACHINE_VENV))/bin:$$PATH" \
+	  $(GPU_MACHINE_VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps --force-reinstall .
+	$(GPU_MACHINE_VENV)/bin/python tools/gpu_prebuild.py
+
+gpu-prebuild: $(GPU_PREBUILT)
+	$(GPU_MACHINE_VENV)/bin/python tools/gpu_prebuild.py --check
+
+# The prebuild and `make gpu`'s plan where the GPU machine's Python and torch run without a GPU: a dry run
+# that must take the prebuilt extension; the smoke script checked without a GPU, its Triton kernels
+# interpreted (make test runs this where Python 3.12 is found).
+gpu-dry-run: gpu-prebuild
+	$(GPU_MACHINE_VENV)/bin/python tools/gpu_run.py --out build/gpu-dry-run --expect-prebuilt
+	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(PY) tools/gpu_smoke.py --device cpu --one
+
+# The oldest torch setup.py admits is the GPU machine's: the cpu contract, dispatch and torch.compile tests
+# on what `make gpu-prebuild` installed there (the CPU kernels of the extension built with CUDA), so that an
+# API newer than the floor fails here.
+test-oldest-torch: gpu-prebuild
+	$(GPU_MACHINE_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_TESTS) tests/test_dispatch.py tests/test_compile.py \
 	  tests/test_linear.py tests/test_non_finite.py tests/test_reference.py tests/test_nn.py
 
 # The package as a user gets it, built the other ways the README documents: the sdist (from the
@@ -166,17 +195,19 @@ check: install
 report: install
 	$(VENV)/bin/perceiver-fast bench --out benchmarks/results
 
-# Everything a GPU machine runs, in order, each step logged under GPU_OUT; a failed step does not stop
-# the rest (tools/gpu_run.py). It uses PYTHON as it is and installs nothing: a GPU machine may reach
-# no package index. GPU_STEPS picks steps (build,tests,memcheck,racecheck,bench,table), for runs
-# that must be split. Without CUDA it prints a dry run of its steps and exits 0.
+# Everything a GPU machine runs, most valuable first, inside GPU_BUDGET_S seconds, each step logged under
+# GPU_OUT; a failed step does not stop the rest (tools/gpu_run.py; docs/gpu.md). It uses PYTHON as it
+# is and installs nothing: a GPU machine may reach no package index. It takes the prebuilt extension of
+# .gpu-prebuilt/ where it matches. GPU_STEPS picks steps (build,smoke,tests,bench,flex,memcheck,model,
+# racecheck; default all but racecheck). Without CUDA it prints a dry run of its steps and exits 0.
 GPU_OUT ?= gpu-results
-GPU_STEPS ?= build,tests,memcheck,racecheck,bench,table
+GPU_STEPS ?= build,smoke,tests,bench,flex,memcheck,model
+GPU_BUDGET_S ?= 540
 # The project's venv where there is one (a dry run on a developer's machine), else PYTHON (the GPU
 # machine's own Python, which holds torch).
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu:
-	$(GPU_PYTHON) tools/gpu_run.py --out $(GPU_OUT) --steps $(GPU_STEPS)
+	$(GPU_PYTHON) tools/gpu_run.py --out $(GPU_OUT) --steps $(GPU_STEPS) --budget-s $(GPU_BUDGET_S)
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(OLDEST_TORCH_VENV) build *.egg-info .pytest_cache perceiver_fast/_C*.so
+	rm -rf $(VENV) $(OLDEST_VENV) $(GPU_MACHINE_VENV) .gpu-prebuilt build *.egg-info .pytest_cache perceiver_fast/_C*.so

@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -432,6 +435,43 @@ def test_run_cases_runs_each_case_in_a_subprocess_and_reports_progress():
     assert {(r["case"]["level"], r["provider"]) for r in rows} == {("op", "sdpa"), ("layer", "HF"),
                                                                   ("layer", "HF + pf.patch")}
     assert all("ms" in r for r in rows), rows
+
+
+def test_run_cases_keeps_to_its_budget():
+    from perceiver_fast.bench.run import run_job_in_subprocess
+
+    spent = run_cases([TINY], ["float32"], ["forward", "forward+backward"], "cpu", 1, progress=lambda line: None,
+                      only=["sdpa"], budget_s=1e-9)
+    assert [(r["pass"], r["not_run"]) for r in spent] == [
+        (p, "not started: the run's --budget-s 1e-09 was spent") for p in ("forward", "forward+backward")]
+    # A case process still running when the budget runs out is stopped (importing torch alone outlasts 0.2 s).
+    job = {"case": asdict(TINY), "dtype_name": "float32", "pass_name": "forward", "device": "cpu", "repeats": 1,
+           "only": ["sdpa"], "full": False}
+    start = time.monotonic()
+    stopped = run_job_in_subprocess(job, deadline=start + 0.2)
+    assert time.monotonic() - start < 5
+    assert [r["not_run"] for r in stopped] == ["the run's --budget-s ran out while it measured"]
+
+
+def test_a_stopped_case_process_keeps_the_rows_it_made():
+    from perceiver_fast.bench.run import ROW_MARK, rows_of
+
+    job = {"case": asdict(TINY), "dtype_name": "float32", "pass_name": "forward", "only": ["sdpa", "eager"]}
+    made = {"case": asdict(TINY), "dtype": "float32", "pass": "forward", "provider": "sdpa", "ms": 1.5}
+    out = f"some library's own print\n{ROW_MARK}{json.dumps(made)}\n"
+    assert rows_of(job, (out, "", 0), False) == [made]
+    stopped = rows_of(job, (out, "", -9), True)
+    assert stopped[0] == made and stopped[1]["provider"] == "eager"
+    assert stopped[1]["not_run"] == "the run's --budget-s ran out while it measured"
+    crashed = rows_of({**job, "only": None}, ("", "Traceback ...\nRuntimeError: CUDA error", 1), False)
+    assert {r["not_run"] for r in crashed} == {"the measuring process failed: RuntimeError: CUDA error"}
+    assert len(crashed) == len(providers_for("op"))
+
+
+def test_bench_budget_must_be_positive():
+    proc = subprocess.run([sys.executable, "-m", "perceiver_fast.cli", "bench", "--set", "overhead", "--budget-s", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--budget-s must be a number of seconds above 0, got 0" in proc.stderr
 
 
 def test_sharded_cases_run_on_their_ranks_and_report_collective_bytes():

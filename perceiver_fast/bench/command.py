@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated providers of the set to run (default: all of them), e.g. to leave out "
                              "one too slow at a capped --isa")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per provider (median)")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds: no case process starts later, one still running is "
+                             "stopped, and the report says which were not measured (for machines that cap a run)")
     parser.add_argument("--isa", default=None, metavar="LEVEL",
                         help="emulate a CPU with only this instruction-set level (portable, avx2, avx512, avx512_bf16 "
                              "on x86-64; portable, neon on aarch64): caps this library's kernels "
@@ -122,6 +125,8 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     case_set = SETS["full" if args.full else (args.set or "quick")]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be a number of seconds above 0, got {args.budget_s:g}")
     dtypes = _split(parser, "dtypes", args.dtypes, DTYPES) if args.dtypes else list(case_set.dtypes)
     allowed_passes = (DECODE,) if DECODE in case_set.passes else PASSES  # decoding has no forward+backward
     passes = _split(parser, "passes", args.passes, allowed_passes) if args.passes else list(case_set.passes)
@@ -153,7 +158,7 @@ def bench_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     print(f"perceiver-fast bench: {len(cases)} cases x {len(dtypes)} dtypes x {len(passes)} passes on {device}, "
           f"{case_set.name} set", flush=True)
     rows = run_cases(cases, dtypes, passes, device, args.repeats, progress=lambda line: print(line, flush=True),
-                     only=providers, full=case_set.name == "full")
+                     only=providers, full=case_set.name == "full", budget_s=args.budget_s)
     info = machine(device, {name: DTYPES[name] for name in dtypes})
     if args.isa is not None:
         info["isa_caps"] = {name: os.environ[name] for name in ("PERCEIVER_FAST_CPU_ISA", *ISA_CAPS[args.isa])}

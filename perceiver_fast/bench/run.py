@@ -29,22 +29,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: int,
-            only: list[str] | None = None, full: bool = False) -> list[dict]:
+            only: list[str] | None = None, full: bool = False, emit=None) -> list[dict]:
     """One row per provider of the case's level (or those named in `only`): time, peak memory and the
     size of what the call returns (output, and gradients in forward+backward), or why it did not run.
 
-    full: the full set, where providers too slow to set up for the others run on the CPU too."""
+    full: the full set, where providers too slow to set up for the others run on the CPU too. emit:
+    called with each row as soon as it is made (a process stopped later keeps the rows before)."""
     from .timing import median_seconds, timed_seconds
 
     dtype, backward = DTYPES[dtype_name], pass_name == "forward+backward"
     rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
     for provider in providers_for(case.level):
         if only and provider.name not in only:
             continue
         row = {"case": case.to_dict(), "dtype": dtype_name, "pass": pass_name, "provider": provider.name}
         reason = why_not(provider, case, dtype, device, backward, full)
         if reason:
-            rows.append({**row, "not_run": reason})
+            add({**row, "not_run": reason})
             continue
         try:
             torch.manual_seed(0)
@@ -61,11 +68,11 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
             phases = _cpu_phases_of(call) if provider.cpu_phases and device == "cpu" else {}
             extras = _extras_of(provider, case, dtype, device, call, result)
             del call, result
-            rows.append({**row, "ms": seconds * 1e3, **samples, "peak_extra_mib": peak, "outputs_mib": outputs,
+            add({**row, "ms": seconds * 1e3, **samples, "peak_extra_mib": peak, "outputs_mib": outputs,
                          **({"collective_bytes": moved} if dist.is_initialized() else {}),
                          **_kernel_label(provider, case, dtype, device, backward), **phases, **extras})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
-            rows.append({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+            add({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows
 
 
@@ -148,6 +155,8 @@ def _loop(call, calls: int):
 
 
 RANK_DEADLINE_S = 3600
+# How a case process writes each row on its stdout, as soon as it is made (what else it prints is not a row).
+ROW_MARK = "perceiver-fast-bench-row "
 
 
 def _free_port() -> int:
@@ -156,9 +165,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job_in_subprocess(job: dict) -> list[dict]:
+def rows_of(job: dict, output: tuple[str, str, int], stopped: bool) -> list[dict]:
+    """The rows a case process wrote (stdout, stderr, exit code). One that failed, or was stopped at the
+    run's budget, keeps the rows it made before; the providers it did not reach get the reason."""
+    out, err, code = output
+    rows = [json.loads(line[len(ROW_MARK):]) for line in out.splitlines() if line.startswith(ROW_MARK)]
+    if code == 0:
+        return rows
+    reason = (err.strip() or f"exit code {code}").splitlines()[-1][:200]
+    why = "the run's --budget-s ran out while it measured" if stopped else f"the measuring process failed: {reason}"
+    done = {row["provider"] for row in rows}
+    names = job.get("only") or [p.name for p in providers_for(job["case"]["level"])]
+    return rows + [{"case": job["case"], "dtype": job["dtype_name"], "pass": job["pass_name"], "provider": name,
+                    "not_run": why} for name in names if name not in done]
+
+
+def run_job_in_subprocess(job: dict, deadline: float | None = None) -> list[dict]:
     """measure(**job) in a fresh Python process, so that no case's memory or caches reach the next; in
-    one process per rank for a sharded case, rank 0's rows with every rank's peak memory."""
+    one process per rank for a sharded case, rank 0's rows with every rank's peak memory. Its processes
+    are stopped at `deadline` (time.monotonic()) if they run that long, and its rows then say so."""
     ranks = job["case"].get("ranks", 1)
     command = [sys.executable, "-m", "perceiver_fast.bench.run", json.dumps(job)]
     where = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks)}
@@ -168,9 +193,11 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
                               env=os.environ if ranks == 1 else {**os.environ, **where, "RANK": str(rank)})
              for rank, (out, err) in enumerate(files)]
     # A rank that fails leaves the others waiting in a collective: stop them all at once.
-    start = time.monotonic()
+    stop_at = min(float("inf") if deadline is None else deadline, time.monotonic() + RANK_DEADLINE_S)
+    stopped = False
     while any(p.poll() is None for p in procs):
-        if any(p.returncode for p in procs) or time.monotonic() - start > RANK_DEADLINE_S:
+        stopped = time.monotonic() > stop_at
+        if any(p.returncode for p in procs) or stopped:
             for p in procs:
                 p.kill()
             break
@@ -181,12 +208,11 @@ def run_job_in_subprocess(job: dict) -> list[dict]:
         out.seek(0)
         err.seek(0)
         outputs.append((out.read(), err.read(), p.returncode))
-    failed = next(((err, code) for _, err, code in outputs if code != 0), None)
+    failed = next((output for output in outputs if output[2] != 0), None)
     if failed is not None:
-        reason = (failed[0].strip() or f"exit code {failed[1]}").splitlines()[-1][:200]
-        return [{"case": job["case"], "dtype": job["dtype_name"], "pass": job["pass_name"], "provider": name,
-                 "not_run": f"the measuring process failed: {reason}"} for name in job.get("only") or ["all"]]
-    every = [json.loads(out.strip().splitlines()[-1]) for out, _, _ in outputs]
+        # A sharded case's row needs every rank's numbers: none of its rows are kept.
+        return rows_of(job, (failed[0] if ranks == 1 else "", *failed[1:]), stopped)
+    every = [rows_of(job, output, False) for output in outputs]
     rows = every[0]
     if ranks > 1:
         for row, *others in zip(*every):
@@ -229,15 +255,24 @@ def merge_rounds(rows: list[dict]) -> list[dict]:
 
 
 def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: str, repeats: int,
-              progress=print, only: list[str] | None = None, full: bool = False) -> list[dict]:
+              progress=print, only: list[str] | None = None, full: bool = False,
+              budget_s: float | None = None) -> list[dict]:
     """Every case x dtype x pass, one process each (one per provider and round at model level, the
-    rounds merged), with a progress line per process (measure's `only` and `full` for all of them)."""
+    rounds merged), with a progress line per process (measure's `only` and `full` for all of them).
+    budget_s: no process starts after that many seconds, and one still running then is stopped; their
+    rows say so."""
     jobs = [(case, d, p, names) for case in cases for d in dtypes for p in passes for names in _processes(case, only)]
     rows, start = [], time.monotonic()
+    deadline = None if budget_s is None else start + budget_s
     for index, (case, dtype_name, pass_name, names) in enumerate(jobs, 1):
         job = {"case": asdict(case), "dtype_name": dtype_name, "pass_name": pass_name, "device": device,
                "repeats": repeats, "only": names, "full": full}
-        found = run_job_in_subprocess(job)
+        if deadline is not None and time.monotonic() >= deadline:
+            rows += [{"case": job["case"], "dtype": dtype_name, "pass": pass_name, "provider": name,
+                      "not_run": f"not started: the run's --budget-s {budget_s:g} was spent"}
+                     for name in names or [p.name for p in providers_for(case.level)]]
+            continue
+        found = run_job_in_subprocess(job, deadline)
         rows += found
         timed = ", ".join(f"{r['provider']} {format_ms(r['ms'])} ms" for r in found if "ms" in r)
         progress(f"[{index}/{len(jobs)} {time.monotonic() - start:5.0f} s] {case.level} {case.label()} "
@@ -252,8 +287,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(case.threads)
     if "WORLD_SIZE" in os.environ:  # one rank of a sharded case (run_job_in_subprocess)
         dist.init_process_group("gloo", timeout=timedelta(seconds=RANK_DEADLINE_S))
-    print(json.dumps(measure(case, job["dtype_name"], job["pass_name"], job["device"], job["repeats"],
-                             job.get("only"), job.get("full", False))))
+    measure(case, job["dtype_name"], job["pass_name"], job["device"], job["repeats"], job.get("only"),
+            job.get("full", False), emit=lambda row: print(ROW_MARK + json.dumps(row), flush=True))
     if dist.is_initialized():
         dist.barrier()  # the ranks leave together: one tearing the group down while another uses it aborts
         dist.destroy_process_group()
