@@ -37,15 +37,16 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py $(CSRC)
 
 install: $(BUILD_STAMP)
 
-# GPU-marked tests first (they skip without CUDA); then everything else (the C++ cpu backend
-# natively, the Triton kernels on the CPU under the interpreter); then the ahead-of-time compile of every kernel
-# configuration for an H100 (sm_90); then the GPU machine's prebuilt extension and a dry run of `make gpu`.
+# The GPU machine's prebuilt extension and a dry run of `make gpu` first (tests/test_gpu_run.py then checks
+# the prebuilt manifest too); the GPU-marked tests (they skip without CUDA); then everything else (the C++ cpu
+# backend natively, the Triton kernels on the CPU under the interpreter); then the ahead-of-time compile of
+# every kernel configuration for an H100 (sm_90).
 test: install cuda-check
+	@if [ -n "$(GPU_MACHINE_PYTHON)" ]; then $(MAKE) --no-print-directory gpu-dry-run; else \
+	  echo "make test: no Python 3.12 (the GPU machine's) here: the GPU prebuild and dry run did not run"; fi
 	$(VENV)/bin/pytest tests -q -m gpu
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest tests -q -m "not gpu"
 	$(PY) -m perceiver_fast.kernels.compile_check --arch 90
-	@if [ -n "$(GPU_MACHINE_PYTHON)" ]; then $(MAKE) --no-print-directory gpu-dry-run; else \
-	  echo "make test: no Python 3.12 (the GPU machine's) here: the GPU prebuild and dry run did not run"; fi
 
 # The property suite (tests/test_properties.py) with more examples than `make test` runs (20 per
 # property and backend): PROPERTY_EXAMPLES each.
@@ -111,7 +112,7 @@ gpu-prebuild: $(GPU_PREBUILT)
 # The prebuild and `make gpu`'s plan where the GPU machine's Python and torch run without a GPU: a dry run
 # that must take the prebuilt extension; the smoke script checked without a GPU, its Triton kernels
 # interpreted (make test runs this where Python 3.12 is found).
-gpu-dry-run: gpu-prebuild
+gpu-dry-run: install gpu-prebuild
 	$(GPU_MACHINE_VENV)/bin/python tools/gpu_run.py --out build/gpu-dry-run --expect-prebuilt
 	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(PY) tools/gpu_smoke.py --device cpu --one
 
