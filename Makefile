@@ -100,7 +100,9 @@ $(GPU_MACHINE_STAMP): Makefile
 	touch $(GPU_MACHINE_STAMP)
 
 GPU_PREBUILT := .gpu-prebuilt/manifest.json
-$(GPU_PREBUILT): $(GPU_MACHINE_STAMP) setup.py $(CSRC)
+# The package's Python files too: test-oldest-torch tests the installed package.
+PACKAGE_FILES := $(shell find perceiver_fast -name '*.py' -o -name '*.json' 2>/dev/null)
+$(GPU_PREBUILT): $(GPU_MACHINE_STAMP) setup.py $(CSRC) $(PACKAGE_FILES)
 	@command -v nvcc >/dev/null || { echo "make gpu-prebuild: nvcc not found: the CUDA kernels cannot be built"; exit 1; }
 	CUDA_HOME=$(NVCC_CUDA_HOME) TORCH_CUDA_ARCH_LIST=9.0a PATH="$(abspath $(GPU_MACHINE_VENV))/bin:$$PATH" \
 	  $(GPU_MACHINE_VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps --force-reinstall .

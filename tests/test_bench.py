@@ -468,6 +468,20 @@ def test_a_stopped_case_process_keeps_the_rows_it_made():
     assert len(crashed) == len(providers_for("op"))
 
 
+def test_a_model_round_cut_by_the_budget_keeps_the_other_rounds_numbers():
+    from perceiver_fast.bench.run import BUDGET_CUT, merge_rounds
+
+    case = asdict(TINY)
+    measured = {"case": case, "dtype": "float32", "pass": "forward", "provider": "HF", "ms": 2.0, "times_ms": [2.0],
+                "peak_extra_mib": 1.0}
+    cut = {"case": case, "dtype": "float32", "pass": "forward", "provider": "HF", "not_run": BUDGET_CUT}
+    failed = {**cut, "not_run": "the measuring process failed: RuntimeError: x"}
+    assert merge_rounds([dict(measured), cut]) == [measured]
+    assert merge_rounds([cut, dict(measured)]) == [measured]
+    assert merge_rounds([dict(measured), failed]) == [failed], "a failure is reported over a measurement"
+    assert merge_rounds([cut, dict(cut)]) == [cut]
+
+
 def test_bench_budget_must_be_positive():
     proc = subprocess.run([sys.executable, "-m", "perceiver_fast.cli", "bench", "--set", "overhead", "--budget-s", "0"],
                           capture_output=True, text=True, timeout=120)

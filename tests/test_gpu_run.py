@@ -111,6 +111,8 @@ def test_the_sources_digest_follows_every_csrc_file_and_setup_py(tmp_path):
     kernel = tmp_path / "csrc" / "cuda" / "tiles.cuh"
     kernel.write_text("// tiles")
     first = gpu_prebuild.sources_digest(tmp_path)
+    (tmp_path / "csrc" / "cuda" / "notes.txt~").write_text("an editor's backup, which git ignores")
+    assert gpu_prebuild.sources_digest(tmp_path) == first
     kernel.write_text("// tiles, changed")
     second = gpu_prebuild.sources_digest(tmp_path)
     (tmp_path / "setup.py").write_text("setup(name='x')")
@@ -172,11 +174,58 @@ def test_the_build_step_installs_a_matching_prebuilt_extension(tmp_path, monkeyp
     (prebuilt / manifest["extension"]).write_bytes(b"an extension")
     (prebuilt / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(gpu_prebuild, "PREBUILT", prebuilt)
+    monkeypatch.setattr(gpu_run, "cuda_kernels_missing", lambda root: None)
     build = next(s for s in gpu_run.steps(out) if s.name == "build")
     result = gpu_run.run_step(build, out, 60, package=package)
     assert result.result == "prebuilt" and result.passed
     assert (package / manifest["extension"]).read_bytes() == b"an extension"
     assert "installed " in (out / "build.log").read_text()
+    # One that does not load there is taken out again, and the step builds instead.
+    monkeypatch.setattr(gpu_run, "cuda_kernels_missing", lambda root: "the prebuilt extension does not load here: x")
+    stand_in = gpu_run.Step("build", "a build", ["bash", "-c", "echo built"], 60)
+    result = gpu_run.run_step(stand_in, out, 60, package=package)
+    assert result.result == "ok" and result.last_line == "built"
+    assert not (package / manifest["extension"]).exists()
+    assert (out / "build.log").read_text().startswith(
+        "not the prebuilt extension: the prebuilt extension does not load here: x")
+
+
+def test_the_load_check_reads_the_package_itself(tmp_path):
+    # The tree's package under .venv's Python: its extension loads, with or without CUDA kernels.
+    from perceiver_fast import extension
+
+    if Path(extension.__file__).parent == ROOT / "perceiver_fast":  # this Python imports the tree's package
+        said = gpu_run.cuda_kernels_missing(ROOT)
+        assert (said is None) == extension.HAS_CUDA_KERNELS
+        if said is not None:
+            assert said == "the prebuilt extension does not load here: the extension has no CUDA kernels"
+    broken = tmp_path / "perceiver_fast"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('a package that does not import')")
+    assert gpu_run.cuda_kernels_missing(tmp_path) == \
+        "the prebuilt extension does not load here: ImportError: a package that does not import"
+
+
+def test_a_step_that_raises_is_reported_and_the_others_run(tmp_path):
+    def runner(step, out, seconds):
+        if step.name == "smoke":
+            raise OSError("disk full")
+        return gpu_run.Result(step, "ok", 1.0)
+
+    chosen = [s for s in gpu_run.steps(tmp_path) if s.name in ("build", "smoke", "tests")]
+    again_as = "python3 tools/gpu_run.py --steps {steps} --budget-s {budget} --out /tmp/x --copy-to /out"
+    results = gpu_run.run_steps(chosen, tmp_path, 300, None, runner, again_as=again_as)
+    assert [r.result for r in results] == ["ok", "failed: OSError: disk full", "ok"]
+    assert gpu_run.rerun_command(results, 300, again_as) == \
+        "python3 tools/gpu_run.py --steps build,smoke --budget-s 300 --out /tmp/x --copy-to /out"
+
+
+@no_cuda
+def test_require_cuda_says_why_cuda_does_not_start(tmp_path):
+    proc = subprocess.run(GPU_RUN + ["--out", str(tmp_path), "--require-cuda"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "make gpu: CUDA does not start here: " in proc.stdout
+    assert not (tmp_path / "summary.md").exists(), "no dry run"
 
 
 def test_prebuild_check_names_what_is_missing(tmp_path, monkeypatch):

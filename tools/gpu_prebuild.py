@@ -37,10 +37,13 @@ MAX_BYTES = 16 * 2**20
 CUDA_FUNCTIONS = ("cuda_attention_forward", "cuda_attention_backward")
 
 
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")  # what setup.py builds from; a stray file in csrc/ may not travel
+
+
 def sources_digest(root: Path = ROOT) -> str:
     """sha256 over setup.py and every C++ and CUDA source, names and contents: what the extension is built from."""
     digest = hashlib.sha256()
-    files = [root / "setup.py", *sorted(p for p in (root / "csrc").rglob("*") if p.is_file())]
+    files = [root / "setup.py", *sorted(p for p in (root / "csrc").rglob("*") if p.suffix in SOURCE_SUFFIXES)]
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

@@ -24,7 +24,8 @@ run stopped from outside keeps what it finished.
 
 It uses the Python it is run with and installs nothing (a GPU machine may reach no package index).
 Without CUDA it says so, prints what each step would run (a dry run), writes summary.md and exits 0
-(1 with --expect-prebuilt where the build step would not take the prebuilt extension).
+(1 with --expect-prebuilt where the build step would not take the prebuilt extension; with --require-cuda,
+1 and torch's reason instead of a dry run).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class Step:
     bench: bool = False  # takes --budget-s: stops starting cases in time to write its report
 
 
+# Without torch's caching allocator every tensor is its own allocation, so the sanitizer sees an access
+# past one even where the cache would have put another block there.
+SANITIZED = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+
+
 def steps(out: Path) -> list[Step]:
     py = sys.executable
     smoke = [py, str(ROOT / "tools" / "gpu_smoke.py")]
@@ -69,7 +75,8 @@ def steps(out: Path) -> list[Step]:
              {"TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": str(os.cpu_count() or 4)}),
         Step("smoke", "each kernel against float64, small shapes", smoke, 90),
         Step("tests", "the GPU-marked tests", [py, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                               *workers, f"--junitxml={out / 'gpu-tests.xml'}"], 120),
+                                               "--continue-on-collection-errors", *workers,
+                                               f"--junitxml={out / 'gpu-tests.xml'}"], 120),
         Step("bench", "six op-level cases, ours against SDPA",
              [*bench, "--levels", "op", "--providers", "perceiver_fast[triton],perceiver_fast[cuda],sdpa,flash_attn",
               "--out", str(out / "bench-op")], 120, bench=True),
@@ -77,11 +84,11 @@ def steps(out: Path) -> list[Step]:
              [*bench, "--levels", "op", "--providers", "flex_attention", "--out", str(out / "bench-flex")], 90,
              bench=True),
         Step("memcheck", "compute-sanitizer memcheck, one case per kernel",
-             ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *smoke, "--one"], 60),
+             ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", *smoke, "--one"], 60, SANITIZED),
         Step("model", "HF layers and the vision-fourier model, patched against HF",
              [*bench, "--levels", "layer,model", "--out", str(out / "bench-model")], 90, bench=True),
         Step("racecheck", "compute-sanitizer racecheck, one case per kernel",
-             ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "1", *smoke, "--one"], 60),
+             ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "1", *smoke, "--one"], 60, SANITIZED),
     ]
 
 
@@ -131,6 +138,30 @@ def prebuilt_verdict() -> tuple[dict | None, str | None]:
     return manifest, gpu_prebuild.verdict(manifest, torch.__version__, capability)
 
 
+def cuda_kernels_missing(root: Path) -> str | None:
+    """None when the package under `root` loads its extension with the CUDA kernels in this Python, else why
+    not (what the package itself says when its extension does not load)."""
+    check = ("import perceiver_fast.extension as e; "
+             "print('ok' if e.HAS_CUDA_KERNELS else e.LOAD_ERROR or 'the extension has no CUDA kernels')")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    said = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["nothing"])[-1]
+    return None if proc.returncode == 0 and said == "ok" else f"the prebuilt extension does not load here: {said}"
+
+
+def cuda_failure() -> str:
+    """Why torch.cuda does not start here, in torch's words."""
+    import torch
+
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as error:  # noqa: BLE001 - its message is the answer
+        return f"{type(error).__name__}: {error}"
+    return f"torch.cuda.is_available() is False with {torch.cuda.device_count()} devices"
+
+
 def last_line(log: Path) -> str:
     if not log.exists():
         return ""
@@ -145,9 +176,12 @@ def run_step(step: Step, out: Path, seconds: float, package: Path = ROOT / "perc
         manifest, why_not = prebuilt_verdict()
         if why_not is None:
             target = gpu_prebuild.install(manifest, package=package)
-            (out / "build.log").write_text(f"installed {target} from {gpu_prebuild.PREBUILT.name}/ "
-                                           f"(built {manifest['built']}, torch {manifest['torch']})\n")
-            return Result(step, "prebuilt", 0.0, f"prebuilt {manifest['extension']} (built {manifest['built']})")
+            why_not = cuda_kernels_missing(package.parent)
+            if why_not is None:
+                (out / "build.log").write_text(f"installed {target} from {gpu_prebuild.PREBUILT.name}/ "
+                                               f"(built {manifest['built']}, torch {manifest['torch']})\n")
+                return Result(step, "prebuilt", 0.0, f"prebuilt {manifest['extension']} (built {manifest['built']})")
+            target.unlink()
         (out / "build.log").write_text(f"not the prebuilt extension: {why_not}\n")
     if shutil.which(step.command[0]) is None and not Path(step.command[0]).exists():
         return Result(step, f"not run: {step.command[0]} not found")
@@ -173,9 +207,11 @@ def run_step(step: Step, out: Path, seconds: float, package: Path = ROOT / "perc
     return Result(step, result, took, last_line(out / f"{step.name}.log"))
 
 
-def run_steps(chosen: list[Step], out: Path, budget_s: int, copy_to: Path | None, runner=None) -> list[Result]:
+def run_steps(chosen: list[Step], out: Path, budget_s: int, copy_to: Path | None, runner=None,
+              again_as: str = "make gpu GPU_STEPS={steps} GPU_BUDGET_S={budget}") -> list[Result]:
     """Runs the steps in order inside budget_s: each for at most its share plus what the steps before it left
-    unused; one left too little is not started. summary.md (and copy_to) are rewritten after every step."""
+    unused; one left too little is not started. summary.md (and copy_to) are rewritten after every step;
+    again_as is how it writes the command that reruns what did not pass."""
     runner = runner or run_step
     deadline = time.monotonic() + budget_s
     spare, results = 0.0, []
@@ -186,23 +222,31 @@ def run_steps(chosen: list[Step], out: Path, budget_s: int, copy_to: Path | None
             result = Result(step, f"not run: {max(left, 0):.0f} s of the budget left")
         else:
             print(f"[{step.name}] {step.about}, at most {seconds:.0f} s ...", flush=True)
-            result = runner(step, out, seconds)
+            start = time.monotonic()
+            try:
+                result = runner(step, out, seconds)
+            except Exception as error:  # noqa: BLE001 - one step's failure is reported, and the others run
+                result = Result(step, f"failed: {type(error).__name__}: {error}"[:200], time.monotonic() - start)
             spare = max(0.0, seconds - result.seconds)
         print(f"[{step.name}] {result.result} in {result.seconds:.0f} s: {result.last_line}", flush=True)
         results.append(result)
-        record(out, summary(out, results, False, budget_s), copy_to)
+        try:
+            record(out, summary(out, results, False, budget_s, again_as), copy_to)
+        except OSError as error:  # a full disk or an unwritable copy_to costs the records, not the run
+            print(f"[{step.name}] could not write the summary: {error}", flush=True)
     return results
 
 
-def rerun_command(results: list[Result], budget_s: int) -> str | None:
-    """The `make gpu` that reruns what did not pass, after the build step (a fresh machine has no extension)."""
+def rerun_command(results: list[Result], budget_s: int, again_as: str) -> str | None:
+    """The command (again_as, with {steps} and {budget}) that reruns what did not pass, after the build step
+    (a fresh machine has no extension)."""
     again = [r.step.name for r in results if not r.passed and r.step.name != "build"]
     if not again and all(r.passed for r in results):
         return None
-    return f"make gpu GPU_STEPS={','.join(['build', *again])} GPU_BUDGET_S={budget_s}"
+    return again_as.format(steps=",".join(["build", *again]), budget=budget_s)
 
 
-def summary(out: Path, results: list[Result], dry_run: bool, budget_s: int) -> str:
+def summary(out: Path, results: list[Result], dry_run: bool, budget_s: int, again_as: str = "") -> str:
     lines = ["# perceiver-fast on a GPU: `make gpu`", ""]
     lines += [f"- {line}" for line in machine()]
     lines += [f"- budget {budget_s} s", "", "| step | what | result | seconds | last line of its log |",
@@ -215,7 +259,7 @@ def summary(out: Path, results: list[Result], dry_run: bool, budget_s: int) -> s
                       "would run:", ""]
         lines += [f"- {r.step.name} ({r.step.share_s} s): {dry_run_line(r.step)}" for r in results]
         return "\n".join(lines) + "\n"
-    again = rerun_command(results, budget_s)
+    again = rerun_command(results, budget_s, again_as)
     lines += ["", f"To rerun what did not pass: `{again}`" if again else "Every step passed."]
     for folder in ("bench-op", "bench-flex", "bench-model"):
         for report in sorted((out / folder).glob("report-*.md")):
@@ -259,6 +303,8 @@ def main(argv=None) -> int:
                         help="after every step, copy summary.md and gpu-run.tar.gz (the whole output folder) here")
     parser.add_argument("--expect-prebuilt", action="store_true",
                         help="exit 1 if the build step would not take the prebuilt extension of .gpu-prebuilt/")
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="exit 1, saying why, where CUDA does not start (on a GPU machine: no dry run)")
     args = parser.parse_args(argv)
     wanted = [s for s in args.steps.split(",") if s]
     unknown = [s for s in wanted if s not in STEP_NAMES]
@@ -281,6 +327,9 @@ def main(argv=None) -> int:
             return 1
     chosen = [step for step in steps(out) if step.name in wanted]
     dry_run = not torch.cuda.is_available()
+    if dry_run and args.require_cuda:
+        print(f"make gpu: CUDA does not start here: {cuda_failure()}")
+        return 1
     if dry_run:
         print("make gpu: no CUDA device here; a dry run of its steps:")
         results = [Result(step, "dry run") for step in chosen]
@@ -290,9 +339,12 @@ def main(argv=None) -> int:
         print(f"wrote {out / 'summary.md'}")
         return 0
 
-    results = run_steps(chosen, out, args.budget_s, args.copy_to)
+    again_as = (f"{Path(sys.executable).name} tools/gpu_run.py --steps {{steps}} --budget-s {{budget}} --out {out}"
+                + (f" --copy-to {args.copy_to}" if args.copy_to else "")
+                + (" --require-cuda" if args.require_cuda else ""))
+    results = run_steps(chosen, out, args.budget_s, args.copy_to, again_as=again_as)
     print(f"wrote {out / 'summary.md'}")
-    again = rerun_command(results, args.budget_s)
+    again = rerun_command(results, args.budget_s, again_as)
     print(f"to rerun what did not pass: {again}" if again else "every step passed")
     return 0
 

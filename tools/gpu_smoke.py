@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         try:
             problem = check_case(kind, shape, key_mask, causal, dropout_p)
         except Exception as error:  # a kernel that fails to run is a finding, reported with the rest
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            problem = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
         failures += problem is not None
         print(f"{'FAIL' if problem else 'ok  '} {kind:10s} {shape} key_mask={int(key_mask)} causal={int(causal)} "
               f"dropout={dropout_p} forward+backward {problem or ''}", flush=True)

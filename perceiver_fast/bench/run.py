@@ -72,7 +72,7 @@ def measure(case: Case, dtype_name: str, pass_name: str, device: str, repeats: i
                          **({"collective_bytes": moved} if dist.is_initialized() else {}),
                          **_kernel_label(provider, case, dtype, device, backward), **phases, **extras})
         except Exception as error:  # a provider failing on a case is a result, reported with its reason
-            add({**row, "not_run": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+            add({**row, "not_run": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"})
     return rows
 
 
@@ -98,7 +98,7 @@ def _cpu_phases_of(call) -> dict:
     try:
         return cpu_phases(call)
     except Exception as error:  # noqa: BLE001 - reported in the row
-        return {"phases_not_timed": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        return {"phases_not_timed": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"}
 
 
 def _extras_of(provider, case, dtype, device, call, result) -> dict:
@@ -108,7 +108,7 @@ def _extras_of(provider, case, dtype, device, call, result) -> dict:
     try:
         return provider.extras(case, dtype, device, call, result)
     except Exception as error:  # noqa: BLE001 - reported in the row
-        return {"extras_not_made": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        return {"extras_not_made": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"}
 
 
 def _kernel_label(provider, case, dtype, device, backward) -> dict:
@@ -165,6 +165,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BUDGET_CUT = "the run's --budget-s ran out while it measured"
+NOT_STARTED = "not started: the run's --budget-s {budget:g} was spent"
+BUDGET_REASONS = (BUDGET_CUT, NOT_STARTED.split("{")[0])  # how the rows that the budget cut begin
+
+
 def rows_of(job: dict, output: tuple[str, str, int], stopped: bool) -> list[dict]:
     """The rows a case process wrote (stdout, stderr, exit code). One that failed, or was stopped at the
     run's budget, keeps the rows it made before; the providers it did not reach get the reason."""
@@ -173,7 +178,7 @@ def rows_of(job: dict, output: tuple[str, str, int], stopped: bool) -> list[dict
     if code == 0:
         return rows
     reason = (err.strip() or f"exit code {code}").splitlines()[-1][:200]
-    why = "the run's --budget-s ran out while it measured" if stopped else f"the measuring process failed: {reason}"
+    why = BUDGET_CUT if stopped else f"the measuring process failed: {reason}"
     done = {row["provider"] for row in rows}
     names = job.get("only") or [p.name for p in providers_for(job["case"]["level"])]
     return rows + [{"case": job["case"], "dtype": job["dtype_name"], "pass": job["pass_name"], "provider": name,
@@ -246,7 +251,10 @@ def merge_rounds(rows: list[dict]) -> list[dict]:
         if first is row:
             continue
         if "not_run" in row or "not_run" in first:
-            merged[key] = first if "not_run" in first else row
+            # A round the budget cut short leaves the other round's measurement; a failure wins over it.
+            kept = [r for r in (first, row) if "not_run" not in r or not r["not_run"].startswith(BUDGET_REASONS)]
+            failed = [r for r in kept if "not_run" in r]
+            merged[key] = (failed or kept or [first])[0]
             continue
         first["times_ms"] = first["times_ms"] + row["times_ms"]
         first["ms"] = statistics.median(first["times_ms"])
@@ -269,7 +277,7 @@ def run_cases(cases: list[Case], dtypes: list[str], passes: list[str], device: s
                "repeats": repeats, "only": names, "full": full}
         if deadline is not None and time.monotonic() >= deadline:
             rows += [{"case": job["case"], "dtype": dtype_name, "pass": pass_name, "provider": name,
-                      "not_run": f"not started: the run's --budget-s {budget_s:g} was spent"}
+                      "not_run": NOT_STARTED.format(budget=budget_s)}
                      for name in names or [p.name for p in providers_for(case.level)]]
             continue
         found = run_job_in_subprocess(job, deadline)
